@@ -1,0 +1,113 @@
+"""The one place that picks the implementation of every fused op.
+
+Backends:
+  ref    - the plain-PyTorch reference ops (sra_fast.ops.reference); runs anywhere.
+  triton - the fused Triton kernels (sra_fast.kernels) for CUDA tensors, and for CPU tensors
+           under TRITON_INTERPRET=1; other tensors fall back to the reference.
+  auto   - triton where it applies (CUDA tensors, triton installed), ref otherwise (default).
+
+Models and the objective call these functions only; they never import a kernel directly.
+Select with `set_backend(name)` or `with use_backend(name): ...`.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+
+from . import reference
+from .reference import ALIGN_LOSSES, LN_EPS
+
+BACKENDS = ("auto", "ref", "triton")
+_state = {"backend": "auto"}
+_kernels = {"module": None, "error": None, "loaded": False}
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _load_kernels():
+    if not _kernels["loaded"]:
+        _kernels["loaded"] = True
+        try:
+            _kernels["module"] = importlib.import_module("sra_fast.kernels")
+        except Exception as e:  # triton missing or broken: the reference path still runs
+            _kernels["error"] = f"{type(e).__name__}: {e}"
+    return _kernels["module"]
+
+
+def triton_available() -> bool:
+    return _load_kernels() is not None
+
+
+def set_backend(name: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; choose one of {BACKENDS}")
+    if name == "triton" and not triton_available():
+        raise RuntimeError("kernel backend 'triton' needs the Triton kernels, which failed to "
+                           f"import ({_kernels['error']}); install triton or use --kernels ref")
+    _state["backend"] = name
+
+
+def get_backend() -> str:
+    return _state["backend"]
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    old = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _state["backend"] = old
+
+
+def _kernel(op: str, t):
+    """The Triton implementation of `op` for tensor t, or None for the reference."""
+    if _state["backend"] == "ref":
+        return None
+    if not (t.is_cuda or _interpret()):
+        return None
+    mod = _load_kernels()
+    return None if mod is None else getattr(mod, op, None)
+
+
+def adaln_norm(x, shift, scale, eps: float = LN_EPS):
+    k = _kernel("adaln_norm", x)
+    return k(x, shift, scale, eps) if k else reference.adaln_norm_ref(x, shift, scale, eps)
+
+
+def gated_residual(x, gate, y):
+    k = _kernel("gated_residual", x)
+    return k(x, gate, y) if k else reference.gated_residual_ref(x, gate, y)
+
+
+def gated_residual_adaln_norm(x, gate, y, shift, scale, eps: float = LN_EPS):
+    k = _kernel("gated_residual_adaln_norm", x)
+    if k:
+        return k(x, gate, y, shift, scale, eps)
+    return reference.gated_residual_adaln_norm_ref(x, gate, y, shift, scale, eps)
+
+
+def projector(x, w1, b1, w2, b2):
+    k = _kernel("projector", x)
+    return k(x, w1, b1, w2, b2) if k else reference.projector_ref(x, w1, b1, w2, b2)
+
+
+def mlp(x, w1, b1, w2, b2):
+    k = _kernel("mlp", x)
+    return k(x, w1, b1, w2, b2) if k else reference.mlp_ref(x, w1, b1, w2, b2)
+
+
+def align_loss(h_s, h_t, kind: str = "cos"):
+    if kind not in ALIGN_LOSSES:
+        raise ValueError(f"unknown alignment loss {kind!r}; choose one of {ALIGN_LOSSES}")
+    k = _kernel("align_loss", h_s)
+    return k(h_s, h_t, kind) if k else reference.align_loss_ref(h_s, h_t, kind)
+
+
+__all__ = ["BACKENDS", "ALIGN_LOSSES", "set_backend", "get_backend", "use_backend",
+           "triton_available", "adaln_norm", "gated_residual", "gated_residual_adaln_norm",
+           "projector", "mlp", "align_loss", "reference"]
