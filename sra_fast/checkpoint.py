@@ -1,0 +1,92 @@
+"""Reading released SRA/REPA/SiT/DiT checkpoints and loading their state dicts.
+
+Released `.pt` files are pickled dicts {model, ema, opt, args (argparse.Namespace), steps,
+epoch}. torch >= 2.6 loads with weights_only=True by default, which refuses the Namespace;
+we allow exactly the globals such files hold instead of unpickling arbitrary code. Anything
+else is refused with a message unless the caller passes trust=True.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+from collections import OrderedDict
+
+import torch
+
+# Globals that released checkpoints hold besides tensors and plain containers.
+ALLOWED_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath, OrderedDict]
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def load_checkpoint(path, trust: bool = False, map_location="cpu") -> dict:
+    """Load a checkpoint file to CPU memory (never to the GPU it was saved from)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if trust:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        with torch.serialization.safe_globals(ALLOWED_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
+            raise CheckpointError(
+                f"{path}: refusing to unpickle an object outside the allow-list "
+                f"({str(e).splitlines()[0][:200]}). Only load files you trust; to do so, pass "
+                "trust=True (--trust-checkpoint).") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
+
+
+def state_dict_from(ckpt: dict, which: str = "ema") -> dict:
+    """Pick the model state dict out of a checkpoint dict (or accept a bare state dict)."""
+    if which in ckpt and isinstance(ckpt[which], dict):
+        sd = ckpt[which]
+    elif all(torch.is_tensor(v) for v in ckpt.values()):
+        sd = ckpt
+    else:
+        raise CheckpointError(f"checkpoint has no {which!r} entry; it has {sorted(ckpt)}")
+    # DDP / torch.compile prefixes
+    for prefix in ("module.", "_orig_mod."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_model_state(model: torch.nn.Module, sd: dict, init_missing_head: bool = False) -> list:
+    """Load a released state dict with strict key and shape checks.
+
+    A state dict without SRA's projector head (plain SiT/DiT/REPA checkpoints) loads only with
+    init_missing_head=True, keeping the head freshly initialised. Returns the keys that were
+    left initialised. Any other mismatch raises CheckpointError naming the keys.
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    # REPA checkpoints carry REPA's projectors: not part of an SRA model
+    unexpected = [k for k in unexpected if not k.startswith("projectors.")]
+    head_missing = [k for k in missing if k.startswith("ap_head.")]
+    other_missing = [k for k in missing if not k.startswith("ap_head.")]
+    if other_missing or unexpected:
+        raise CheckpointError(
+            "state dict does not match this model "
+            f"({type(model).__name__}, depth {getattr(model, 'depth', '?')}, width "
+            f"{getattr(model, 'hidden_size', '?')}): missing {other_missing[:6]}"
+            f"{'...' if len(other_missing) > 6 else ''}, unexpected {unexpected[:6]}"
+            f"{'...' if len(unexpected) > 6 else ''}")
+    bad = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+           for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+    if bad:
+        raise CheckpointError("state dict shapes do not match this model (another model size, "
+                              "patch size, input size or class count?): " + "; ".join(bad[:4]))
+    if head_missing and not init_missing_head:
+        raise CheckpointError("state dict has no SRA projector head (ap_head.*): it is a plain "
+                              "SiT/DiT/REPA checkpoint. Pass init_missing_head=True "
+                              "(--init-missing-head) to start the head from scratch.")
+    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=not head_missing)
+    if head_missing:
+        print(f"[sra-fast] checkpoint has no projector head: {len(head_missing)} ap_head "
+              "tensors keep their fresh initialisation")
+    return head_missing

@@ -1,0 +1,164 @@
+"""SiT and DiT: one diffusion transformer, two output conventions.
+
+SiT (flow matching, REPA/SRA layout): `out_channels = in_channels` unless learn_sigma=True
+(the original SiT checkpoints), in which case the network predicts 2C channels and forward
+returns the first C, as the original SiT does.
+DiT (DDPM): learn_sigma=True by default, forward returns all 2C channels (eps, variance).
+
+Both carry SRA's projector head `ap_head`, applied only when the student's hidden state is
+requested. Hidden-state access:
+  forward(x, t, y)                      -> network output
+  forward(x, t, y, hidden_block=k)      -> (output, ap_head(hidden after block k))   student
+  forward_hidden(x, t, y, k)            -> hidden after block k, raw; blocks k+1.. never run
+The student's hidden state goes through `forward` so a DDP wrapper sees the call.
+Blocks are counted from 1: block k's output is the hidden state after the k-th block.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .layers import (DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, ProjectorHead,
+                     TimestepEmbedder, get_2d_sincos_pos_embed)
+
+
+class DiffusionTransformer(nn.Module):
+    learn_sigma_default = False
+    return_sigma = True   # DiT returns eps and variance; SiT drops the variance half
+
+    def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4,
+                 hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
+                 mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
+                 num_classes: int = 1000, learn_sigma: bool | None = None,
+                 qk_norm: bool = False, **unused):
+        super().__init__()
+        unknown = set(unused) - {"use_cfg", "z_dims", "encoder_depth", "projector_dim",
+                                 "path_type", "fused_attn", "decoder_hidden_size"}
+        if unknown:
+            raise TypeError(f"unknown model arguments: {sorted(unknown)}")
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not divisible by patch {patch_size}")
+        self.learn_sigma = self.learn_sigma_default if learn_sigma is None else learn_sigma
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if self.learn_sigma else in_channels
+        self.patch_size = patch_size
+        self.num_heads = num_heads
+        self.depth = depth
+        self.hidden_size = hidden_size
+        self.num_classes = num_classes
+        self.input_size = input_size
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        num_patches = self.x_embedder.num_patches
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm)
+                                     for _ in range(depth)])
+        self.ap_head = ProjectorHead(hidden_size)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+        self.apply(_basic_init)
+        pe = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.x_embedder.grid_size)
+        self.pos_embed.data.copy_(torch.from_numpy(pe).float().unsqueeze(0))
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    # ------------------------------------------------------------------ helpers
+    def drop_labels(self, y, generator=None):
+        """Classifier-free-guidance label dropout (p = class_dropout_prob), on y's device."""
+        return self.y_embedder.drop_labels(y, generator)
+
+    def check_block(self, k: int, what: str = "block") -> int:
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.depth:
+            raise ValueError(f"{what} {k!r} is outside 1..{self.depth} for this "
+                             f"{self.depth}-block model")
+        return k
+
+    def unpatchify(self, x):
+        """(N, T, p*p*C) -> (N, C, H, W)."""
+        c, p = self.out_channels, self.patch_size
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def _trunk(self, x, t, y, hidden_block=None, stop=False):
+        x = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y)
+        hidden = None
+        for i, block in enumerate(self.blocks, start=1):
+            x = block(x, c)
+            if i == hidden_block:
+                hidden = x
+                if stop:
+                    return None, hidden
+        return self.finish(x, c), hidden
+
+    def finish(self, x, c):
+        out = self.unpatchify(self.final_layer(x, c))
+        if self.learn_sigma and not self.return_sigma:
+            out = out[:, : self.in_channels]
+        return out
+
+    # ------------------------------------------------------------------ entry points
+    def forward(self, x, t, y, hidden_block: int | None = None):
+        """Network output; with hidden_block=k also ap_head(hidden state after block k)."""
+        if hidden_block is None:
+            return self._trunk(x, t, y)[0]
+        self.check_block(hidden_block)
+        out, h = self._trunk(x, t, y, hidden_block)
+        return out, self.ap_head(h)
+
+    def forward_hidden(self, x, t, y, block: int):
+        """Teacher: raw hidden state after `block`; later blocks are not run."""
+        self.check_block(block)
+        return self._trunk(x, t, y, block, stop=True)[1]
+
+
+class SiT(DiffusionTransformer):
+    learn_sigma_default = False
+    return_sigma = False
+
+
+class DiT(DiffusionTransformer):
+    learn_sigma_default = True
+    return_sigma = True
+
+
+_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+
+
+def _make(cls, depth, hidden, heads, patch):
+    def ctor(**kwargs):
+        return cls(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch, **kwargs)
+    return ctor
+
+
+SiT_models = {f"SiT-{s}/{p}": _make(SiT, *_SIZES[s], p) for s in _SIZES for p in (2, 4, 8)}
+DiT_models = {f"DiT-{s}/{p}": _make(DiT, *_SIZES[s], p) for s in _SIZES for p in (2, 4, 8)}
+ALL_MODELS = {**SiT_models, **DiT_models}
+
+
+def build_model(name: str, **kwargs) -> DiffusionTransformer:
+    if name not in ALL_MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(ALL_MODELS)}")
+    return ALL_MODELS[name](**kwargs)
