@@ -1,0 +1,94 @@
+"""Released checkpoint files: allow-listed loading, strict state-dict matching, clear errors."""
+import argparse
+import pickle
+
+import pytest
+import torch
+
+from sra_fast.checkpoint import (CheckpointError, load_checkpoint, load_model_state,
+                                 state_dict_from)
+from sra_fast.models import SiT_models
+
+
+class NotAllowed:
+    pass
+
+
+def small(**kw):
+    return SiT_models["SiT-S/8"](input_size=16, num_classes=10, **kw)
+
+
+def released_file(tmp_path, model):
+    args = argparse.Namespace(model="SiT-S/8", encoder_depth=4, proj_coeff=0.5, output_dir=None)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model(torch.randn(1, 4, 16, 16), torch.rand(1), torch.tensor([1])).sum().backward()
+    opt.step()
+    ckpt = {"model": model.state_dict(), "ema": model.state_dict(), "opt": opt.state_dict(),
+            "args": args, "steps": 400000, "epoch": 80}
+    path = tmp_path / "0400000.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+def test_released_checkpoint_loads_under_weights_only(tmp_path):
+    m = small()
+    path = released_file(tmp_path, m)
+    ckpt = load_checkpoint(path)
+    assert isinstance(ckpt["args"], argparse.Namespace) and ckpt["args"].encoder_depth == 4
+    assert ckpt["steps"] == 400000 and ckpt["epoch"] == 80
+    m2 = small()
+    assert load_model_state(m2, state_dict_from(ckpt, "ema")) == []
+    for a, b in zip(m.state_dict().values(), m2.state_dict().values()):
+        assert torch.equal(a, b)
+    torch.optim.AdamW(m2.parameters()).load_state_dict(ckpt["opt"])
+
+
+def test_untrusted_pickle_is_refused_unless_trusted(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": small().state_dict(), "args": NotAllowed()}, path)
+    with pytest.raises(CheckpointError, match="allow-list.*trust"):
+        load_checkpoint(path)
+    assert isinstance(load_checkpoint(path, trust=True)["args"], NotAllowed)
+
+
+def test_missing_and_garbage_files(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="bad.pt"):
+        load_checkpoint(bad)
+
+
+def test_plain_checkpoint_without_head_needs_flag(capsys):
+    src = small()
+    sd = {k: v for k, v in src.state_dict().items() if not k.startswith("ap_head.")}
+    sd["projectors.0.0.weight"] = torch.zeros(3, 3)   # REPA's projector: ignored
+    m = small()
+    with pytest.raises(CheckpointError, match="no SRA projector head.*init-missing-head"):
+        load_model_state(m, sd)
+    head_before = m.ap_head.linear1.weight.clone()
+    left = load_model_state(m, sd, init_missing_head=True)
+    assert sorted(left) == ["ap_head.linear1.bias", "ap_head.linear1.weight",
+                            "ap_head.linear2.bias", "ap_head.linear2.weight"]
+    assert torch.equal(m.ap_head.linear1.weight, head_before)
+    assert torch.equal(m.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+    assert "no projector head" in capsys.readouterr().out
+
+
+def test_mismatched_model_errors():
+    sd = SiT_models["SiT-B/8"](input_size=16, num_classes=10).state_dict()
+    with pytest.raises(CheckpointError, match="shapes do not match.*768"):
+        load_model_state(small(), sd)
+    sd = small().state_dict()
+    sd.pop("blocks.3.mlp.fc1.weight")
+    sd["blocks.99.extra"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match="missing.*blocks.3.mlp.fc1.weight.*unexpected.*blocks.99"):
+        load_model_state(small(), sd)
+    with pytest.raises(CheckpointError, match="no 'ema' entry"):
+        state_dict_from({"model": 1, "steps": 3}, "ema")
+
+
+def test_ddp_prefixes_are_stripped():
+    sd = {"module." + k: v for k, v in small().state_dict().items()}
+    load_model_state(small(), state_dict_from({"ema": sd}))

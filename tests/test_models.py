@@ -1,0 +1,210 @@
+"""Models: released layout, same math as an independent implementation, hidden-state access."""
+import pytest
+import torch
+
+from sra_fast import ops
+from sra_fast.models import ALL_MODELS, DiT, DiT_models, SiT, SiT_models, build_model
+
+from released_style import ReleasedStyleDiT, pos_embed_2d, timestep_embedding
+
+SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+
+
+def randomize(model, gen):
+    """Replace the zero adaLN/final init by random weights so every path matters."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name == "pos_embed":
+                continue
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.02 if p.dim() > 1 else 0.05))
+    return model
+
+
+def expected_shapes(name, input_size=32, num_classes=1000, C=4):
+    fam, rest = name.split("-")
+    size, p = rest.split("/")
+    depth, D, H = SIZES[size]
+    p = int(p)
+    c_out = 2 * C if fam == "DiT" else C
+    T = (input_size // p) ** 2
+    shapes = {
+        "pos_embed": (1, T, D),
+        "x_embedder.proj.weight": (D, C, p, p), "x_embedder.proj.bias": (D,),
+        "t_embedder.mlp.0.weight": (D, 256), "t_embedder.mlp.0.bias": (D,),
+        "t_embedder.mlp.2.weight": (D, D), "t_embedder.mlp.2.bias": (D,),
+        "y_embedder.embedding_table.weight": (num_classes + 1, D),
+        "ap_head.linear1.weight": (2 * D, D), "ap_head.linear1.bias": (2 * D,),
+        "ap_head.linear2.weight": (D, 2 * D), "ap_head.linear2.bias": (D,),
+        "final_layer.linear.weight": (p * p * c_out, D), "final_layer.linear.bias": (p * p * c_out,),
+        "final_layer.adaLN_modulation.1.weight": (2 * D, D),
+        "final_layer.adaLN_modulation.1.bias": (2 * D,),
+    }
+    for i in range(depth):
+        b = f"blocks.{i}."
+        shapes.update({
+            b + "attn.qkv.weight": (3 * D, D), b + "attn.qkv.bias": (3 * D,),
+            b + "attn.proj.weight": (D, D), b + "attn.proj.bias": (D,),
+            b + "mlp.fc1.weight": (4 * D, D), b + "mlp.fc1.bias": (4 * D,),
+            b + "mlp.fc2.weight": (D, 4 * D), b + "mlp.fc2.bias": (D,),
+            b + "adaLN_modulation.1.weight": (6 * D, D), b + "adaLN_modulation.1.bias": (6 * D,),
+        })
+    return shapes, c_out, depth
+
+
+@pytest.mark.parametrize("name", sorted(ALL_MODELS))
+def test_registry_state_dict_layout_and_shapes(name):
+    # meta device: the full XL layout without allocating 675M parameters
+    with torch.device("meta"):
+        m = build_model(name, input_size=32)
+        shapes, c_out, depth = expected_shapes(name)
+        got = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+        assert got == shapes
+        assert m.depth == depth
+        x = torch.empty(2, 4, 32, 32)
+        out = m(x, torch.empty(2), torch.zeros(2, dtype=torch.long))
+        assert tuple(out.shape) == (2, c_out, 32, 32)
+
+
+@pytest.mark.parametrize("name", ["SiT-S/2", "SiT-S/4", "SiT-S/8", "DiT-S/2", "DiT-S/8"])
+def test_small_models_run_for_real(name):
+    # the released SiT-S constructors are broken (final layer built for width 768); ours run
+    m = build_model(name, input_size=16, num_classes=10).eval()
+    x = torch.randn(3, 4, 16, 16)
+    t = torch.rand(3) if name.startswith("SiT") else torch.randint(0, 1000, (3,))
+    out = m(x, t, torch.randint(0, 11, (3,)))
+    assert out.shape == (3, 8 if name.startswith("DiT") else 4, 16, 16)
+    assert torch.isfinite(out).all()
+
+
+def test_initialisation_matches_released_rules():
+    m = SiT_models["SiT-S/2"](input_size=16, num_classes=10)
+    for b in m.blocks:
+        assert b.adaLN_modulation[1].weight.abs().sum() == 0
+        assert b.adaLN_modulation[1].bias.abs().sum() == 0
+        assert b.attn.qkv.bias.abs().sum() == 0
+        w = b.attn.qkv.weight
+        bound = (6 / (w.shape[0] + w.shape[1])) ** 0.5     # xavier uniform
+        assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+    assert m.final_layer.linear.weight.abs().sum() == 0
+    assert abs(m.y_embedder.embedding_table.weight.std().item() - 0.02) < 0.002
+    assert abs(m.t_embedder.mlp[0].weight.std().item() - 0.02) < 0.002
+    torch.testing.assert_close(m.pos_embed.data, pos_embed_2d(384, 8), rtol=0, atol=1e-6)
+    assert not m.pos_embed.requires_grad
+    # zero-initialised network output
+    out = m(torch.randn(2, 4, 16, 16), torch.rand(2), torch.tensor([1, 2]))
+    assert out.abs().max() == 0
+
+
+def test_timestep_embedding_cos_then_sin():
+    from sra_fast.models.layers import TimestepEmbedder
+    t = torch.tensor([0.0, 0.3, 1.0, 500.0])
+    torch.testing.assert_close(TimestepEmbedder.timestep_embedding(t, 256), timestep_embedding(t),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["SiT", "DiT"])
+def test_b2_outputs_match_independent_implementation(kind):
+    gen = torch.Generator().manual_seed(1)
+    cls = SiT if kind == "SiT" else DiT
+    # B/2 width and heads, fewer blocks to keep CPU time small
+    m = cls(input_size=16, patch_size=2, hidden_size=768, depth=4, num_heads=12,
+            num_classes=1000).eval()
+    randomize(m, gen)
+    c_out = 8 if kind == "DiT" else 4
+    ref = ReleasedStyleDiT(16, 2, 4, 768, 4, 12, 1000, c_out)
+    ref.load_state_dict(m.state_dict(), strict=True)      # same keys, same shapes
+    x = torch.randn(2, 4, 16, 16, generator=gen)
+    t = torch.rand(2, generator=gen) if kind == "SiT" else torch.randint(0, 1000, (2,), generator=gen)
+    y = torch.tensor([3, 1000])                             # a class and the null class
+    with torch.no_grad(), ops.use_backend("ref"):
+        out, h = m(x, t, y, hidden_block=2)
+        ref_out, ref_h = ref(x, t, y, hidden_block=2)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h, ref_h, rtol=1e-5, atol=1e-5)
+
+
+def test_full_b2_depth_matches_independent_implementation():
+    gen = torch.Generator().manual_seed(2)
+    m = SiT_models["SiT-B/2"](input_size=16, num_classes=1000).eval()
+    randomize(m, gen)
+    ref = ReleasedStyleDiT(16, 2, 4, 768, 12, 12, 1000, 4)
+    ref.load_state_dict(m.state_dict(), strict=True)
+    x = torch.randn(2, 4, 16, 16, generator=gen)
+    t, y = torch.rand(2, generator=gen), torch.tensor([7, 999])
+    with torch.no_grad():
+        a, b = m(x, t, y), ref(x, t, y)
+    rel = (a - b).norm() / b.norm()
+    assert rel < 1e-5, rel
+
+
+def test_teacher_stops_at_block_with_exact_hidden_state():
+    gen = torch.Generator().manual_seed(3)
+    m = randomize(SiT_models["SiT-S/2"](input_size=16, num_classes=10).eval(), gen)
+    x, t, y = torch.randn(2, 4, 16, 16, generator=gen), torch.rand(2, generator=gen), torch.tensor([1, 2])
+    captured = {}
+    m.blocks[4].register_forward_hook(lambda mod, i, o: captured.setdefault("h", o.clone()))
+    ran = []
+    for j in range(5, 12):
+        m.blocks[j].register_forward_hook(lambda mod, i, o, j=j: ran.append(j))
+    with torch.no_grad():
+        m(x, t, y)
+        assert len(ran) == 7
+        ran.clear()
+        h = m.forward_hidden(x, t, y, 5)
+    assert ran == []                       # blocks after 5 never ran
+    assert torch.equal(h, captured["h"])   # bitwise the full pass's hidden state
+
+
+def test_student_hidden_goes_through_projector_head():
+    gen = torch.Generator().manual_seed(4)
+    m = randomize(SiT_models["SiT-S/2"](input_size=16, num_classes=10).eval(), gen)
+    x, t, y = torch.randn(2, 4, 16, 16, generator=gen), torch.rand(2, generator=gen), torch.tensor([1, 2])
+    with torch.no_grad():
+        out, hs = m(x, t, y, hidden_block=3)
+        raw = m.forward_hidden(x, t, y, 3)
+        torch.testing.assert_close(hs, m.ap_head.linear2(torch.nn.functional.silu(m.ap_head.linear1(raw))))
+        assert torch.equal(out, m(x, t, y))
+
+
+def test_original_sit_learn_sigma_returns_first_half():
+    m = SiT_models["SiT-S/4"](input_size=16, num_classes=10, learn_sigma=True).eval()
+    assert m.final_layer.linear.weight.shape[0] == 4 * 4 * 8
+    randomize(m, torch.Generator().manual_seed(5))
+    out = m(torch.randn(1, 4, 16, 16), torch.rand(1), torch.tensor([0]))
+    assert out.shape == (1, 4, 16, 16)
+
+
+def test_qk_norm_layout():
+    m = SiT_models["SiT-S/2"](input_size=16, num_classes=10, qk_norm=True)
+    sd = m.state_dict()
+    assert sd["blocks.0.attn.q_norm.weight"].shape == (64,)
+    assert sd["blocks.0.attn.k_norm.bias"].shape == (64,)
+
+
+def test_bad_input_errors():
+    with pytest.raises(ValueError, match="unknown model 'SiT-Q/2'.*SiT-XL/2"):
+        build_model("SiT-Q/2")
+    m = SiT_models["SiT-S/2"](input_size=16, num_classes=10)
+    x, t, y = torch.randn(1, 4, 16, 16), torch.rand(1), torch.tensor([0])
+    for k in (0, 13, -1):
+        with pytest.raises(ValueError, match=r"outside 1\.\.12"):
+            m(x, t, y, hidden_block=k)
+        with pytest.raises(ValueError, match=r"outside 1\.\.12"):
+            m.forward_hidden(x, t, y, k)
+    with pytest.raises(ValueError, match="built for 16x16"):
+        m(torch.randn(1, 4, 32, 32), t, y)
+    with pytest.raises(TypeError, match="unknown model arguments"):
+        SiT_models["SiT-S/2"](input_sise=16)
+
+
+def test_label_dropout_is_on_device_and_uses_null_class():
+    m = SiT_models["SiT-S/8"](input_size=16, num_classes=10, class_dropout_prob=0.5)
+    y = torch.arange(10).repeat(100)
+    g = torch.Generator().manual_seed(0)
+    d = m.drop_labels(y, g)
+    frac = (d == 10).float().mean().item()
+    assert 0.4 < frac < 0.6
+    assert torch.equal(d[d != 10], y[d != 10])
+    m0 = SiT_models["SiT-S/8"](input_size=16, num_classes=10, class_dropout_prob=0.0)
+    assert m0.y_embedder.embedding_table.weight.shape[0] == 10
+    assert torch.equal(m0.drop_labels(y, g), y)
