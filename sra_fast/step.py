@@ -4,14 +4,34 @@ Host-sync free: statistics accumulate in device buffers read by `read_stats()` e
 gradient clipping uses clip_grad_norm_ (no .item()); a non-finite loss or gradient norm skips
 the optimizer and EMA update through the optimizer's `found_inf` input and a zero EMA weight
 (no Python branch on tensor values), and is counted.
+
+Two ways to run it, same arithmetic:
+  eager (default)   - Python issues every kernel each step.
+  cuda_graph=True   - the whole step (all micro-batches of gradient accumulation, student
+                      forward+backward, teacher forward, loss, clipping, fused capturable
+                      AdamW, EMA update, statistics) is captured once into one CUDA graph
+                      and replayed: inputs are copied into static buffers, the alignment
+                      weight and learning rate live in device scalars, t/t'/eps/label
+                      dropout are drawn on the device inside the graph (the step's
+                      torch.Generator is registered with the graph, or the default CUDA
+                      generator is used). Where capture is impossible (CPU, fp16 with its
+                      GradScaler, a DDP/compiled student, a non-fused optimizer) the step says
+                      why once and runs eagerly; cuda_graph="strict" raises instead.
+Graph warm-up runs real steps whose update is forced to be skipped (the same found_inf path
+as a non-finite step), and the RNG and statistics are restored afterwards, so capturing
+changes no weight, optimizer state, EMA or random stream: the graph step's first update is
+the eager step's first update.
 """
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
 from .objective import SRAObjective, ema_update
+from .profiling import nvtx_enabled, nvtx_range
+from .teacher import BF16Shadow, StudentView, TeacherView
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 
@@ -24,29 +44,62 @@ def autocast_ctx(precision: str, device: torch.device):
 
 
 def make_optimizer(model, lr: float = 1e-4, betas=(0.9, 0.999), weight_decay: float = 0.0,
-                   eps: float = 1e-8):
-    """AdamW as in the released runs; fused where the device supports it."""
+                   eps: float = 1e-8, capturable: bool = False):
+    """AdamW as in the released runs; fused where the device supports it.
+
+    capturable=True prepares it for the CUDA-graph step (the step also converts an existing
+    fused optimizer itself, so this is optional)."""
     params = [p for p in model.parameters() if p.requires_grad]
     try:
         return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps,
-                                 fused=True)
+                                 fused=True, capturable=capturable)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps,
                                  foreach=True)
 
 
+def _is_wrapper(student, model) -> str | None:
+    if student is model:
+        return None
+    name = type(student).__name__
+    if isinstance(student, torch.nn.parallel.DistributedDataParallel) or hasattr(student, "no_sync"):
+        return (f"the student is a {name} (DDP): its gradient all-reduce runs in autograd hooks "
+                "on a side stream with bucket state that a replayed graph would not refresh, so "
+                "graph mode could average stale gradients; run DDP eagerly")
+    return (f"the student is a {name} wrapper, not the model itself (torch.compile or another "
+            "wrapper cannot be captured by this step)")
+
+
 class TrainStep:
-    """Eager SRA step. `student` may be a DDP wrapper of `model`; `ema` is the teacher."""
+    """SRA step. `student` may be a DDP wrapper of `model`; `ema` is the teacher.
+
+    Options beyond the trainer's (model, ema, objective, optimizer, student, precision,
+    grad_clip, ema_decay, grad_accum, generator):
+      cuda_graph   False | True | "strict" | "emulate": capture the whole step in one CUDA
+                   graph (True falls back to eager with a message where impossible; "strict"
+                   raises). "emulate" runs the graph code path (static buffers, device-scalar
+                   weight and lr, skip-forced warm-up) without capturing, on any device: the
+                   CPU tests check the captured arithmetic with it.
+      teacher_bf16 keep bf16 copies of the teacher's matmul weights, refreshed right after
+                   the EMA update (see sra_fast.teacher.BF16Shadow); bf16 precision only.
+      teacher_full run the whole teacher network as the released code does (baselines).
+      graph_warmup eager warm-up iterations before capture (updates forced to skip).
+    """
 
     STATS = ("loss", "denoise", "align", "grad_norm", "nonfinite", "steps")
 
     def __init__(self, model, ema, objective: SRAObjective, optimizer, *, student=None,
                  precision: str = "bf16", grad_clip: float = 1.0, ema_decay: float = 0.9999,
-                 grad_accum: int = 1, generator: torch.Generator | None = None):
+                 grad_accum: int = 1, generator: torch.Generator | None = None,
+                 cuda_graph: bool | str = False, teacher_bf16: bool = False,
+                 teacher_full: bool = False, graph_warmup: int = 2):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+        if cuda_graph not in (False, True, "strict", "emulate"):
+            raise ValueError("cuda_graph must be False, True, 'strict' or 'emulate', got "
+                             f"{cuda_graph!r}")
         self.model, self.ema, self.objective, self.opt = model, ema, objective, optimizer
         self.student = student if student is not None else model
         self.precision, self.grad_clip, self.ema_decay = precision, grad_clip, ema_decay
@@ -57,14 +110,60 @@ class TrainStep:
         self._stats = torch.zeros(len(self.STATS), device=self.device)
         self._found_inf = torch.zeros((), device=self.device)
 
+        # teacher variants
+        if teacher_bf16 and precision != "bf16":
+            raise ValueError("teacher_bf16 needs precision='bf16' (the shadow holds the "
+                             "weights autocast would cast to bf16)")
+        if teacher_bf16 and teacher_full:
+            raise ValueError("teacher_bf16 shadows only blocks 1..block_out_t; it cannot be "
+                             "combined with teacher_full")
+        self.shadow = (BF16Shadow(ema, objective.cfg.block_out_t) if teacher_bf16 else None)
+        self.teacher_full = teacher_full
+        tmod = self.shadow.module if self.shadow is not None else ema
+        self._teacher = TeacherView(tmod, full=True) if teacher_full else tmod
+        self._teacher_nvtx = TeacherView(tmod, full=teacher_full)
+
+        # CUDA graph
+        self.cuda_graph = cuda_graph
+        self.graph_warmup = max(1, int(graph_warmup))
+        self.graph_refusal = self._graph_refusal() if cuda_graph else None
+        if cuda_graph and self.graph_refusal:
+            msg = f"CUDA-graph step unavailable, running eagerly: {self.graph_refusal}"
+            if cuda_graph in ("strict", "emulate"):
+                raise RuntimeError(msg)
+            warnings.warn(msg, stacklevel=2)
+            print(f"sra_fast step: {msg}", flush=True)
+        self._graph = None
+        self._graph_key = None
+        self.captures = 0
+
+    # ------------------------------------------------------------------ common pieces
+    @property
+    def graph_mode(self) -> bool:
+        """Whether calls run the captured graph (True after a successful request)."""
+        return bool(self.cuda_graph) and self.graph_refusal is None
+
     def _micro(self, x0, y, weight):
+        student, teacher = self.student, self._teacher
+        if nvtx_enabled():
+            student, teacher = StudentView(student), self._teacher_nvtx
         with autocast_ctx(self.precision, self.device):
-            loss, denoise, align = self.objective(self.student, self.ema, x0, y, weight,
+            loss, denoise, align = self.objective(student, teacher, x0, y, weight,
                                                   generator=self.generator)
         return loss, denoise, align
 
+    def _ema(self, decay):
+        with nvtx_range("EMA"):
+            ema_update(self.ema, self.model, decay)
+            if self.shadow is not None:
+                self.shadow.sync()
+
     def __call__(self, x0, y, weight):
         """One optimizer step on a batch (split into grad_accum micro-batches)."""
+        if self.shadow is not None:
+            self.shadow.refresh_if_stale()
+        if self.graph_mode:
+            return self._graph_call(x0, y, weight)
         self.model.train()
         xs, ys = x0.chunk(self.grad_accum), y.chunk(self.grad_accum)
         if len(xs) != self.grad_accum:
@@ -78,26 +177,31 @@ class TrainStep:
             with ctx:
                 loss, denoise, align = self._micro(xb, yb, weight)
                 scaled = loss / self.grad_accum
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                with nvtx_range("backward"):
+                    (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             tot += torch.stack([loss.detach().float(), denoise.mean(), align.mean()])
         tot /= self.grad_accum
-        if self.scaler:
-            self.scaler.unscale_(self.opt)
-        gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
-        finite = torch.isfinite(tot[0]) & torch.isfinite(gnorm)
-        if self.scaler:
-            self.scaler.step(self.opt)   # skips on inf/nan grads itself (fp16 path)
-            self.scaler.update()
-        else:
-            self._found_inf.copy_((~finite).float())
-            self.opt.found_inf = self._found_inf   # fused AdamW skips the update when 1
-            self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        ema_update(self.ema, self.model, self.ema_decay if self.scaler else
-                   1.0 - (1.0 - self.ema_decay) * finite.float())
+        with nvtx_range("optimizer"):
+            if self.scaler:
+                self.scaler.unscale_(self.opt)
+            gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+            finite = torch.isfinite(tot[0]) & torch.isfinite(gnorm)
+            if self.scaler:
+                self.scaler.step(self.opt)   # skips on inf/nan grads itself (fp16 path)
+                self.scaler.update()
+            else:
+                self._found_inf.copy_((~finite).float())
+                self.opt.found_inf = self._found_inf   # fused AdamW skips the update when 1
+                self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        self._ema(self.ema_decay if self.scaler else
+                  1.0 - (1.0 - self.ema_decay) * finite.float())
         self._stats += torch.cat([torch.where(finite, tot, torch.zeros_like(tot)),
                                   torch.where(finite, gnorm.float(), gnorm.new_zeros(())).reshape(1),
                                   (~finite).float().reshape(1), torch.ones(1, device=self.device)])
+
+    # the trainer's name for a step
+    step = __call__
 
     def read_stats(self) -> dict:
         """Means since the last call over finite steps, and the non-finite count (host sync)."""
@@ -106,3 +210,189 @@ class TrainStep:
         n_ok = max(s[5] - s[4], 1.0)
         return {"loss": s[0] / n_ok, "denoise_loss": s[1] / n_ok, "align_loss": s[2] / n_ok,
                 "grad_norm": s[3] / n_ok, "nonfinite": int(s[4]), "steps": int(s[5])}
+
+    # ------------------------------------------------------------------ CUDA graph
+    def _graph_refusal(self) -> str | None:
+        """Why this step cannot be captured (every reason, '; '-joined), or None."""
+        why = []
+        if self.cuda_graph != "emulate" and (self.device.type != "cuda"
+                                             or not torch.cuda.is_available()):
+            why.append(f"the model is on {self.device.type}, CUDA graphs need a CUDA device")
+        if self.precision == "fp16":
+            why.append("precision fp16 uses a GradScaler, whose skip/rescale logic syncs with "
+                       "the host; use bf16 (no scaler needed) for graph mode")
+        wrapper = _is_wrapper(self.student, self.model)
+        if wrapper:
+            why.append(wrapper)
+        elif torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            why.append("torch.distributed runs several processes: gradients must be "
+                       "all-reduced, which this graph step does not capture; run eagerly")
+        if not isinstance(self.opt, (torch.optim.AdamW, torch.optim.Adam)) or \
+                not all(g.get("fused") for g in self.opt.param_groups):
+            why.append("the optimizer is not a fused Adam/AdamW (fused=True): graph mode needs "
+                       "its device-side found_inf skip and capturable state")
+        if self.generator is not None and self.cuda_graph != "emulate":
+            if self.generator.device.type != "cuda":
+                why.append("the step's generator is not a CUDA generator")
+            elif not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+                why.append("this torch cannot register a user torch.Generator with a CUDA "
+                           "graph; pass generator=None to use the default CUDA generator")
+        return "; ".join(why) or None
+
+    def _prepare_optimizer(self):
+        """Fused AdamW -> capturable, with the learning rate in a device scalar per group
+        (swapped in only while capturing; the trainer keeps seeing floats)."""
+        self._lr_dev, self._lr_host = [], []
+        for g in self.opt.param_groups:
+            g["capturable"] = True
+            lr = g["lr"]
+            lr_f = float(lr) if not torch.is_tensor(lr) else float(lr.item())
+            # CUDA's fused AdamW reads a tensor lr as fp32 (a relative 3e-8 rounding of the
+            # float it would otherwise get); the CPU kernel reads fp64
+            dt = torch.float32 if self.device.type == "cuda" else torch.float64
+            self._lr_dev.append(torch.tensor(lr_f, device=self.device, dtype=dt))
+            self._lr_host.append(lr)
+        for st in self.opt.state.values():  # state from an eager optimizer: steps on device
+            if "step" in st and st["step"].device != self.device:
+                st["step"] = st["step"].to(self.device)
+
+    def _sync_lr(self):
+        for i, g in enumerate(self.opt.param_groups):
+            lr = g["lr"]
+            if lr is not self._lr_host[i]:
+                if torch.is_tensor(lr):
+                    self._lr_dev[i].copy_(lr)
+                else:
+                    self._lr_dev[i].fill_(float(lr))
+                self._lr_host[i] = lr
+
+    def _graph_body(self):
+        """The captured step: reads only static buffers, writes only persistent state."""
+        A = self.grad_accum
+        tot = torch.zeros(3, device=self.device)
+        for xb, yb in zip(self._x.chunk(A), self._y.chunk(A)):
+            loss, denoise, align = self._micro(xb, yb, self._w)
+            with nvtx_range("backward"):
+                (loss / A).backward()
+            tot += torch.stack([loss.detach().float(), denoise.mean(), align.mean()])
+        tot /= A
+        with nvtx_range("optimizer"):
+            gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+            finite = torch.isfinite(tot[0]) & torch.isfinite(gnorm) & (self._skip == 0)
+            self._found_inf.copy_((~finite).float())
+            self.opt.found_inf = self._found_inf
+            self.opt.step()
+        self._ema(1.0 - (1.0 - self.ema_decay) * finite.float())
+        self._stats += torch.cat([torch.where(finite, tot, torch.zeros_like(tot)),
+                                  torch.where(finite, gnorm.float(), gnorm.new_zeros(())).reshape(1),
+                                  (~finite).float().reshape(1), torch.ones(1, device=self.device)])
+
+    def _rng_get(self):
+        if self.generator is not None:
+            return self.generator.get_state()
+        if self.device.type == "cuda":
+            return torch.cuda.get_rng_state(self.device)
+        return torch.get_rng_state()
+
+    def _rng_set(self, state):
+        if self.generator is not None:
+            self.generator.set_state(state)
+        elif self.device.type == "cuda":
+            torch.cuda.set_rng_state(state, self.device)
+        else:
+            torch.set_rng_state(state)
+
+    def _capture(self, x0, y):
+        n = x0.shape[0]
+        if n % self.grad_accum:
+            raise ValueError(f"batch of {n} cannot be split into {self.grad_accum} "
+                             "accumulation steps")
+        emulate = self.cuda_graph == "emulate"
+        cuda = self.device.type == "cuda"
+        self._graph = None
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        if self.captures == 0:
+            self._prepare_optimizer()
+        self._x = torch.empty_like(x0, device=self.device)
+        self._y = torch.empty_like(y, device=self.device)
+        self._x.copy_(x0)
+        self._y.copy_(y)
+        if not hasattr(self, "_w"):
+            self._w = torch.zeros((), device=self.device)
+            self._skip = torch.zeros((), device=self.device)
+        rng, stats = self._rng_get(), self._stats.clone()
+        groups_lr = [g["lr"] for g in self.opt.param_groups]
+        graph = "emulated"
+        try:
+            for g, lr in zip(self.opt.param_groups, self._lr_dev):
+                g["lr"] = lr
+            self._skip.fill_(1.0)   # warm-up and capture: every update is skipped
+            side = torch.cuda.Stream(self.device) if cuda else None
+            if cuda:
+                side.wait_stream(torch.cuda.current_stream(self.device))
+            with (torch.cuda.stream(side) if cuda else contextlib.nullcontext()):
+                for _ in range(self.graph_warmup):
+                    self.opt.zero_grad(set_to_none=True)
+                    self._graph_body()
+            if cuda:
+                torch.cuda.current_stream(self.device).wait_stream(side)
+            self.opt.zero_grad(set_to_none=True)   # backward allocates grads in the graph pool
+            if not emulate:
+                graph = torch.cuda.CUDAGraph()
+                if self.generator is not None:
+                    graph.register_generator_state(self.generator)
+                with torch.cuda.graph(graph):
+                    self._graph_body()
+                torch.cuda.synchronize(self.device)
+        finally:
+            for g, lr in zip(self.opt.param_groups, groups_lr):
+                g["lr"] = lr
+            self._skip.fill_(0.0)
+            self._rng_set(rng)
+            self._stats.copy_(stats)
+        self._graph = graph
+        self._graph_key = (tuple(x0.shape), x0.dtype, tuple(y.shape), y.dtype)
+        self.captures += 1
+        if self.shadow is not None:
+            self.shadow.mark_synced()
+
+    def _graph_call(self, x0, y, weight):
+        key = (tuple(x0.shape), x0.dtype, tuple(y.shape), y.dtype)
+        self.model.train()
+        if self._graph is None or key != self._graph_key:
+            if self._graph is not None:
+                print(f"sra_fast step: batch shape changed {self._graph_key} -> {key}; "
+                      "re-capturing the CUDA graph", flush=True)
+            try:
+                self._capture(x0, y)
+            except Exception as e:
+                if self.cuda_graph in ("strict", "emulate"):
+                    raise
+                self.graph_refusal = f"capture failed ({type(e).__name__}: {e})"
+                self._graph = None
+                self.opt.zero_grad(set_to_none=True)
+                msg = f"CUDA-graph step unavailable, running eagerly: {self.graph_refusal}"
+                warnings.warn(msg, stacklevel=3)
+                print(f"sra_fast step: {msg}", flush=True)
+                return self(x0, y, weight)
+        else:
+            self._x.copy_(x0, non_blocking=True)
+            self._y.copy_(y, non_blocking=True)
+        if torch.is_tensor(weight):
+            self._w.copy_(weight)
+        else:
+            self._w.fill_(float(weight))
+        self._sync_lr()
+        if self._graph == "emulated":   # the captured body, run eagerly (tests, debugging)
+            for g, lr in zip(self.opt.param_groups, self._lr_dev):
+                g["lr"] = lr
+            try:
+                self.opt.zero_grad(set_to_none=True)
+                self._graph_body()
+            finally:
+                for g, lr in zip(self.opt.param_groups, self._lr_host):
+                    g["lr"] = lr
+        else:
+            self._graph.replay()
