@@ -1,0 +1,93 @@
+"""Helpers shared by the kernel files: output allocation, launch heuristics, custom-op glue.
+
+Kept free of anything else in the package (kernels import nothing of ours but each other).
+"""
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Tests set this (or SRA_FAST_POISON=1) so every buffer a kernel should fill starts as NaN:
+# an element a kernel forgets to write then fails the comparison instead of passing by luck
+# on recycled memory.
+POISON_OUTPUTS = os.environ.get("SRA_FAST_POISON", "0") == "1"
+
+_SM_COUNT = {}
+
+# Triton's CPU interpreter (3.9) converts fp32 -> bf16 by truncation, not round-to-nearest-even
+# as the GPU does: every bf16 output then carries twice the rounding error and the tests'
+# "at most 2x PyTorch's bf16 error" rule measures the interpreter instead of the kernel. Under
+# the interpreter, cast_to rounds explicitly first; compiled kernels never see this branch.
+FIX_BF16_ROUNDING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def cast_to(x, PTR):
+    """x converted to the element type of pointer PTR (round to nearest even)."""
+    if FIX_BF16_ROUNDING:
+        if PTR.dtype.element_ty == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(PTR.dtype.element_ty)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def new_empty(shape, dtype, device) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def sm_count(device) -> int:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 132  # nominal (H100), keeps the CPU-interpreter grids shaped like the GPU's
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def row_block(D: int):
+    """(BLOCK_D, BLOCK_R, num_warps) for kernels that hold BLOCK_R whole rows of width D.
+
+    Several rows per tile keep enough bytes in flight per program for small D; ~16 elements
+    per thread per tensor keeps the backward kernels (5-6 live row tensors) out of spills.
+    """
+    block_d = triton.next_power_of_2(D)
+    block_r = max(1, min(8, 4096 // block_d))
+    num_warps = max(4, min(16, (block_r * block_d) // 512))
+    return block_d, block_r, num_warps
+
+
+def token_chunks(N: int, T: int, block_r: int, device, per_sm: int = 4) -> tuple:
+    """Split each sample's T tokens into C chunks of `rows` tokens, one program per chunk.
+
+    Per-sample reductions over tokens (dscale, dshift, dgate) are written as one fp32 partial
+    per program and summed afterwards, so C trades parallelism (N*C programs, aim ~per_sm per
+    SM) against the partials' traffic (~C/T of the op's own bytes). Chunks never go below
+    4 tiles of rows, so each program amortises loading its per-sample vectors.
+    """
+    want = max(1, math.ceil(per_sm * sm_count(device) / max(N, 1)))
+    c_max = max(1, T // (4 * block_r))
+    C = max(1, min(want, c_max))
+    rows = math.ceil(T / C)
+    rows = math.ceil(rows / block_r) * block_r
+    C = math.ceil(T / rows)
+    return C, rows
+
+
+def check_3d(name: str, x: torch.Tensor) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"{name} needs x of shape (N,T,D), got {tuple(x.shape)}")
+
+
+def check_nd(name: str, v: torch.Tensor, N: int, D: int, what: str) -> None:
+    if tuple(v.shape) != (N, D):
+        raise ValueError(f"{name}: {what} must be (N,D)=({N},{D}), got {tuple(v.shape)}")

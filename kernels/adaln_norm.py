@@ -1,0 +1,176 @@
+"""Fused adaLN norm: y = LayerNorm(x) * (1 + scale[n]) + shift[n], forward and backward.
+
+The chain every DiT/SiT sub-layer starts with (norm1/norm2 + modulate). One read of x and one
+write of y in the forward; the backward reads x and dy once, writes dx, and reduces
+dscale/dshift over tokens deterministically (fp32 partial per program, then a sum).
+Mean and rstd are recomputed in the backward rather than saved: the row is loaded anyway, so
+it costs no memory traffic and saves two (N*T) buffers.
+"""
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import cast_to, check_3d, check_nd, new_empty, row_block, token_chunks
+
+
+@triton.jit
+def _adaln_norm_fwd_kernel(X, SHIFT, SCALE, Y, T, D, rows_per_prog, eps,
+                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # program (n, c): tokens [c*rows_per_prog, (c+1)*rows_per_prog) of sample n, so the
+    # sample's shift/scale are loaded once and reused for every row.
+    n = tl.program_id(0)
+    c = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    shift = tl.load(SHIFT + n * D + cols, mask=cmask, other=0.0).to(tl.float32)
+    scale1 = 1.0 + tl.load(SCALE + n * D + cols, mask=cmask, other=0.0).to(tl.float32)
+    t_begin = c * rows_per_prog
+    t_end = tl.minimum(t_begin + rows_per_prog, T)
+    for r0 in range(0, rows_per_prog, BLOCK_R):
+        t = t_begin + r0 + tl.arange(0, BLOCK_R)
+        mask = (t < t_end)[:, None] & cmask[None, :]
+        offs = (n * T + t).to(tl.int64)[:, None] * D + cols[None, :]
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / D
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+        y = xc * rstd[:, None] * scale1[None, :] + shift[None, :]
+        tl.store(Y + offs, cast_to(y, Y), mask=mask)
+
+
+@triton.jit
+def _adaln_norm_bwd_kernel(X, SCALE, DY, DX, PART, N, T, D, C, rows_per_prog, eps,
+                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # PART is (2, N, C, D) fp32: this program's sums over its tokens of dy*xhat (dscale) and
+    # dy (dshift). Summed over C on the host: deterministic, no atomics.
+    n = tl.program_id(0)
+    c = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    scale1 = 1.0 + tl.load(SCALE + n * D + cols, mask=cmask, other=0.0).to(tl.float32)
+    acc_dscale = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    acc_dshift = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    t_begin = c * rows_per_prog
+    t_end = tl.minimum(t_begin + rows_per_prog, T)
+    for r0 in range(0, rows_per_prog, BLOCK_R):
+        t = t_begin + r0 + tl.arange(0, BLOCK_R)
+        mask = (t < t_end)[:, None] & cmask[None, :]
+        offs = (n * T + t).to(tl.int64)[:, None] * D + cols[None, :]
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / D
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+        xhat = xc * rstd[:, None]
+        acc_dscale += dy * xhat
+        acc_dshift += dy
+        g = dy * scale1[None, :]
+        c1 = tl.sum(g * xhat, axis=1) / D
+        c2 = tl.sum(g, axis=1) / D
+        dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        tl.store(DX + offs, cast_to(dx, DX), mask=mask)
+    p = (n * C + c) * D + cols
+    tl.store(PART + p, tl.sum(acc_dscale, axis=0), mask=cmask)
+    tl.store(PART + N * C * D + p, tl.sum(acc_dshift, axis=0), mask=cmask)
+
+
+def adaln_norm_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                   eps: float) -> torch.Tensor:
+    check_3d("adaln_norm", x)
+    N, T, D = x.shape
+    check_nd("adaln_norm", shift, N, D, "shift")
+    check_nd("adaln_norm", scale, N, D, "scale")
+    x, shift, scale = x.contiguous(), shift.contiguous(), scale.contiguous()
+    y = new_empty(x.shape, x.dtype, x.device)
+    if x.numel() == 0:
+        return y
+    BLOCK_D, BLOCK_R, num_warps = row_block(D)
+    C, rows = token_chunks(N, T, BLOCK_R, x.device, per_sm=8)
+    _adaln_norm_fwd_kernel[(N, C)](x, shift, scale, y, T, D, rows, eps,
+                                   BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps)
+    return y
+
+
+def adaln_norm_bwd(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
+                   eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dmod) with dmod = stack(dscale, dshift), (2,N,D) in scale's dtype (one tensor, so
+    the custom op below returns no two outputs that alias each other)."""
+    N, T, D = x.shape
+    x, scale, dy = x.contiguous(), scale.contiguous(), dy.contiguous()
+    dx = new_empty(x.shape, x.dtype, x.device)
+    if x.numel() == 0:
+        return dx, torch.zeros((2, N, D), dtype=scale.dtype, device=x.device)
+    BLOCK_D, BLOCK_R, num_warps = row_block(D)
+    C, rows = token_chunks(N, T, BLOCK_R, x.device)
+    part = new_empty((2, N, C, D), torch.float32, x.device)
+    _adaln_norm_bwd_kernel[(N, C)](x, scale, dy, dx, part, N, T, D, C, rows, eps,
+                                   BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps)
+    return dx, part.sum(dim=2).to(scale.dtype)
+
+
+class AdaLNNormFn(torch.autograd.Function):
+    """Plain autograd.Function over the same host functions (the custom op below is what
+    `adaln_norm` uses; this stays for callers that want an autograd.Function)."""
+
+    @staticmethod
+    def forward(ctx, x, shift, scale, eps):
+        ctx.save_for_backward(x, scale)
+        ctx.eps = eps
+        ctx.shift_dtype = shift.dtype
+        return adaln_norm_fwd(x, shift, scale, eps)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, scale = ctx.saved_tensors
+        dx, dmod = adaln_norm_bwd(dy, x, scale, ctx.eps)
+        return dx, dmod[1].to(ctx.shift_dtype), dmod[0], None
+
+
+# torch.compile sees these as opaque ops (fake impls give the shapes) instead of graph-breaking
+# on a Triton launch; the backward is itself a custom op so the compiled backward traces too.
+@torch.library.custom_op("sra_fast::adaln_norm", mutates_args=())
+def _adaln_norm_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                   eps: float) -> torch.Tensor:
+    return adaln_norm_fwd(x, shift, scale, eps)
+
+
+@_adaln_norm_op.register_fake
+def _(x, shift, scale, eps):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("sra_fast::adaln_norm_bwd", mutates_args=())
+def _adaln_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
+                       eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    return adaln_norm_bwd(dy, x, scale, eps)
+
+
+@_adaln_norm_bwd_op.register_fake
+def _(dy, x, scale, eps):
+    N, T, D = x.shape
+    return x.new_empty(x.shape), scale.new_empty((2, N, D))
+
+
+def _setup_context(ctx, inputs, output):
+    x, shift, scale, eps = inputs
+    ctx.save_for_backward(x, scale)
+    ctx.eps = eps
+    ctx.shift_dtype = shift.dtype
+
+
+def _backward(ctx, dy):
+    x, scale = ctx.saved_tensors
+    dx, dmod = _adaln_norm_bwd_op(dy, x, scale, ctx.eps)
+    return dx, dmod[1].to(ctx.shift_dtype), dmod[0], None
+
+
+_adaln_norm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def adaln_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+               eps: float = 1e-6) -> torch.Tensor:
+    """LayerNorm(x) (no affine) * (1 + scale[:, None]) + shift[:, None]; x (N,T,D),
+    shift/scale (N,D). Output in x's dtype; statistics in fp32."""
+    return _adaln_norm_op(x, shift, scale, float(eps))

@@ -1,0 +1,348 @@
+"""Fused adaLN-Zero gated residual, alone and fused with the next adaLN norm.
+
+gated_residual:            h = x + gate[n] * y
+gated_residual_adaln_norm: h = x + gate[n] * y;  out = LayerNorm(h) * (1 + scale[n]) + shift[n]
+The second is the middle of every DiT block (attention branch's residual, then norm2 +
+modulate for the MLP): fused, x and y are read once and h and out written once, instead of
+h being written, read back by the norm, and the norm's output read again by modulate.
+Per-sample gradients (dgate, dscale, dshift) are sums over tokens, reduced deterministically:
+one fp32 partial per program, then a sum on the host. No atomics.
+"""
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import cast_to, check_3d, check_nd, new_empty, row_block, token_chunks
+
+
+@triton.jit
+def _gated_residual_fwd_kernel(X, GATE, Y, H, T, D, rows_per_prog,
+                               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    n = tl.program_id(0)
+    c = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    gate = tl.load(GATE + n * D + cols, mask=cmask, other=0.0).to(tl.float32)
+    t_begin = c * rows_per_prog
+    t_end = tl.minimum(t_begin + rows_per_prog, T)
+    for r0 in range(0, rows_per_prog, BLOCK_R):
+        t = t_begin + r0 + tl.arange(0, BLOCK_R)
+        mask = (t < t_end)[:, None] & cmask[None, :]
+        offs = (n * T + t).to(tl.int64)[:, None] * D + cols[None, :]
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(H + offs, cast_to(x + gate[None, :] * y, H), mask=mask)
+
+
+@triton.jit
+def _gated_residual_bwd_kernel(GATE, Y, DH, DY, PART, T, D, C, rows_per_prog,
+                               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # dx is dh itself (returned by the autograd glue); here dy = gate*dh and the
+    # per-program partial of dgate = sum_t dh*y into PART (N, C, D) fp32.
+    n = tl.program_id(0)
+    c = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    gate = tl.load(GATE + n * D + cols, mask=cmask, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    t_begin = c * rows_per_prog
+    t_end = tl.minimum(t_begin + rows_per_prog, T)
+    for r0 in range(0, rows_per_prog, BLOCK_R):
+        t = t_begin + r0 + tl.arange(0, BLOCK_R)
+        mask = (t < t_end)[:, None] & cmask[None, :]
+        offs = (n * T + t).to(tl.int64)[:, None] * D + cols[None, :]
+        y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+        dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+        acc += dh * y
+        tl.store(DY + offs, cast_to(gate[None, :] * dh, DY), mask=mask)
+    tl.store(PART + (n * C + c) * D + cols, tl.sum(acc, axis=0), mask=cmask)
+
+
+@triton.jit
+def _gated_residual_adaln_norm_fwd_kernel(X, GATE, Y, SHIFT, SCALE, H, OUT, T, D, rows_per_prog,
+                                          eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    n = tl.program_id(0)
+    c = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    gate = tl.load(GATE + n * D + cols, mask=cmask, other=0.0).to(tl.float32)
+    shift = tl.load(SHIFT + n * D + cols, mask=cmask, other=0.0).to(tl.float32)
+    scale1 = 1.0 + tl.load(SCALE + n * D + cols, mask=cmask, other=0.0).to(tl.float32)
+    t_begin = c * rows_per_prog
+    t_end = tl.minimum(t_begin + rows_per_prog, T)
+    for r0 in range(0, rows_per_prog, BLOCK_R):
+        t = t_begin + r0 + tl.arange(0, BLOCK_R)
+        mask = (t < t_end)[:, None] & cmask[None, :]
+        offs = (n * T + t).to(tl.int64)[:, None] * D + cols[None, :]
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+        # The norm uses h in fp32 (before rounding to H's dtype); the backward recomputes the
+        # very same fp32 h from x, gate, y, so forward and backward see one function.
+        h = x + gate[None, :] * y
+        tl.store(H + offs, cast_to(h, H), mask=mask)
+        mean = tl.sum(h, axis=1) / D
+        hc = tl.where(mask, h - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(hc * hc, axis=1) / D + eps)
+        out = hc * rstd[:, None] * scale1[None, :] + shift[None, :]
+        tl.store(OUT + offs, cast_to(out, OUT), mask=mask)
+
+
+@triton.jit
+def _gated_residual_adaln_norm_bwd_kernel(X, GATE, Y, SCALE, DOUT, DH, DX, DY, PART,
+                                          N, T, D, C, rows_per_prog, eps, HAS_DH: tl.constexpr,
+                                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # PART is (3, N, C, D) fp32: partial sums over this program's tokens of
+    # dh*y (dgate), dout*hhat (dscale), dout (dshift).
+    n = tl.program_id(0)
+    c = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    gate = tl.load(GATE + n * D + cols, mask=cmask, other=0.0).to(tl.float32)
+    scale1 = 1.0 + tl.load(SCALE + n * D + cols, mask=cmask, other=0.0).to(tl.float32)
+    acc_dgate = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    acc_dscale = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    acc_dshift = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    t_begin = c * rows_per_prog
+    t_end = tl.minimum(t_begin + rows_per_prog, T)
+    for r0 in range(0, rows_per_prog, BLOCK_R):
+        t = t_begin + r0 + tl.arange(0, BLOCK_R)
+        mask = (t < t_end)[:, None] & cmask[None, :]
+        offs = (n * T + t).to(tl.int64)[:, None] * D + cols[None, :]
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+        dout = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
+        h = x + gate[None, :] * y
+        mean = tl.sum(h, axis=1) / D
+        hc = tl.where(mask, h - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(hc * hc, axis=1) / D + eps)
+        hhat = hc * rstd[:, None]
+        acc_dscale += dout * hhat
+        acc_dshift += dout
+        g = dout * scale1[None, :]
+        c1 = tl.sum(g * hhat, axis=1) / D
+        c2 = tl.sum(g, axis=1) / D
+        dh = (g - hhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        if HAS_DH:
+            dh += tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+        acc_dgate += dh * y
+        tl.store(DX + offs, cast_to(dh, DX), mask=mask)
+        tl.store(DY + offs, cast_to(gate[None, :] * dh, DY), mask=mask)
+    p = (n * C + c) * D + cols
+    tl.store(PART + p, tl.sum(acc_dgate, axis=0), mask=cmask)
+    tl.store(PART + N * C * D + p, tl.sum(acc_dscale, axis=0), mask=cmask)
+    tl.store(PART + 2 * N * C * D + p, tl.sum(acc_dshift, axis=0), mask=cmask)
+
+
+def _check(name, x, y, **vecs):
+    check_3d(name, x)
+    N, T, D = x.shape
+    if tuple(y.shape) != tuple(x.shape):
+        raise ValueError(f"{name}: y must match x {tuple(x.shape)}, got {tuple(y.shape)}")
+    for k, v in vecs.items():
+        check_nd(name, v, N, D, k)
+
+
+# ---------------------------------------------------------------- gated_residual (host)
+def gated_residual_fwd(x, gate, y):
+    _check("gated_residual", x, y, gate=gate)
+    N, T, D = x.shape
+    x, gate, y = x.contiguous(), gate.contiguous(), y.contiguous()
+    h = new_empty(x.shape, x.dtype, x.device)
+    if x.numel() == 0:
+        return h
+    BLOCK_D, BLOCK_R, num_warps = row_block(D)
+    C, rows = token_chunks(N, T, BLOCK_R, x.device, per_sm=8)
+    _gated_residual_fwd_kernel[(N, C)](x, gate, y, h, T, D, rows,
+                                       BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps)
+    return h
+
+
+def gated_residual_bwd(dh, gate, y):
+    """(dgate, dy); dx is dh itself."""
+    N, T, D = y.shape
+    gate, y, dh = gate.contiguous(), y.contiguous(), dh.contiguous()
+    dy = new_empty(y.shape, y.dtype, y.device)
+    if y.numel() == 0:
+        return torch.zeros((N, D), dtype=gate.dtype, device=y.device), dy
+    BLOCK_D, BLOCK_R, num_warps = row_block(D)
+    C, rows = token_chunks(N, T, BLOCK_R, y.device)
+    part = new_empty((N, C, D), torch.float32, y.device)
+    _gated_residual_bwd_kernel[(N, C)](gate, y, dh, dy, part, T, D, C, rows,
+                                       BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps)
+    return part.sum(dim=1).to(gate.dtype), dy
+
+
+# ---------------------------------------------------- gated_residual_adaln_norm (host)
+def gated_residual_adaln_norm_fwd(x, gate, y, shift, scale, eps):
+    _check("gated_residual_adaln_norm", x, y, gate=gate, shift=shift, scale=scale)
+    N, T, D = x.shape
+    x, gate, y = x.contiguous(), gate.contiguous(), y.contiguous()
+    shift, scale = shift.contiguous(), scale.contiguous()
+    h = new_empty(x.shape, x.dtype, x.device)
+    out = new_empty(x.shape, x.dtype, x.device)
+    if x.numel() == 0:
+        return h, out
+    BLOCK_D, BLOCK_R, num_warps = row_block(D)
+    C, rows = token_chunks(N, T, BLOCK_R, x.device, per_sm=8)
+    _gated_residual_adaln_norm_fwd_kernel[(N, C)](
+        x, gate, y, shift, scale, h, out, T, D, rows, eps,
+        BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps)
+    return h, out
+
+
+def gated_residual_adaln_norm_bwd(dh, dout, x, gate, y, scale, eps):
+    """(dx, dy, dmod) with dmod = stack(dgate, dscale, dshift), (3,N,D) in gate's dtype.
+    dh (the gradient of h from its other users) may be None."""
+    N, T, D = x.shape
+    x, gate, y = x.contiguous(), gate.contiguous(), y.contiguous()
+    scale, dout = scale.contiguous(), dout.contiguous()
+    has_dh = dh is not None
+    dh = dh.contiguous() if has_dh else dout  # placeholder pointer, never read
+    dx = new_empty(x.shape, x.dtype, x.device)
+    dy = new_empty(y.shape, y.dtype, y.device)
+    if x.numel() == 0:
+        return dx, dy, torch.zeros((3, N, D), dtype=gate.dtype, device=x.device)
+    BLOCK_D, BLOCK_R, num_warps = row_block(D)
+    C, rows = token_chunks(N, T, BLOCK_R, x.device)
+    part = new_empty((3, N, C, D), torch.float32, x.device)
+    _gated_residual_adaln_norm_bwd_kernel[(N, C)](
+        x, gate, y, scale, dout, dh, dx, dy, part, N, T, D, C, rows, eps, HAS_DH=has_dh,
+        BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps)
+    return dx, dy, part.sum(dim=2).to(gate.dtype)
+
+
+# ------------------------------------------------------------------ autograd.Functions
+class GatedResidualFn(torch.autograd.Function):
+    """autograd.Function over the host functions (`gated_residual` uses the custom op)."""
+
+    @staticmethod
+    def forward(ctx, x, gate, y):
+        ctx.save_for_backward(gate, y)
+        return gated_residual_fwd(x, gate, y)
+
+    @staticmethod
+    def backward(ctx, dh):
+        gate, y = ctx.saved_tensors
+        dgate, dy = gated_residual_bwd(dh, gate, y)
+        return dh, dgate, dy
+
+
+class GatedResidualAdaLNNormFn(torch.autograd.Function):
+    """autograd.Function over the host functions (the public function uses the custom op)."""
+
+    @staticmethod
+    def forward(ctx, x, gate, y, shift, scale, eps):
+        ctx.save_for_backward(x, gate, y, scale)
+        ctx.eps = eps
+        ctx.dtypes = (shift.dtype, scale.dtype)
+        ctx.set_materialize_grads(False)
+        return gated_residual_adaln_norm_fwd(x, gate, y, shift, scale, eps)
+
+    @staticmethod
+    def backward(ctx, dh, dout):
+        return _grad_fused(ctx, dh, dout, gated_residual_adaln_norm_bwd, gated_residual_bwd)
+
+
+def _grad_fused(ctx, dh, dout, fused_bwd, residual_bwd):
+    x, gate, y, scale = ctx.saved_tensors
+    if dout is None:
+        if dh is None:
+            return None, None, None, None, None, None
+        # only h was used: the norm contributes nothing, h's gradient is a plain gated residual
+        dgate, dy = residual_bwd(dh, gate, y)
+        return dh, dgate, dy, None, None, None
+    dx, dy, dmod = fused_bwd(dh, dout, x, gate, y, scale, ctx.eps)
+    shift_dtype, scale_dtype = ctx.dtypes
+    return dx, dmod[0], dy, dmod[2].to(shift_dtype), dmod[1].to(scale_dtype), None
+
+
+# ------------------------------------------------------------------------- custom ops
+# Opaque to torch.compile (fake impls give shapes), so it neither graph-breaks nor tries to
+# trace a Triton launch; the backward ops are custom ops too so the compiled backward traces.
+@torch.library.custom_op("sra_fast::gated_residual", mutates_args=())
+def _gated_residual_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return gated_residual_fwd(x, gate, y)
+
+
+@_gated_residual_op.register_fake
+def _(x, gate, y):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("sra_fast::gated_residual_bwd", mutates_args=())
+def _gated_residual_bwd_op(dh: torch.Tensor, gate: torch.Tensor,
+                           y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return gated_residual_bwd(dh, gate, y)
+
+
+@_gated_residual_bwd_op.register_fake
+def _(dh, gate, y):
+    return gate.new_empty(gate.shape), y.new_empty(y.shape)
+
+
+def _gr_setup(ctx, inputs, output):
+    x, gate, y = inputs
+    ctx.save_for_backward(gate, y)
+
+
+def _gr_backward(ctx, dh):
+    gate, y = ctx.saved_tensors
+    dgate, dy = _gated_residual_bwd_op(dh, gate, y)
+    return dh, dgate, dy
+
+
+_gated_residual_op.register_autograd(_gr_backward, setup_context=_gr_setup)
+
+
+@torch.library.custom_op("sra_fast::gated_residual_adaln_norm", mutates_args=())
+def _gr_adaln_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor,
+                 scale: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    return gated_residual_adaln_norm_fwd(x, gate, y, shift, scale, eps)
+
+
+@_gr_adaln_op.register_fake
+def _(x, gate, y, shift, scale, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+@torch.library.custom_op("sra_fast::gated_residual_adaln_norm_bwd", mutates_args=())
+def _gr_adaln_bwd_op(dh: Optional[torch.Tensor], dout: torch.Tensor, x: torch.Tensor,
+                     gate: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
+                     eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gated_residual_adaln_norm_bwd(dh, dout, x, gate, y, scale, eps)
+
+
+@_gr_adaln_bwd_op.register_fake
+def _(dh, dout, x, gate, y, scale, eps):
+    N, T, D = x.shape
+    return x.new_empty(x.shape), y.new_empty(y.shape), gate.new_empty((3, N, D))
+
+
+def _gra_setup(ctx, inputs, output):
+    x, gate, y, shift, scale, eps = inputs
+    ctx.save_for_backward(x, gate, y, scale)
+    ctx.eps = eps
+    ctx.dtypes = (shift.dtype, scale.dtype)
+    ctx.set_materialize_grads(False)
+
+
+def _gra_backward(ctx, dh, dout):
+    return _grad_fused(ctx, dh, dout, _gr_adaln_bwd_op, _gated_residual_bwd_op)
+
+
+_gr_adaln_op.register_autograd(_gra_backward, setup_context=_gra_setup)
+
+
+# ---------------------------------------------------------------------- public API
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """h = x + gate[:, None] * y; x, y (N,T,D), gate (N,D). Output in x's dtype."""
+    return _gated_residual_op(x, gate, y)
+
+
+def gated_residual_adaln_norm(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor,
+                              shift: torch.Tensor, scale: torch.Tensor,
+                              eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(h, out): h = x + gate*y, out = LayerNorm(h)*(1+scale)+shift, in one pass."""
+    return _gr_adaln_op(x, gate, y, shift, scale, float(eps))

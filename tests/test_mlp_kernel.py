@@ -1,0 +1,120 @@
+"""mlp kernel (fc1 -> GELU(tanh) -> fc2, hidden 4D): forward and every gradient against
+the reference on both GEMM paths (cuBLAS + fused bias/GELU pass, Triton GEMM with the fused
+epilogue), determinism, torch.compile tracing. CPU runs through the Triton interpreter."""
+import importlib
+
+import pytest
+import torch
+
+from sra_fast.ops.reference import mlp_ref
+
+K = pytest.importorskip("sra_fast.kernels")
+from sra_fast.kernels import _common  # noqa: E402
+
+_common.POISON_OUTPUTS = True
+mlp_mod = importlib.import_module("sra_fast.kernels.mlp")
+
+HIDDEN = 4
+# The interpreted Triton GEMM costs ~seconds per 1000-wide GEMM: it gets the small odd shapes.
+CPU_CASES = [("cublas", (2, 7, 1000)), ("cublas", (2, 16, 384)), ("cublas", (1, 16, 64)),
+             ("triton", (2, 7, 100)), ("triton", (1, 16, 64))]
+CUDA_SHAPES = [(64, 256, 1152), (256, 256, 768), (3, 7, 1000)]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def make_inputs(N, T, D, hidden, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    H = hidden * D
+    x = torch.randn(N, T, D, generator=g)
+    w1 = torch.randn(H, D, generator=g) * D ** -0.5
+    b1 = torch.randn(H, generator=g) * 0.5
+    w2 = torch.randn(D, H, generator=g) * H ** -0.5
+    b2 = torch.randn(D, generator=g) * 0.5
+    dout = torch.randn(N, T, D, generator=g)
+    return [t.to(device=device, dtype=dtype) for t in (x, w1, b1, w2, b2, dout)]
+
+
+def check_linear_act(fn, ref, hidden, N, T, D, dtype, device, check, gemm, seed=0):
+    *ins, dout = make_inputs(N, T, D, hidden, dtype, device, seed)
+    leaves = [t.clone().requires_grad_() for t in ins]
+    out = fn(*leaves, gemm=gemm)
+    grads = torch.autograd.grad(out, leaves, dout)
+    lp = [t.clone().requires_grad_() for t in ins]
+    out_lp = ref(*lp)
+    g_lp = torch.autograd.grad(out_lp, lp, dout)
+    hp = [t.double().requires_grad_() for t in ins]
+    out_hp = ref(*hp)
+    g_hp = torch.autograd.grad(out_hp, hp, dout.double())
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    check("out", out, out_lp, out_hp)
+    for name, a, b, c in zip(("dx", "dw1", "db1", "dw2", "db2"), grads, g_lp, g_hp):
+        check(name, a, b, c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("gemm,shape", CPU_CASES, ids=str)
+def test_mlp_matches_reference(gemm, shape, dtype, kernel_device, assert_kernel_close):
+    check_linear_act(K.mlp, mlp_ref, HIDDEN, *shape, dtype, kernel_device,
+                     assert_kernel_close, gemm)
+
+
+@pytest.mark.parametrize("gemm", ["cublas", "triton"])
+def test_mlp_fp16(gemm, kernel_device, assert_kernel_close):
+    check_linear_act(K.mlp, mlp_ref, HIDDEN, 2, 7, 100, torch.float16,
+                     kernel_device, assert_kernel_close, gemm, seed=1)
+
+
+def test_mlp_default_gemm_is_cublas():
+    assert mlp_mod.DEFAULT_GEMM in ("cublas", "triton")
+    import os
+    if "SRA_FAST_MLP_GEMM" not in os.environ:
+        assert mlp_mod.DEFAULT_GEMM == "cublas"
+    with pytest.raises(ValueError):
+        K.mlp(*make_inputs(1, 7, 64, HIDDEN, torch.float32, "cpu", 0)[:5], gemm="cutlass")
+
+
+def test_mlp_fn_same_as_custom_op(kernel_device):
+    *ins, dout = make_inputs(2, 7, 64, HIDDEN, torch.bfloat16, kernel_device, 2)
+    for gemm in ("cublas", "triton"):
+        res = []
+        for f in (lambda *a: K.mlp(*a, gemm=gemm),
+                  lambda *a: K.MLPFn.apply(*a, gemm)):
+            leaves = [t.clone().requires_grad_() for t in ins]
+            out = f(*leaves)
+            res.append([out, *torch.autograd.grad(out, leaves, dout)])
+        for a, b in zip(*res):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("gemm", ["cublas", "triton"])
+def test_mlp_deterministic(gemm, kernel_device):
+    N, T, D = (64, 256, 1152) if kernel_device == "cuda" else (2, 7, 64)
+    *ins, dout = make_inputs(N, T, D, HIDDEN, torch.bfloat16, kernel_device, 3)
+    runs = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in ins]
+        out = K.mlp(*leaves, gemm=gemm)
+        runs.append([out, *torch.autograd.grad(out, leaves, dout)])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_mlp_compiles_without_graph_break(kernel_device):
+    *ins, dout = make_inputs(2, 7, 64, HIDDEN, torch.float32, kernel_device, 4)
+    cf = torch.compile(K.mlp, backend="aot_eager", fullgraph=True)
+    res = []
+    for fn in (K.mlp, cf):
+        leaves = [t.clone().requires_grad_() for t in ins]
+        out = fn(*leaves)
+        res.append([out, *torch.autograd.grad(out, leaves, dout)])
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("gemm", ["cublas", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=str)
+def test_mlp_cuda_shapes(shape, dtype, gemm, assert_kernel_close):
+    check_linear_act(K.mlp, mlp_ref, HIDDEN, *shape, dtype, "cuda",
+                     assert_kernel_close, gemm, seed=5)
