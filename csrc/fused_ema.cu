@@ -1,0 +1,125 @@
+// CUDA fused EMA update: one launch over every parameter tensor (multi-tensor apply).
+//
+// The host side (bindings.cpp) builds, once, a device table of per-tensor descriptors
+// (ema / p / shadow pointers, numel) followed by one int64 entry per 16K-element chunk.
+// Each block walks chunks grid-stride, so one launch covers any number of tensors and the
+// launch itself allocates nothing and reads the lerp weight from device memory: capturable
+// in a CUDA graph, and a replay sees whatever value the weight tensor holds then.
+//
+// Numerics match PyTorch bit for bit: torch's CUDA lerp is `self + w*(end-self)` for |w| < 0.5
+// and `end - (end-self)*(1-w)` otherwise, which nvcc contracts to one fma each; we write the
+// fmas explicitly (so flags cannot change them; never build this with --use_fast_math /
+// -ftz=true, which would flush denormals torch keeps). The bf16 shadow uses c10::BFloat16's
+// constructor, the same conversion tensor.to(torch.bfloat16) runs on the device.
+#include "fused_ema.h"
+
+#include <algorithm>
+#include <cstdint>
+
+// c10/cuda only (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE headers).
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <cuda_runtime.h>
+
+namespace sra_fast {
+
+namespace {
+
+constexpr int kThreads = 512;
+
+__device__ __forceinline__ uint32_t bf16_bits(float v) {
+  return static_cast<uint32_t>(c10::BFloat16(v).x);
+}
+
+__global__ void __launch_bounds__(kThreads)
+fused_ema_kernel(const EmaTensorDesc* __restrict__ descs, const int64_t* __restrict__ chunks,
+                 int64_t n_chunks, const float* __restrict__ weight) {
+  const float w = *weight;
+  const bool small = fabsf(w) < 0.5f;          // torch's is_lerp_weight_small
+  const float coeff = small ? w : w - 1.0f;    // (w - 1) * d == -(1 - w) * d exactly
+
+  for (int64_t c = blockIdx.x; c < n_chunks; c += gridDim.x) {
+    const int64_t entry = chunks[c];
+    const EmaTensorDesc d = descs[entry >> 32];
+    const int64_t start = (entry & 0xffffffffLL) * kEmaChunk;
+    const int64_t len = min(kEmaChunk, d.numel - start);
+    float* __restrict__ ema = d.ema + start;
+    const float* __restrict__ p = d.p + start;
+    uint16_t* __restrict__ sh = d.shadow ? d.shadow + start : nullptr;
+    // Pointers read from the table are generic; tell nvcc they are global (ld/st.global).
+    __builtin_assume(__isGlobal(ema));
+    __builtin_assume(__isGlobal(p));
+
+    // Chunks start at multiples of 4 elements, so a tensor whose base pointers are aligned
+    // (fp32 to 16 B, bf16 to 8 B) is aligned in every chunk. Block-uniform branch.
+    const bool vec = ((reinterpret_cast<uintptr_t>(d.ema) | reinterpret_cast<uintptr_t>(d.p))
+                      & 15) == 0 && (reinterpret_cast<uintptr_t>(d.shadow) & 7) == 0;
+    int64_t done = 0;
+    if (vec) {
+      const int64_t n4 = len >> 2;
+      float4* __restrict__ e4 = reinterpret_cast<float4*>(ema);
+      const float4* __restrict__ p4 = reinterpret_cast<const float4*>(p);
+      uint2* __restrict__ s4 = reinterpret_cast<uint2*>(sh);
+      for (int64_t i = threadIdx.x; i < n4; i += kThreads) {
+        float4 e = e4[i];
+        const float4 q = p4[i];
+        e.x = fmaf(coeff, q.x - e.x, small ? e.x : q.x);
+        e.y = fmaf(coeff, q.y - e.y, small ? e.y : q.y);
+        e.z = fmaf(coeff, q.z - e.z, small ? e.z : q.z);
+        e.w = fmaf(coeff, q.w - e.w, small ? e.w : q.w);
+        e4[i] = e;
+        if (sh != nullptr) {
+          __builtin_assume(__isGlobal(s4));
+          uint2 b;
+          b.x = bf16_bits(e.x) | (bf16_bits(e.y) << 16);   // little endian: lower address low
+          b.y = bf16_bits(e.z) | (bf16_bits(e.w) << 16);
+          s4[i] = b;
+        }
+      }
+      done = n4 << 2;
+    }
+    for (int64_t i = done + threadIdx.x; i < len; i += kThreads) {
+      const float e = ema[i];
+      const float q = p[i];
+      const float r = fmaf(coeff, q - e, small ? e : q);
+      ema[i] = r;
+      if (sh != nullptr) {
+        __builtin_assume(__isGlobal(sh));
+        sh[i] = static_cast<uint16_t>(bf16_bits(r));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor fused_ema_upload_table(const at::Tensor& host_table, c10::Device device) {
+  TORCH_CHECK(device.is_cuda(), "fused_ema_upload_table: expected a CUDA device");
+  c10::cuda::CUDAGuard guard(device);
+  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() ==
+                  c10::cuda::CaptureStatus::None,
+              "FusedEMA: build the plan (prepare) before CUDA graph capture; the pointer "
+              "table is copied to the device once, which a capturing stream cannot do");
+  return host_table.to(device);
+}
+
+void fused_ema_cuda(const void* table, int64_t n_tensors, int64_t n_chunks,
+                    const float* weight, c10::Device device) {
+  if (n_chunks == 0) return;
+  c10::cuda::CUDAGuard guard(device);
+  const auto* descs = static_cast<const EmaTensorDesc*>(table);
+  const auto* chunks = reinterpret_cast<const int64_t*>(descs + n_tensors);
+  // Enough resident threads to saturate HBM (2048 per SM), no more: blocks loop over chunks.
+  int sms = 0;   // a cheap attribute query (no sync; allowed while capturing)
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index()));
+  const int64_t max_blocks = static_cast<int64_t>(sms) * (2048 / kThreads);
+  const int blocks = static_cast<int>(std::min<int64_t>(n_chunks, max_blocks));
+  fused_ema_kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream(device.index())>>>(
+      descs, chunks, n_chunks, weight);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace sra_fast
