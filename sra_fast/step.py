@@ -343,7 +343,9 @@ class TrainStep:
                 graph = torch.cuda.CUDAGraph()
                 if self.generator is not None:
                     graph.register_generator_state(self.generator)
-                with torch.cuda.graph(graph):
+                # capture on the warm-up stream (its cuBLAS/cuDNN workspaces exist); other
+                # threads (data loader pinning) may keep using CUDA meanwhile
+                with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
                     self._graph_body()
                 torch.cuda.synchronize(self.device)
         finally:
@@ -354,15 +356,31 @@ class TrainStep:
             self._stats.copy_(stats)
         self._graph = graph
         self._graph_key = (tuple(x0.shape), x0.dtype, tuple(y.shape), y.dtype)
+        self._graph_state = self._state_fingerprint()
         self.captures += 1
         if self.shadow is not None:
             self.shadow.mark_synced()
 
+    def _state_fingerprint(self):
+        """Host-side identity of the tensors the graph baked in: parameters' storage and the
+        optimizer's state tensors (first and last parameter). A trainer that replaces them
+        (optimizer.load_state_dict, load_state_dict(assign=True)) forces a re-capture."""
+        ps = [self.params[0], self.params[-1]]
+        e = list(self.ema.parameters())
+        fp = [p.data_ptr() for p in ps] + [e[0].data_ptr(), e[-1].data_ptr()]
+        for p in ps:
+            fp += [id(v) for v in self.opt.state.get(p, {}).values()]
+        return tuple(fp)
+
     def _graph_call(self, x0, y, weight):
         key = (tuple(x0.shape), x0.dtype, tuple(y.shape), y.dtype)
         self.model.train()
-        if self._graph is None or key != self._graph_key:
-            if self._graph is not None:
+        stale = self._graph is not None and self._state_fingerprint() != self._graph_state
+        if self._graph is None or key != self._graph_key or stale:
+            if stale:
+                print("sra_fast step: parameters or optimizer state were replaced (a "
+                      "checkpoint load?); re-capturing the CUDA graph", flush=True)
+            elif self._graph is not None:
                 print(f"sra_fast step: batch shape changed {self._graph_key} -> {key}; "
                       "re-capturing the CUDA graph", flush=True)
             try:

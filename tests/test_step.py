@@ -223,6 +223,21 @@ def test_captured_code_path_is_bitwise_the_eager_step(cls, precision, accum):
     assert opt.param_groups[0]["lr"] == 3e-4      # the trainer keeps seeing floats
 
 
+def test_replaced_optimizer_state_forces_recapture_and_stays_exact():
+    import copy
+    runs = []
+    for mode in (False, "emulate"):
+        m, ema, opt, step = build(mode=mode)
+        data = batches(3)
+        step(*data[0], 0.5)
+        opt.load_state_dict(copy.deepcopy(opt.state_dict()))   # a resume: new state tensors
+        step(*data[1], 0.5)
+        step(*data[2], 0.5)
+        runs.append((snapshot(m, ema, opt), step))
+    assert runs[1][1].captures == 2
+    assert same(runs[0][0], runs[1][0])
+
+
 def test_emulated_warmup_changes_nothing():
     m, ema, opt, step = build(mode="emulate", graph_warmup=3)
     before = snapshot(m, ema, opt)

@@ -55,9 +55,14 @@ def _compiling() -> bool:
         return False
 
 
+_SM: dict = {}
+
+
 def _sm(device) -> tuple:
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_capability(idx)
+    if idx not in _SM:
+        _SM[idx] = torch.cuda.get_device_capability(idx)
+    return _SM[idx]
 
 
 def sdpa_priority(device) -> list[str]:

@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# One GPU check, ~8 minutes on an H100, no network and no install needed:
+#   bash benchmarks/gpu_check.sh [OUT_DIR]        (OUT_DIR defaults to $OUT, else ./gpu_check_out)
+# From the repository root (it cd's there itself) with PYTHONPATH=. it
+#   1. prints the card, driver, torch / CUDA / cuDNN / triton versions,
+#   2. runs the CUDA tests (pytest -m cuda: kernels, CUDA-graph step vs eager, attention),
+#   3. runs benchmarks/bench_ops.py (fused ops vs eager/compile) with a short budget,
+#   4. runs benchmarks/bench_step.py (training-step img/s, MFU, peak memory) with a budget,
+# each under `timeout` so one hang cannot eat the others' time, and writes the full log
+# (gpu_check.log), pytest's junit XML and both benchmark CSVs into OUT_DIR. A short summary
+# is printed last. Part budgets (seconds) can be overridden: T_TESTS, T_OPS, T_STEP.
+# GPU_CHECK_DRY=1 runs both benchmarks in their --quick CPU mode (to try the script here).
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT_DIR="${1:-${OUT:-$ROOT/gpu_check_out}}"
+mkdir -p "$OUT_DIR"
+OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+LOG="$OUT_DIR/gpu_check.log"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-$(command -v python || command -v python3)}"
+T_TESTS="${T_TESTS:-120}"
+T_OPS="${T_OPS:-75}"
+T_STEP="${T_STEP:-250}"
+
+exec > >(tee -a "$LOG") 2>&1
+START=$(date +%s)
+declare -a SUMMARY=()
+
+part() {  # part NAME TIMEOUT_S CMD...: run under timeout, record rc and duration
+  local name="$1" limit="$2"; shift 2
+  local t0 rc
+  echo
+  echo "=================== $name (limit ${limit}s) ==================="
+  echo "+ $*"
+  t0=$(date +%s)
+  timeout -k 15 "$limit" "$@" 2>&1 | tee "$OUT_DIR/$name.out"
+  rc=${PIPESTATUS[0]}
+  local dt=$(( $(date +%s) - t0 ))
+  local what="ok"
+  [ $rc -eq 124 ] || [ $rc -eq 137 ] && what="TIMED OUT"
+  [ $rc -ne 0 ] && [ "$what" = "ok" ] && what="FAILED (rc $rc)"
+  SUMMARY+=("$(printf '%-10s %-16s %4ss' "$name" "$what" "$dt")")
+  return 0
+}
+
+echo "=================== environment ==================="
+date -Is
+echo "repo: $ROOT   out: $OUT_DIR   python: $PY"
+(git rev-parse --short HEAD && git status --short | head -20) 2>/dev/null || echo "(no git)"
+nvidia-smi || echo "(nvidia-smi failed)"
+timeout 60 "$PY" - <<'EOF'
+import torch, platform
+print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda,
+      "| cuDNN", torch.backends.cudnn.version())
+try:
+    import triton; print("triton", triton.__version__)
+except Exception as e:
+    print("triton: not importable:", e)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", torch.cuda.get_device_name(0), "sm", f"{p.major}{p.minor}", "|",
+          round(p.total_memory / 2**30, 1), "GiB |", p.multi_processor_count, "SMs")
+else:
+    print("NO CUDA DEVICE VISIBLE")
+print("SDPA priority API:", hasattr(torch._C, "_set_sdp_priority_order"),
+      "| CUDAGraph.register_generator_state:",
+      hasattr(torch.cuda.CUDAGraph, "register_generator_state"))
+from sra_fast.ops import attention as A
+print("flash_attn builds importable:", [c[0] for c in A._fa_candidates()] or "none")
+EOF
+
+if "$PY" -c "import pytest" 2>/dev/null; then
+  part tests "$T_TESTS" "$PY" -m pytest -q -m cuda tests/ -p no:cacheprovider -rfEs \
+       --junitxml="$OUT_DIR/pytest_cuda.xml"
+else
+  echo "pytest is not installed: CUDA tests skipped"; SUMMARY+=("tests      NOT RUN (no pytest)")
+fi
+
+OPS_ARGS=(--mode fwd+bwd --csv "$OUT_DIR/bench_ops.csv")
+STEP_ARGS=()
+if [ "${GPU_CHECK_DRY:-0}" = "1" ]; then
+  OPS_ARGS+=(--quick); STEP_ARGS+=(--quick)
+fi
+if [ -f benchmarks/bench_ops.py ]; then
+  if "$PY" benchmarks/bench_ops.py --help 2>/dev/null | grep -q -- "--budget-s"; then
+    OPS_ARGS+=(--budget-s $(( T_OPS - 15 )))
+  fi
+  part bench_ops "$T_OPS" "$PY" benchmarks/bench_ops.py "${OPS_ARGS[@]}"
+fi
+
+# Ordered by importance: with the budget, the later entries are the ones skipped.
+PLAN="SiT-XL/2@64=eager-ref,ours,ours-graph,ours-graph-t16"
+PLAN+=";SiT-B/2@256=eager-ref,ours,ours-graph"
+PLAN+=";SiT-XL/2@64=compile-ro"
+PLAN+=";DiT-XL/2@64=ours,ours-graph"
+PLAN+=";SiT-B/2@256=compile-ro"
+PLAN+=";SiT-XL/2@64=compile"
+[ "${GPU_CHECK_DRY:-0}" = "1" ] && PLAN="tiny-SiT@8=eager-ref,ours,ours-graph;tiny-DiT@8=ours-graph"
+part bench_step "$T_STEP" "$PY" benchmarks/bench_step.py "${STEP_ARGS[@]}" --plan "$PLAN" \
+     --budget-s $(( T_STEP - 25 )) --compile-reserve-s 120 --csv "$OUT_DIR/bench_step.csv"
+
+echo
+echo "=================== SUMMARY ($(( $(date +%s) - START ))s total) ==================="
+for s in "${SUMMARY[@]}"; do echo "  $s"; done
+if [ -f "$OUT_DIR/pytest_cuda.xml" ]; then
+  "$PY" - "$OUT_DIR/pytest_cuda.xml" <<'EOF'
+import sys, xml.etree.ElementTree as ET
+root = ET.parse(sys.argv[1]).getroot()
+suite = root if root.tag == "testsuite" else root.find("testsuite")
+a = suite.attrib
+print(f"  CUDA tests: {a.get('tests')} run, {a.get('failures')} failed, {a.get('errors')} errors, "
+      f"{a.get('skipped')} skipped")
+for case in suite.iter("testcase"):
+    for bad in list(case.findall("failure")) + list(case.findall("error")):
+        msg = (bad.attrib.get("message") or "").splitlines()[0][:150] if bad.attrib.get("message") else ""
+        print(f"    FAIL {case.attrib.get('classname')}::{case.attrib.get('name')}: {msg}")
+EOF
+fi
+if [ -s "$OUT_DIR/bench_ops.out" ]; then   # bench_ops' own table: from its last header on
+  awk '/\| torch / && !/^#/ {buf=""; keep=1} keep {buf=buf $0 "\n"} END {printf "%s", buf}' \
+      "$OUT_DIR/bench_ops.out"
+fi
+if [ -f "$OUT_DIR/bench_step.csv" ]; then
+  "$PY" benchmarks/bench_step.py --summarize "$OUT_DIR/bench_step.csv"
+fi
+echo "full log: $LOG"

@@ -1,0 +1,226 @@
+"""GPU checks of the step and attention (marked `cuda`, skipped without a GPU; run by
+benchmarks/gpu_check.sh): the CUDA-graph step against the eager step for the same seeds,
+with gradient accumulation, non-finite skip, re-capture, lr changes and the bf16 teacher
+shadow; no host sync in either step; every attention backend that runs agrees with fp32 math
+(head_dim 64 and DiT-XL's 72)."""
+import copy
+
+import pytest
+import torch
+
+from sra_fast import ops
+from sra_fast.models.dit import DiT, SiT
+from sra_fast.objective import SRAConfig, SRAObjective, make_ema
+from sra_fast.ops import attention as A
+from sra_fast.step import TrainStep, make_optimizer
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+DEV = "cuda"
+
+
+def build(cls=SiT, *, precision="bf16", grad_accum=1, mode=False, gen=True, lr=1e-3,
+          hidden=144, heads=2, **kw):
+    torch.manual_seed(0)
+    m = cls(input_size=16, patch_size=2, hidden_size=hidden, depth=4, num_heads=heads,
+            num_classes=10).to(DEV)          # head_dim 72 by default, as in XL
+    ema = make_ema(m)
+    obj = SRAObjective.for_model(m, SRAConfig(block_out_s=1, block_out_t=3))
+    opt = make_optimizer(m, lr=lr)
+    g = torch.Generator(DEV).manual_seed(1) if gen else None
+    if not gen:
+        torch.cuda.manual_seed(1)
+    step = TrainStep(m, ema, obj, opt, precision=precision, grad_accum=grad_accum,
+                     generator=g, cuda_graph=mode, **kw)
+    return m, ema, opt, step
+
+
+def batches(n=3, bs=8, seed=5, bad=None):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        x, y = torch.randn(bs, 4, 16, 16, generator=g), torch.randint(0, 10, (bs,), generator=g)
+        if i == bad:
+            x[0, 0, 0, 0] = float("inf")
+        out.append((x.to(DEV), y.to(DEV)))
+    return out
+
+
+def params(m, ema):
+    return [p.detach().clone() for p in list(m.parameters()) + list(ema.parameters())]
+
+
+def rel_update_diff(p0, pa, pb):
+    """|update_a - update_b| / |update_a| over all parameters together."""
+    num = sum(((a - b).double().norm() ** 2) for a, b in zip(pa, pb)) ** 0.5
+    den = sum(((a - z).double().norm() ** 2) for a, z in zip(pa, p0)) ** 0.5
+    return float(num / den)
+
+
+def run(steps, data, weight=0.5):
+    for x, y in data:
+        steps(x, y, weight)
+
+
+@pytest.mark.parametrize("cls,accum,gen", [(SiT, 1, True), (SiT, 2, False), (DiT, 2, True),
+                                           (DiT, 1, False)])
+def test_graph_step_matches_eager(cls, accum, gen):
+    data = batches(3)
+    out = []
+    for mode in (False, "strict"):
+        m, ema, opt, step = build(cls, grad_accum=accum, gen=gen, mode=mode)
+        p0 = params(m, ema)
+        run(step, data)
+        out.append((params(m, ema), step.read_stats(), step))
+    (pe, se, _), (pg, sg, g) = out
+    assert g.graph_mode and g.captures == 1
+    assert se["steps"] == sg["steps"] == 3 and se["nonfinite"] == sg["nonfinite"] == 0
+    # same weights and same random draws -> the first losses agree to kernel rounding;
+    # later steps only drift by non-deterministic backward reductions
+    for k in ("loss", "denoise_loss", "align_loss", "grad_norm"):
+        assert sg[k] == pytest.approx(se[k], rel=2e-2), k
+    assert rel_update_diff(p0, pe, pg) < 5e-2
+
+
+def test_graph_step_first_update_is_tight_in_fp32():
+    data = batches(1)
+    out = []
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with ops.use_backend("ref"), A.use_attention_backend("math"):
+            for mode in (False, "strict"):
+                m, ema, opt, step = build(precision="fp32", mode=mode, grad_accum=2)
+                p0 = params(m, ema)
+                run(step, data)
+                out.append((params(m, ema), step.read_stats()))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    (pe, se), (pg, sg) = out
+    for k in ("loss", "denoise_loss", "align_loss"):
+        assert sg[k] == pytest.approx(se[k], rel=1e-5), k
+    assert rel_update_diff(p0, pe, pg) < 1e-2   # Adam's first step ~ lr*sign(g)
+
+
+def test_graph_nonfinite_step_is_skipped():
+    m, ema, opt, step = build(mode="strict")
+    data = batches(3, bad=1)
+    step(*data[0], 0.5)
+    before = params(m, ema)
+    st_before = [v.clone() for s in opt.state.values() for v in s.values()]
+    step(*data[1], 0.5)
+    after = params(m, ema)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(torch.equal(a, b) for a, b in
+               zip(st_before, [v for s in opt.state.values() for v in s.values()]))
+    step(*data[2], 0.5)
+    assert not all(torch.equal(a, b) for a, b in zip(after, params(m, ema)))
+    st = step.read_stats()
+    assert st["nonfinite"] == 1 and st["steps"] == 3
+    assert all(v == v for v in st.values())   # no NaN leaks into the means
+
+
+def test_graph_recaptures_on_shape_change_and_follows_lr():
+    runs = []
+    for mode in (False, "strict"):
+        m, ema, opt, step = build(mode=mode)
+        p0 = params(m, ema)
+        step(*batches(1, bs=8)[0], 0.5)
+        opt.param_groups[0]["lr"] = 1e-4
+        step(*batches(1, bs=4, seed=9)[0], 0.25)
+        runs.append((params(m, ema), step))
+    (pe, _), (pg, g) = runs
+    assert g.captures == 2
+    assert rel_update_diff(p0, pe, pg) < 5e-2
+
+
+def test_graph_recaptures_after_optimizer_state_is_replaced():
+    m, ema, opt, step = build(mode="strict")
+    data = batches(2)
+    step(*data[0], 0.5)
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))   # new state tensors (a resume)
+    before = params(m, ema)
+    step(*data[1], 0.5)
+    assert step.captures == 2
+    after = params(m, ema)
+    assert not all(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(torch.isfinite(a).all() for a in after)
+    assert step.read_stats()["nonfinite"] == 0
+
+
+@pytest.mark.parametrize("mode", [False, "strict"])
+def test_bf16_teacher_shadow_matches_plain_teacher(mode):
+    data = batches(3)
+    out = []
+    for shadow in (False, True):
+        m, ema, opt, step = build(mode=mode, teacher_bf16=shadow)
+        p0 = params(m, ema)
+        run(step, data)
+        out.append((params(m, ema), step.read_stats()))
+    (pa, sa), (pb, sb) = out
+    assert sb["loss"] == pytest.approx(sa["loss"], rel=2e-2)
+    assert rel_update_diff(p0, pa, pb) < 5e-2
+
+
+@pytest.mark.parametrize("mode", [False, "strict"])
+def test_step_has_no_host_sync(mode):
+    m, ema, opt, step = build(mode=mode)
+    data = batches(3)
+    step(*data[0], 0.5)                 # first call: lazy init / capture may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(*data[1], 0.5)
+        step(*data[2], torch.tensor(0.5, device=DEV))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert step.read_stats()["steps"] == 3
+
+
+def test_graph_refuses_fp16_on_cuda():
+    with pytest.raises(RuntimeError, match="GradScaler"):
+        build(precision="fp16", mode="strict")
+    with pytest.warns(UserWarning, match="GradScaler"):
+        *_, step = build(precision="fp16", mode=True)
+    assert not step.graph_mode
+    run(step, batches(1))
+
+
+# ------------------------------------------------------------------ attention on CUDA
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 72])
+@pytest.mark.parametrize("name", A.ATTENTION_BACKENDS)
+def test_attention_backend_agrees_on_cuda(name, d, dtype):
+    probe = torch.empty(1, 1, 1, d, device=DEV, dtype=dtype)
+    if not A.backend_runs(name, probe):
+        if torch.cuda.get_device_capability() >= (9, 0) and name in ("cudnn", "flash", "efficient"):
+            pytest.fail(f"SDPA {name} should run {dtype} head_dim {d} on this card")
+        pytest.skip(f"{name} does not run here")
+    g = torch.Generator(DEV).manual_seed(d)
+    B, H, T = 4, 16, 256
+    q, k, v = [torch.randn(B, H, T, d, device=DEV, generator=g).to(dtype).requires_grad_()
+               for _ in range(3)]
+    go = torch.randn(B, H, T, d, device=DEV, generator=g).to(dtype)
+    ref = A.attention_math(*(t.float() for t in (q, k, v)))
+    ref_g = torch.autograd.grad(ref, (q, k, v), go.float())
+    low = A.attention_math(q, k, v)
+    low_g = torch.autograd.grad(low, (q, k, v), go)
+    with A.use_attention_backend(name):
+        out = A.attention(q, k, v)
+    out_g = torch.autograd.grad(out, (q, k, v), go)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    err = (out.float() - ref).abs().max()
+    assert err <= 2 * (low.float() - ref).abs().max() + 1e-3, (name, float(err))
+    for a, lo, r in zip(out_g, low_g, ref_g):
+        assert (a.float() - r).abs().max() <= 2 * (lo.float() - r).abs().max() + 1e-3
+
+
+def test_auto_attention_prefers_cudnn_on_hopper():
+    q = torch.empty(1, 1, 8, 72, device=DEV, dtype=torch.bfloat16)
+    name = A.resolve_backend(q)
+    if A.flash_attn_available():
+        pytest.skip(f"flash_attn installed: auto -> {name}")
+    if torch.cuda.get_device_capability() >= (9, 0) and A.HAS_SDP_PRIORITY:
+        assert name == "sdpa[cudnn>flash>efficient>math]"
+    fp32 = torch.empty(1, 1, 8, 72, device=DEV)
+    assert A.resolve_backend(fp32) == "sdpa"
