@@ -12,6 +12,8 @@ fused AdamW, EMA; bf16 autocast; synthetic random latents, never zeros):
   ours-t16        ours + bf16 shadow of the teacher's weights
   ours-graph      ours, the whole step captured in one CUDA graph
   ours-graph-t16  ours-graph + bf16 teacher shadow
+  ours-graph-fema ours-graph-t16 with ema_impl="fused": EMA lerp + shadow in one pass
+                  (sra_fast.ext.FusedEMA: the CUDA extension if built, else one foreach lerp)
 MFU = (analytic SRA FLOPs per image with the teacher stopped, sra_fast.flops) x img/s /
 (bf16 matmul rate measured in the same run): the same useful work for every provider, so MFU
 ratios equal img/s ratios. Timing: CUDA events per step, median (benchmarks/common.bench_ms).
@@ -62,6 +64,8 @@ PROVIDERS = {
     "ours-t16": dict(ops="auto", attn="auto", teacher_bf16=True),
     "ours-graph": dict(ops="auto", attn="auto", graph=True),
     "ours-graph-t16": dict(ops="auto", attn="auto", graph=True, teacher_bf16=True),
+    "ours-graph-fema": dict(ops="auto", attn="auto", graph=True, teacher_bf16=True,
+                            ema_impl="fused"),
 }
 DEFAULT_PROVIDERS = "eager-ref,ours,ours-graph,ours-graph-t16,compile,compile-ro"
 DEFAULT_MODELS = "SiT-XL/2,SiT-B/2,DiT-XL/2"
@@ -147,7 +151,8 @@ def run_one(model_name, batch, provider, args, device, peak_tflops):
                              grad_clip=1.0, ema_decay=0.9999, generator=gen,
                              cuda_graph=bool(spec.get("graph")),
                              teacher_bf16=bool(spec.get("teacher_bf16")),
-                             teacher_full=bool(spec.get("teacher_full")))
+                             teacher_full=bool(spec.get("teacher_full")),
+                             ema_impl=spec.get("ema_impl", "foreach"))
             if mode:
                 step._teacher = CompiledTeacher(ema, bt, mode)
             g = torch.Generator(device).manual_seed(1)

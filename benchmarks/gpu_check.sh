@@ -92,7 +92,7 @@ if [ -f benchmarks/bench_ops.py ]; then
 fi
 
 # Ordered by importance: with the budget, the later entries are the ones skipped.
-PLAN="SiT-XL/2@64=eager-ref,ours,ours-graph,ours-graph-t16"
+PLAN="SiT-XL/2@64=eager-ref,ours,ours-graph,ours-graph-t16,ours-graph-fema"
 PLAN+=";SiT-B/2@256=eager-ref,ours,ours-graph"
 PLAN+=";SiT-XL/2@64=compile-ro"
 PLAN+=";DiT-XL/2@64=ours,ours-graph"

@@ -84,6 +84,12 @@ class TrainStep:
                    the EMA update (see sra_fast.teacher.BF16Shadow); bf16 precision only.
       teacher_full run the whole teacher network as the released code does (baselines).
       graph_warmup eager warm-up iterations before capture (updates forced to skip).
+      ema_impl     "foreach" (default: objective.ema_update, bit-identical to earlier
+                   releases) or "fused": sra_fast.ext.FusedEMA, one pass that lerps the EMA
+                   and writes the bf16 teacher shadow (the C++/CUDA extension when built,
+                   else one foreach lerp with a device weight: 12 instead of 28 bytes of
+                   traffic per parameter). Rounds differently from "foreach" (lerp vs
+                   mul+add), so runs are reproducible within one choice.
     """
 
     STATS = ("loss", "denoise", "align", "grad_norm", "nonfinite", "steps")
@@ -92,7 +98,7 @@ class TrainStep:
                  precision: str = "bf16", grad_clip: float = 1.0, ema_decay: float = 0.9999,
                  grad_accum: int = 1, generator: torch.Generator | None = None,
                  cuda_graph: bool | str = False, teacher_bf16: bool = False,
-                 teacher_full: bool = False, graph_warmup: int = 2):
+                 teacher_full: bool = False, graph_warmup: int = 2, ema_impl: str = "foreach"):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
         if grad_accum < 1:
@@ -122,6 +128,19 @@ class TrainStep:
         tmod = self.shadow.module if self.shadow is not None else ema
         self._teacher = TeacherView(tmod, full=True) if teacher_full else tmod
         self._teacher_nvtx = TeacherView(tmod, full=teacher_full)
+        if ema_impl not in ("foreach", "fused"):
+            raise ValueError(f"ema_impl must be 'foreach' or 'fused', got {ema_impl!r}")
+        self.ema_impl = ema_impl
+        self._fused_ema = None
+        if ema_impl == "fused":
+            from .ext import FusedEMA
+            e_params = list(ema.parameters())
+            shadow = None
+            if self.shadow is not None:
+                dst = {id(p): q for p, q in zip(self.shadow.src, self.shadow.dst)}
+                shadow = [dst.get(id(p)) for p in e_params]
+            self._fused_ema = FusedEMA(e_params, list(model.parameters()), shadow)
+            self._ema_w = torch.full((), 1.0 - ema_decay, device=self.device)
 
         # CUDA graph
         self.cuda_graph = cuda_graph
@@ -152,9 +171,17 @@ class TrainStep:
                                                   generator=self.generator)
         return loss, denoise, align
 
-    def _ema(self, decay):
+    def _ema(self, finite=None):
+        """EMA update (and bf16 shadow refresh); skipped (weight 0) where `finite` is False."""
         with nvtx_range("EMA"):
-            ema_update(self.ema, self.model, decay)
+            if self._fused_ema is not None:
+                self._fused_ema.step(self._ema_w if finite is None
+                                     else (1.0 - self.ema_decay) * finite.float())
+                if self.shadow is not None:
+                    self.shadow.mark_synced()
+                return
+            ema_update(self.ema, self.model, self.ema_decay if finite is None else
+                       1.0 - (1.0 - self.ema_decay) * finite.float())
             if self.shadow is not None:
                 self.shadow.sync()
 
@@ -194,8 +221,7 @@ class TrainStep:
                 self.opt.found_inf = self._found_inf   # fused AdamW skips the update when 1
                 self.opt.step()
             self.opt.zero_grad(set_to_none=True)
-        self._ema(self.ema_decay if self.scaler else
-                  1.0 - (1.0 - self.ema_decay) * finite.float())
+        self._ema(None if self.scaler else finite)
         self._stats += torch.cat([torch.where(finite, tot, torch.zeros_like(tot)),
                                   torch.where(finite, gnorm.float(), gnorm.new_zeros(())).reshape(1),
                                   (~finite).float().reshape(1), torch.ones(1, device=self.device)])
@@ -242,17 +268,24 @@ class TrainStep:
 
     def _prepare_optimizer(self):
         """Fused AdamW -> capturable, with the learning rate in a device scalar per group
-        (swapped in only while capturing; the trainer keeps seeing floats)."""
-        self._lr_dev, self._lr_host = [], []
-        for g in self.opt.param_groups:
-            g["capturable"] = True
-            lr = g["lr"]
-            lr_f = float(lr) if not torch.is_tensor(lr) else float(lr.item())
+        (swapped in only while capturing; the trainer keeps seeing floats). Run before every
+        capture: a resumed optimizer state_dict may have brought capturable=False back."""
+        if not hasattr(self, "_lr_dev") or len(self._lr_dev) != len(self.opt.param_groups):
+            self._lr_dev, self._lr_host = [], []
             # CUDA's fused AdamW reads a tensor lr as fp32 (a relative 3e-8 rounding of the
             # float it would otherwise get); the CPU kernel reads fp64
             dt = torch.float32 if self.device.type == "cuda" else torch.float64
-            self._lr_dev.append(torch.tensor(lr_f, device=self.device, dtype=dt))
-            self._lr_host.append(lr)
+            for _ in self.opt.param_groups:
+                self._lr_dev.append(torch.zeros((), device=self.device, dtype=dt))
+                self._lr_host.append(None)
+        for i, g in enumerate(self.opt.param_groups):
+            g["capturable"] = True
+            lr = g["lr"]
+            if torch.is_tensor(lr):
+                self._lr_dev[i].copy_(lr)
+            else:
+                self._lr_dev[i].fill_(float(lr))
+            self._lr_host[i] = lr
         for st in self.opt.state.values():  # state from an eager optimizer: steps on device
             if "step" in st and st["step"].device != self.device:
                 st["step"] = st["step"].to(self.device)
@@ -283,7 +316,7 @@ class TrainStep:
             self._found_inf.copy_((~finite).float())
             self.opt.found_inf = self._found_inf
             self.opt.step()
-        self._ema(1.0 - (1.0 - self.ema_decay) * finite.float())
+        self._ema(finite)
         self._stats += torch.cat([torch.where(finite, tot, torch.zeros_like(tot)),
                                   torch.where(finite, gnorm.float(), gnorm.new_zeros(())).reshape(1),
                                   (~finite).float().reshape(1), torch.ones(1, device=self.device)])
@@ -313,8 +346,7 @@ class TrainStep:
         self._graph = None
         if cuda:
             torch.cuda.synchronize(self.device)
-        if self.captures == 0:
-            self._prepare_optimizer()
+        self._prepare_optimizer()
         self._x = torch.empty_like(x0, device=self.device)
         self._y = torch.empty_like(y, device=self.device)
         self._x.copy_(x0)

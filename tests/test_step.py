@@ -286,6 +286,29 @@ def test_bf16_shadow_step_is_bitwise_the_plain_step_and_resyncs():
         build(precision="fp32", teacher_bf16=True)
 
 
+def test_fused_ema_option():
+    """ema_impl="fused" (FusedEMA: the extension when built, else one foreach lerp) keeps the
+    EMA within rounding of the default, refreshes the shadow in the same pass, skips with
+    the step, and its captured code path is bitwise its eager path."""
+    runs = []
+    for impl, mode in (("foreach", False), ("fused", False), ("fused", "emulate")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # "FusedEMA: using the PyTorch reference"
+            m, ema, opt, step = build(teacher_bf16=True, ema_impl=impl, mode=mode)
+        for x, y in batches(3, bad=1):
+            step(x, y, 0.5)
+        runs.append((m, ema, opt, step))
+    (m0, e0, o0, _), (m1, e1, o1, s1), (m2, e2, o2, _) = runs
+    assert same(snapshot(m1, e1, o1), snapshot(m2, e2, o2))
+    for a, b in zip(e0.parameters(), e1.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for src, dst in zip(s1.shadow.src, s1.shadow.dst):
+        assert torch.equal(dst, src.detach().bfloat16())
+    assert not s1.shadow.refresh_if_stale()
+    with pytest.raises(ValueError, match="ema_impl"):
+        build(ema_impl="cuda")
+
+
 def test_full_teacher_gives_the_same_step():
     runs = []
     for full in (False, True):
