@@ -34,6 +34,19 @@ __device__ __forceinline__ uint32_t bf16_bits(float v) {
   return static_cast<uint32_t>(c10::BFloat16(v).x);
 }
 
+__device__ __forceinline__ void lerp4(float4& e, const float4& q, float coeff, bool small) {
+  e.x = fmaf(coeff, q.x - e.x, small ? e.x : q.x);
+  e.y = fmaf(coeff, q.y - e.y, small ? e.y : q.y);
+  e.z = fmaf(coeff, q.z - e.z, small ? e.z : q.z);
+  e.w = fmaf(coeff, q.w - e.w, small ? e.w : q.w);
+}
+
+// Four bf16 values packed for one 8-byte store (little endian: lower address in low bits).
+__device__ __forceinline__ uint2 bf16x4(const float4& v) {
+  return make_uint2(bf16_bits(v.x) | (bf16_bits(v.y) << 16),
+                    bf16_bits(v.z) | (bf16_bits(v.w) << 16));
+}
+
 __global__ void __launch_bounds__(kThreads)
 fused_ema_kernel(const EmaTensorDesc* __restrict__ descs, const int64_t* __restrict__ chunks,
                  int64_t n_chunks, const float* __restrict__ weight) {
@@ -63,20 +76,33 @@ fused_ema_kernel(const EmaTensorDesc* __restrict__ descs, const int64_t* __restr
       float4* __restrict__ e4 = reinterpret_cast<float4*>(ema);
       const float4* __restrict__ p4 = reinterpret_cast<const float4*>(p);
       uint2* __restrict__ s4 = reinterpret_cast<uint2*>(sh);
-      for (int64_t i = threadIdx.x; i < n4; i += kThreads) {
-        float4 e = e4[i];
-        const float4 q = p4[i];
-        e.x = fmaf(coeff, q.x - e.x, small ? e.x : q.x);
-        e.y = fmaf(coeff, q.y - e.y, small ? e.y : q.y);
-        e.z = fmaf(coeff, q.z - e.z, small ? e.z : q.z);
-        e.w = fmaf(coeff, q.w - e.w, small ? e.w : q.w);
-        e4[i] = e;
+      int64_t i = threadIdx.x;
+      // Two float4 pairs per thread per iteration, both loaded before either store (nvcc
+      // does not hoist loads above the stores by itself; no further unrolling, to stay at
+      // <= 32 registers = 2048 resident threads per SM).
+#pragma unroll 1
+      for (; i + kThreads < n4; i += 2 * kThreads) {
+        float4 e0 = e4[i];
+        float4 e1 = e4[i + kThreads];
+        const float4 q0 = p4[i];
+        const float4 q1 = p4[i + kThreads];
+        lerp4(e0, q0, coeff, small);
+        lerp4(e1, q1, coeff, small);
+        e4[i] = e0;
+        e4[i + kThreads] = e1;
         if (sh != nullptr) {
           __builtin_assume(__isGlobal(s4));
-          uint2 b;
-          b.x = bf16_bits(e.x) | (bf16_bits(e.y) << 16);   // little endian: lower address low
-          b.y = bf16_bits(e.z) | (bf16_bits(e.w) << 16);
-          s4[i] = b;
+          s4[i] = bf16x4(e0);
+          s4[i + kThreads] = bf16x4(e1);
+        }
+      }
+      if (i < n4) {
+        float4 e0 = e4[i];
+        lerp4(e0, p4[i], coeff, small);
+        e4[i] = e0;
+        if (sh != nullptr) {
+          __builtin_assume(__isGlobal(s4));
+          s4[i] = bf16x4(e0);
         }
       }
       done = n4 << 2;
