@@ -50,8 +50,8 @@ def _adaln_norm_bwd_kernel(X, SCALE, DY, DX, PART, N, T, D, C, rows_per_prog, ep
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
     scale1 = 1.0 + tl.load(SCALE + n * D + cols, mask=cmask, other=0.0).to(tl.float32)
-    acc_dscale = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    acc_dshift = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    acc_dscale = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_dshift = tl.zeros([BLOCK_D], dtype=tl.float32)
     t_begin = c * rows_per_prog
     t_end = tl.minimum(t_begin + rows_per_prog, T)
     for r0 in range(0, rows_per_prog, BLOCK_R):
@@ -64,16 +64,16 @@ def _adaln_norm_bwd_kernel(X, SCALE, DY, DX, PART, N, T, D, C, rows_per_prog, ep
         xc = tl.where(mask, x - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
         xhat = xc * rstd[:, None]
-        acc_dscale += dy * xhat
-        acc_dshift += dy
+        acc_dscale += tl.sum(dy * xhat, axis=0)
+        acc_dshift += tl.sum(dy, axis=0)
         g = dy * scale1[None, :]
         c1 = tl.sum(g * xhat, axis=1) / D
         c2 = tl.sum(g, axis=1) / D
         dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
         tl.store(DX + offs, cast_to(dx, DX), mask=mask)
     p = (n * C + c) * D + cols
-    tl.store(PART + p, tl.sum(acc_dscale, axis=0), mask=cmask)
-    tl.store(PART + N * C * D + p, tl.sum(acc_dshift, axis=0), mask=cmask)
+    tl.store(PART + p, acc_dscale, mask=cmask)
+    tl.store(PART + N * C * D + p, acc_dshift, mask=cmask)
 
 
 def adaln_norm_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,

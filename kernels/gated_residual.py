@@ -46,7 +46,7 @@ def _gated_residual_bwd_kernel(GATE, Y, DH, DY, PART, T, D, C, rows_per_prog,
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
     gate = tl.load(GATE + n * D + cols, mask=cmask, other=0.0).to(tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     t_begin = c * rows_per_prog
     t_end = tl.minimum(t_begin + rows_per_prog, T)
     for r0 in range(0, rows_per_prog, BLOCK_R):
@@ -55,9 +55,9 @@ def _gated_residual_bwd_kernel(GATE, Y, DH, DY, PART, T, D, C, rows_per_prog,
         offs = (n * T + t).to(tl.int64)[:, None] * D + cols[None, :]
         y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
         dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
-        acc += dh * y
+        acc += tl.sum(dh * y, axis=0)
         tl.store(DY + offs, cast_to(gate[None, :] * dh, DY), mask=mask)
-    tl.store(PART + (n * C + c) * D + cols, tl.sum(acc, axis=0), mask=cmask)
+    tl.store(PART + (n * C + c) * D + cols, acc, mask=cmask)
 
 
 @triton.jit
@@ -101,9 +101,9 @@ def _gated_residual_adaln_norm_bwd_kernel(X, GATE, Y, SCALE, DOUT, DH, DX, DY, P
     cmask = cols < D
     gate = tl.load(GATE + n * D + cols, mask=cmask, other=0.0).to(tl.float32)
     scale1 = 1.0 + tl.load(SCALE + n * D + cols, mask=cmask, other=0.0).to(tl.float32)
-    acc_dgate = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    acc_dscale = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    acc_dshift = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    acc_dgate = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_dscale = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_dshift = tl.zeros([BLOCK_D], dtype=tl.float32)
     t_begin = c * rows_per_prog
     t_end = tl.minimum(t_begin + rows_per_prog, T)
     for r0 in range(0, rows_per_prog, BLOCK_R):
@@ -118,21 +118,21 @@ def _gated_residual_adaln_norm_bwd_kernel(X, GATE, Y, SCALE, DOUT, DH, DX, DY, P
         hc = tl.where(mask, h - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(hc * hc, axis=1) / D + eps)
         hhat = hc * rstd[:, None]
-        acc_dscale += dout * hhat
-        acc_dshift += dout
+        acc_dscale += tl.sum(dout * hhat, axis=0)
+        acc_dshift += tl.sum(dout, axis=0)
         g = dout * scale1[None, :]
         c1 = tl.sum(g * hhat, axis=1) / D
         c2 = tl.sum(g, axis=1) / D
         dh = (g - hhat * c1[:, None] - c2[:, None]) * rstd[:, None]
         if HAS_DH:
             dh += tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
-        acc_dgate += dh * y
+        acc_dgate += tl.sum(dh * y, axis=0)
         tl.store(DX + offs, cast_to(dh, DX), mask=mask)
         tl.store(DY + offs, cast_to(gate[None, :] * dh, DY), mask=mask)
     p = (n * C + c) * D + cols
-    tl.store(PART + p, tl.sum(acc_dgate, axis=0), mask=cmask)
-    tl.store(PART + N * C * D + p, tl.sum(acc_dscale, axis=0), mask=cmask)
-    tl.store(PART + 2 * N * C * D + p, tl.sum(acc_dshift, axis=0), mask=cmask)
+    tl.store(PART + p, acc_dgate, mask=cmask)
+    tl.store(PART + N * C * D + p, acc_dscale, mask=cmask)
+    tl.store(PART + 2 * N * C * D + p, acc_dshift, mask=cmask)
 
 
 def _check(name, x, y, **vecs):

@@ -23,24 +23,27 @@ GEMMS = ("cublas", "triton")
 @triton.jit
 def _act_fwd(z, ACT: tl.constexpr):
     if ACT == 0:  # SiLU
-        return z / (1.0 + tl.exp(-z))
+        out = z / (1.0 + tl.exp(-z))
     else:  # GELU, tanh approximation; tanh(u) = 1 - 2 / (exp(2u) + 1) (saturates cleanly)
         u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
-        th = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
-        return 0.5 * z * (1.0 + th)
+        out = 0.5 * z * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
+    return out
 
 
 @triton.jit
 def _act_fwd_and_grad(z, ACT: tl.constexpr):
-    """(act(z), act'(z))."""
+    """(act(z), act'(z)), the derivative written as PyTorch's silu/gelu(tanh) backward."""
     if ACT == 0:
         s = 1.0 / (1.0 + tl.exp(-z))
-        return z * s, s * (1.0 + z * (1.0 - s))
+        out = z * s
+        grad = s * (1.0 + z * (1.0 - s))
     else:
         u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
         th = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
         du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
-        return 0.5 * z * (1.0 + th), 0.5 * (1.0 + th) + 0.5 * z * (1.0 - th * th) * du
+        out = 0.5 * z * (1.0 + th)
+        grad = 0.5 * (1.0 + th) + 0.5 * z * (1.0 - th * th) * du
+    return out, grad
 
 
 @triton.jit
