@@ -267,3 +267,36 @@ def test_cuda_plan_refused_during_capture():
     with pytest.raises(RuntimeError, match="before CUDA graph capture"):
         with torch.cuda.graph(g):
             ext.FusedEMA(ema, model)
+
+
+@pytest.mark.usefixtures("cuda_ext")
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bandwidth_report():
+    """Not a pass/fail check: prints fused vs reference time and GB/s (-s to see it) for
+    ~256M parameters in SiT-XL-like tensors (14 bytes/param fused: read ema+p, write ema+bf16)."""
+    sizes = [1152 * 1152] * 200 + [1152] * 400
+    ema = [torch.randn(n, device="cuda") for n in sizes]
+    model = [torch.randn(n, device="cuda") for n in sizes]
+    shadow = [torch.empty(n, device="cuda", dtype=torch.bfloat16) for n in sizes]
+    w = torch.full((), 1e-4, device="cuda")
+    fused = ext.FusedEMA(ema, model, shadow)
+
+    def timed(fn, iters=20):
+        for _ in range(3):
+            fn()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(iters):
+            fn()
+        b.record()
+        torch.cuda.synchronize()
+        return a.elapsed_time(b) / iters
+
+    n = sum(sizes)
+    t_fused = timed(lambda: fused.step(w))
+    t_ref = timed(lambda: ext.fused_ema_ref(ema, model, w, shadow))
+    print(f"\n{torch.cuda.get_device_name()}: {len(sizes)} tensors, {n / 1e6:.0f}M params: "
+          f"fused {t_fused:.3f} ms ({14 * n / t_fused / 1e6:.0f} GB/s), fused_ema_ref "
+          f"{t_ref:.3f} ms ({t_ref / t_fused:.2f}x)")
+    assert t_fused > 0
