@@ -287,6 +287,17 @@ def linear_act_bwd(dout, x, w1, b1, w2, a, act, gemm):
     return dx, dw1.to(w1.dtype), db1.to(b1.dtype), dw2.to(w2.dtype), db2.to(w2.dtype)
 
 
+def autocast_inputs(*tensors):
+    """Under torch.autocast, cast the inputs the way F.linear would (custom ops get no autocast
+    treatment of their own and would otherwise run fp32 GEMMs on fp32 master weights); the
+    casts are differentiable, so the weights' gradients come back in their own dtype."""
+    dev = tensors[0].device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        return tuple(t.to(dt) for t in tensors)
+    return tensors
+
+
 def make_autograd_fn(act, doc):
     """An autograd.Function for one activation over the host functions above."""
 

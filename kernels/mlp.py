@@ -10,7 +10,8 @@ from typing import Optional
 
 import torch
 
-from .linear_act import ACT_GELU_TANH, GEMMS, make_autograd_fn, register_custom_op
+from .linear_act import (ACT_GELU_TANH, GEMMS, autocast_inputs, make_autograd_fn,
+                         register_custom_op)
 
 DEFAULT_GEMM = os.environ.get("SRA_FAST_MLP_GEMM", "cublas")
 
@@ -26,4 +27,5 @@ def mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
     gemm = DEFAULT_GEMM if gemm is None else gemm
     if gemm not in GEMMS:
         raise ValueError(f"unknown gemm {gemm!r}; choose one of {GEMMS}")
+    x, w1, b1, w2, b2 = autocast_inputs(x, w1, b1, w2, b2)
     return _mlp_op(x, w1, b1, w2, b2, gemm)[0]

@@ -10,7 +10,8 @@ from typing import Optional
 
 import torch
 
-from .linear_act import ACT_SILU, GEMMS, make_autograd_fn, register_custom_op
+from .linear_act import (ACT_SILU, GEMMS, autocast_inputs, make_autograd_fn,
+                         register_custom_op)
 
 DEFAULT_GEMM = os.environ.get("SRA_FAST_PROJECTOR_GEMM", "cublas")
 
@@ -26,4 +27,5 @@ def projector(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Ten
     gemm = DEFAULT_GEMM if gemm is None else gemm
     if gemm not in GEMMS:
         raise ValueError(f"unknown gemm {gemm!r}; choose one of {GEMMS}")
+    x, w1, b1, w2, b2 = autocast_inputs(x, w1, b1, w2, b2)
     return _projector_op(x, w1, b1, w2, b2, gemm)[0]

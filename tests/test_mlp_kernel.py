@@ -118,3 +118,22 @@ def test_mlp_compiles_without_graph_break(kernel_device):
 def test_mlp_cuda_shapes(shape, dtype, gemm, assert_kernel_close):
     check_linear_act(K.mlp, mlp_ref, HIDDEN, *shape, dtype, "cuda",
                      assert_kernel_close, gemm, seed=5)
+
+
+def test_mlp_under_autocast(kernel_device, assert_kernel_close):
+    """fp32 master weights under torch.autocast: the GEMMs run in the autocast dtype, as
+    F.linear's would, and the weights get fp32 gradients."""
+    *ins, dout = make_inputs(2, 7, 64, HIDDEN, torch.float32, kernel_device, 6)
+    res = []
+    for fn in (K.mlp, mlp_ref):
+        leaves = [t.clone().requires_grad_() for t in ins]
+        with torch.autocast(kernel_device, dtype=torch.bfloat16):
+            out = fn(*leaves)
+        res.append([out, *torch.autograd.grad(out, leaves, dout.to(out.dtype))])
+    hp = [t.double().requires_grad_() for t in ins]
+    out_hp = mlp_ref(*hp)
+    res_hp = [out_hp, *torch.autograd.grad(out_hp, hp, dout.to(torch.bfloat16).double())]
+    assert res[0][0].dtype == res[1][0].dtype == torch.bfloat16
+    for name, a, b, c in zip(("out", "dx", "dw1", "db1", "dw2", "db2"), *res, res_hp):
+        assert a.dtype == b.dtype, name
+        assert_kernel_close(name, a, b, c)
