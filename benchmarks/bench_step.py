@@ -52,7 +52,7 @@ from sra_fast.flops import sra_step_flops_per_image  # noqa: E402
 from sra_fast.models import build_model  # noqa: E402
 from sra_fast.models.dit import DiT, SiT  # noqa: E402
 from sra_fast.objective import SRAConfig, SRAObjective, make_ema  # noqa: E402
-from sra_fast.ops.attention import use_attention_backend  # noqa: E402
+from sra_fast.ops.attention import resolve_backend, use_attention_backend  # noqa: E402
 from sra_fast.step import TrainStep, make_optimizer  # noqa: E402
 
 PROVIDERS = {
@@ -126,9 +126,19 @@ def cleanup():
 
 
 def run_one(model_name, batch, provider, args, device, peak_tflops):
-    spec = PROVIDERS[provider]
+    """One configuration; everything it built is gone (and the cache emptied) on return."""
     row = {"model": model_name, "res": args.res, "batch": batch, "provider": provider}
-    model = ema = opt = step = None
+    try:
+        _run_one(row, model_name, batch, provider, args, device, peak_tflops)
+    finally:
+        if PROVIDERS[provider].get("compile"):
+            torch._dynamo.reset()
+        cleanup()
+    return row
+
+
+def _run_one(row, model_name, batch, provider, args, device, peak_tflops):
+    spec = PROVIDERS[provider]
     is_cuda = torch.device(device).type == "cuda"
     # on CPU the kernels would run in Triton's interpreter: the smoke test times the reference
     kernels = spec["ops"] if is_cuda else "ref"
@@ -187,6 +197,12 @@ def run_one(model_name, batch, provider, args, device, peak_tflops):
                 "loss": stats["loss"],
                 "status": "ok",
             })
+            head_dim = model.hidden_size // model.num_heads
+            q = torch.empty(1, 1, 1, head_dim, device=device, dtype=torch.bfloat16)
+            notes = [f"attn={resolve_backend(q)}", f"kernels={kernels}"]
+            if step._fused_ema is not None:
+                notes.append("ema=" + ("fused-ext" if step._fused_ema.fused else "foreach-lerp"))
+            row["notes"] = " ".join(notes)
             if stats["nonfinite"] or not math.isfinite(stats["loss"]):
                 row["status"] = f"NONFINITE ({stats['nonfinite']} of {stats['steps']} steps)"
             elif spec.get("graph") and not step.graph_mode:
@@ -199,12 +215,6 @@ def run_one(model_name, batch, provider, args, device, peak_tflops):
         else:
             traceback.print_exc()
             row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:140]}"
-    finally:
-        del model, ema, opt, step
-        if spec.get("compile"):
-            torch._dynamo.reset()
-        cleanup()
-    return row
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -354,7 +364,7 @@ def main(argv=None):
             print(f"   {row.get('status')}: " + (f"{row['ms']:.2f} ms/step, "
                   f"{row['img_s']:.1f} img/s, peak {row['peak_gib']:.2f} GiB, MFU "
                   f"{row['mfu_pct']:.1f}%, first step {row['first_step_s']:.1f}s"
-                  if row.get("status") == "ok" else ""), flush=True)
+                  if row.get("status") == "ok" else ""), row.get("notes", ""), flush=True)
         row.update({"run_id": run_id, "matmul_tflops": peak, "steps": args.steps,
                     "warmup": args.warmup, "loss_type": args.loss, **info})
         rows.append(row)

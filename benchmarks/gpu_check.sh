@@ -3,12 +3,14 @@
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        (OUT_DIR defaults to $OUT, else ./gpu_check_out)
 # From the repository root (it cd's there itself) with PYTHONPATH=. it
 #   1. prints the card, driver, torch / CUDA / cuDNN / triton versions,
-#   2. runs the CUDA tests (pytest -m cuda: kernels, CUDA-graph step vs eager, attention),
+#   2. runs the CUDA tests (pytest -m cuda): first tests/test_step_cuda.py (CUDA-graph step
+#      vs eager, attention backends), then the others (kernels, fused EMA extension),
 #   3. runs benchmarks/bench_ops.py (fused ops vs eager/compile) with a short budget,
 #   4. runs benchmarks/bench_step.py (training-step img/s, MFU, peak memory) with a budget,
 # each under `timeout` so one hang cannot eat the others' time, and writes the full log
 # (gpu_check.log), pytest's junit XML and both benchmark CSVs into OUT_DIR. A short summary
-# is printed last. Part budgets (seconds) can be overridden: T_TESTS, T_OPS, T_STEP.
+# is printed last. Part budgets (seconds) can be overridden: T_TESTS_STEP, T_TESTS, T_OPS,
+# T_STEP (defaults 100 + 90 + 55 + 230 s: ~8 minutes with start-up).
 # GPU_CHECK_DRY=1 runs both benchmarks in their --quick CPU mode (to try the script here).
 set -uo pipefail
 
@@ -21,9 +23,10 @@ LOG="$OUT_DIR/gpu_check.log"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-$(command -v python || command -v python3)}"
-T_TESTS="${T_TESTS:-120}"
-T_OPS="${T_OPS:-75}"
-T_STEP="${T_STEP:-250}"
+T_TESTS_STEP="${T_TESTS_STEP:-100}"
+T_TESTS="${T_TESTS:-90}"
+T_OPS="${T_OPS:-55}"
+T_STEP="${T_STEP:-230}"
 
 exec > >(tee -a "$LOG") 2>&1
 START=$(date +%s)
@@ -73,8 +76,13 @@ print("flash_attn builds importable:", [c[0] for c in A._fa_candidates()] or "no
 EOF
 
 if "$PY" -c "import pytest" 2>/dev/null; then
-  part tests "$T_TESTS" "$PY" -m pytest -q -m cuda tests/ -p no:cacheprovider -rfEs \
-       --junitxml="$OUT_DIR/pytest_cuda.xml"
+  # the step/attention tests first, on their own clock: the other CUDA tests may JIT-build
+  # the C++ extension (tests/test_fused_ema.py) and must not eat their time
+  part tests_step "$T_TESTS_STEP" "$PY" -m pytest -q -m cuda tests/test_step_cuda.py \
+       -p no:cacheprovider -rfEs --junitxml="$OUT_DIR/pytest_cuda_step.xml"
+  part tests_rest "$T_TESTS" "$PY" -m pytest -q -m cuda tests/ \
+       --ignore=tests/test_step_cuda.py -p no:cacheprovider -rfEs \
+       --junitxml="$OUT_DIR/pytest_cuda_rest.xml"
 else
   echo "pytest is not installed: CUDA tests skipped"; SUMMARY+=("tests      NOT RUN (no pytest)")
 fi
@@ -93,32 +101,38 @@ fi
 
 # Ordered by importance: with the budget, the later entries are the ones skipped.
 PLAN="SiT-XL/2@64=eager-ref,ours,ours-graph,ours-graph-t16,ours-graph-fema"
-PLAN+=";SiT-B/2@256=eager-ref,ours,ours-graph"
 PLAN+=";SiT-XL/2@64=compile-ro"
+PLAN+=";SiT-B/2@256=eager-ref,ours,ours-graph"
 PLAN+=";DiT-XL/2@64=ours,ours-graph"
 PLAN+=";SiT-B/2@256=compile-ro"
 PLAN+=";SiT-XL/2@64=compile"
 [ "${GPU_CHECK_DRY:-0}" = "1" ] && PLAN="tiny-SiT@8=eager-ref,ours,ours-graph;tiny-DiT@8=ours-graph"
 part bench_step "$T_STEP" "$PY" benchmarks/bench_step.py "${STEP_ARGS[@]}" --plan "$PLAN" \
-     --budget-s $(( T_STEP - 25 )) --compile-reserve-s 120 --csv "$OUT_DIR/bench_step.csv"
+     --steps 12 --warmup 3 --budget-s $(( T_STEP - 25 )) --compile-reserve-s 100 \
+     --csv "$OUT_DIR/bench_step.csv"
 
 echo
 echo "=================== SUMMARY ($(( $(date +%s) - START ))s total) ==================="
 for s in "${SUMMARY[@]}"; do echo "  $s"; done
-if [ -f "$OUT_DIR/pytest_cuda.xml" ]; then
-  "$PY" - "$OUT_DIR/pytest_cuda.xml" <<'EOF'
-import sys, xml.etree.ElementTree as ET
+for xml in "$OUT_DIR/pytest_cuda_step.xml" "$OUT_DIR/pytest_cuda_rest.xml"; do
+  [ -f "$xml" ] || { echo "  $(basename "$xml"): none (timed out or not run)"; continue; }
+  "$PY" - "$xml" <<'EOF'
+import os, sys, xml.etree.ElementTree as ET
 root = ET.parse(sys.argv[1]).getroot()
 suite = root if root.tag == "testsuite" else root.find("testsuite")
 a = suite.attrib
-print(f"  CUDA tests: {a.get('tests')} run, {a.get('failures')} failed, {a.get('errors')} errors, "
-      f"{a.get('skipped')} skipped")
-for case in suite.iter("testcase"):
-    for bad in list(case.findall("failure")) + list(case.findall("error")):
-        msg = (bad.attrib.get("message") or "").splitlines()[0][:150] if bad.attrib.get("message") else ""
-        print(f"    FAIL {case.attrib.get('classname')}::{case.attrib.get('name')}: {msg}")
+print(f"  {os.path.basename(sys.argv[1])}: {a.get('tests')} run, {a.get('failures')} failed, "
+      f"{a.get('errors')} errors, {a.get('skipped')} skipped, {float(a.get('time', 0)):.0f}s")
+bad_cases = [(c, b) for c in suite.iter("testcase")
+             for b in list(c.findall("failure")) + list(c.findall("error"))]
+for case, bad in bad_cases[:25]:
+    msg = (bad.attrib.get("message") or "").splitlines()
+    print(f"    FAIL {case.attrib.get('classname')}::{case.attrib.get('name')}: "
+          f"{msg[0][:160] if msg else ''}")
+if len(bad_cases) > 25:
+    print(f"    ... and {len(bad_cases) - 25} more (see the log)")
 EOF
-fi
+done
 if [ -s "$OUT_DIR/bench_ops.out" ]; then   # bench_ops' own table: from its last header on
   awk '/\| torch / && !/^#/ {buf=""; keep=1} keep {buf=buf $0 "\n"} END {printf "%s", buf}' \
       "$OUT_DIR/bench_ops.out"

@@ -167,11 +167,12 @@ def test_step_has_no_host_sync(mode):
     m, ema, opt, step = build(mode=mode)
     data = batches(3)
     step(*data[0], 0.5)                 # first call: lazy init / capture may sync
+    w = torch.tensor(0.5, device=DEV)   # (creating it copies from the host: outside)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         step(*data[1], 0.5)
-        step(*data[2], torch.tensor(0.5, device=DEV))
+        step(*data[2], w)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert step.read_stats()["steps"] == 3
