@@ -95,19 +95,19 @@ def adaln_norm_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
 
 def adaln_norm_bwd(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
                    eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(dx, dmod) with dmod = stack(dscale, dshift), (2,N,D) in scale's dtype (one tensor, so
-    the custom op below returns no two outputs that alias each other)."""
+    """(dx, dmod) with dmod = stack(dscale, dshift), (2,N,D) fp32 (one tensor, so the custom
+    op below returns no two outputs that alias each other; the glue casts each part)."""
     N, T, D = x.shape
     x, scale, dy = x.contiguous(), scale.contiguous(), dy.contiguous()
     dx = new_empty(x.shape, x.dtype, x.device)
     if x.numel() == 0:
-        return dx, torch.zeros((2, N, D), dtype=scale.dtype, device=x.device)
+        return dx, torch.zeros((2, N, D), dtype=torch.float32, device=x.device)
     BLOCK_D, BLOCK_R, num_warps = row_block(D)
     C, rows = token_chunks(N, T, BLOCK_R, x.device)
     part = new_empty((2, N, C, D), torch.float32, x.device)
     _adaln_norm_bwd_kernel[(N, C)](x, scale, dy, dx, part, N, T, D, C, rows, eps,
                                    BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps)
-    return dx, part.sum(dim=2).to(scale.dtype)
+    return dx, part.sum(dim=2)
 
 
 class AdaLNNormFn(torch.autograd.Function):
@@ -118,14 +118,14 @@ class AdaLNNormFn(torch.autograd.Function):
     def forward(ctx, x, shift, scale, eps):
         ctx.save_for_backward(x, scale)
         ctx.eps = eps
-        ctx.shift_dtype = shift.dtype
+        ctx.dtypes = (shift.dtype, scale.dtype)
         return adaln_norm_fwd(x, shift, scale, eps)
 
     @staticmethod
     def backward(ctx, dy):
         x, scale = ctx.saved_tensors
         dx, dmod = adaln_norm_bwd(dy, x, scale, ctx.eps)
-        return dx, dmod[1].to(ctx.shift_dtype), dmod[0], None
+        return dx, dmod[1].to(ctx.dtypes[0]), dmod[0].to(ctx.dtypes[1]), None
 
 
 # torch.compile sees these as opaque ops (fake impls give the shapes) instead of graph-breaking
@@ -150,20 +150,20 @@ def _adaln_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
 @_adaln_norm_bwd_op.register_fake
 def _(dy, x, scale, eps):
     N, T, D = x.shape
-    return x.new_empty(x.shape), scale.new_empty((2, N, D))
+    return x.new_empty(x.shape), scale.new_empty((2, N, D), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
     x, shift, scale, eps = inputs
     ctx.save_for_backward(x, scale)
     ctx.eps = eps
-    ctx.shift_dtype = shift.dtype
+    ctx.dtypes = (shift.dtype, scale.dtype)
 
 
 def _backward(ctx, dy):
     x, scale = ctx.saved_tensors
     dx, dmod = _adaln_norm_bwd_op(dy, x, scale, ctx.eps)
-    return dx, dmod[1].to(ctx.shift_dtype), dmod[0], None
+    return dx, dmod[1].to(ctx.dtypes[0]), dmod[0].to(ctx.dtypes[1]), None
 
 
 _adaln_norm_op.register_autograd(_backward, setup_context=_setup_context)

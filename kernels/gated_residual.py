@@ -193,7 +193,7 @@ def gated_residual_adaln_norm_fwd(x, gate, y, shift, scale, eps):
 
 
 def gated_residual_adaln_norm_bwd(dh, dout, x, gate, y, scale, eps):
-    """(dx, dy, dmod) with dmod = stack(dgate, dscale, dshift), (3,N,D) in gate's dtype.
+    """(dx, dy, dmod) with dmod = stack(dgate, dscale, dshift), (3,N,D) fp32.
     dh (the gradient of h from its other users) may be None."""
     N, T, D = x.shape
     x, gate, y = x.contiguous(), gate.contiguous(), y.contiguous()
@@ -203,14 +203,14 @@ def gated_residual_adaln_norm_bwd(dh, dout, x, gate, y, scale, eps):
     dx = new_empty(x.shape, x.dtype, x.device)
     dy = new_empty(y.shape, y.dtype, y.device)
     if x.numel() == 0:
-        return dx, dy, torch.zeros((3, N, D), dtype=gate.dtype, device=x.device)
+        return dx, dy, torch.zeros((3, N, D), dtype=torch.float32, device=x.device)
     BLOCK_D, BLOCK_R, num_warps = row_block(D)
     C, rows = token_chunks(N, T, BLOCK_R, x.device)
     part = new_empty((3, N, C, D), torch.float32, x.device)
     _gated_residual_adaln_norm_bwd_kernel[(N, C)](
         x, gate, y, scale, dout, dh, dx, dy, part, N, T, D, C, rows, eps, HAS_DH=has_dh,
         BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps)
-    return dx, dy, part.sum(dim=2).to(gate.dtype)
+    return dx, dy, part.sum(dim=2)
 
 
 # ------------------------------------------------------------------ autograd.Functions
@@ -236,7 +236,7 @@ class GatedResidualAdaLNNormFn(torch.autograd.Function):
     def forward(ctx, x, gate, y, shift, scale, eps):
         ctx.save_for_backward(x, gate, y, scale)
         ctx.eps = eps
-        ctx.dtypes = (shift.dtype, scale.dtype)
+        ctx.dtypes = (gate.dtype, shift.dtype, scale.dtype)
         ctx.set_materialize_grads(False)
         return gated_residual_adaln_norm_fwd(x, gate, y, shift, scale, eps)
 
@@ -254,8 +254,9 @@ def _grad_fused(ctx, dh, dout, fused_bwd, residual_bwd):
         dgate, dy = residual_bwd(dh, gate, y)
         return dh, dgate, dy, None, None, None
     dx, dy, dmod = fused_bwd(dh, dout, x, gate, y, scale, ctx.eps)
-    shift_dtype, scale_dtype = ctx.dtypes
-    return dx, dmod[0], dy, dmod[2].to(shift_dtype), dmod[1].to(scale_dtype), None
+    gate_dtype, shift_dtype, scale_dtype = ctx.dtypes
+    return (dx, dmod[0].to(gate_dtype), dy, dmod[2].to(shift_dtype), dmod[1].to(scale_dtype),
+            None)
 
 
 # ------------------------------------------------------------------------- custom ops
@@ -317,14 +318,15 @@ def _gr_adaln_bwd_op(dh: Optional[torch.Tensor], dout: torch.Tensor, x: torch.Te
 @_gr_adaln_bwd_op.register_fake
 def _(dh, dout, x, gate, y, scale, eps):
     N, T, D = x.shape
-    return x.new_empty(x.shape), y.new_empty(y.shape), gate.new_empty((3, N, D))
+    return x.new_empty(x.shape), y.new_empty(y.shape), gate.new_empty((3, N, D),
+                                                                      dtype=torch.float32)
 
 
 def _gra_setup(ctx, inputs, output):
     x, gate, y, shift, scale, eps = inputs
     ctx.save_for_backward(x, gate, y, scale)
     ctx.eps = eps
-    ctx.dtypes = (shift.dtype, scale.dtype)
+    ctx.dtypes = (gate.dtype, shift.dtype, scale.dtype)
     ctx.set_materialize_grads(False)
 
 

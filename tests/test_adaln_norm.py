@@ -102,3 +102,25 @@ def test_adaln_norm_compiles_without_graph_break(kernel_device):
 @pytest.mark.parametrize("shape", CUDA_SHAPES, ids=str)
 def test_adaln_norm_cuda_shapes(shape, dtype, assert_kernel_close):
     _check(K.adaln_norm, *shape, dtype, "cuda", assert_kernel_close, seed=6)
+
+
+def test_adaln_norm_mixed_dtypes(kernel_device, assert_kernel_close):
+    """fp32 residual stream with bf16 modulation (what autocast'd adaLN linears produce):
+    output in x's dtype, each gradient in its input's dtype."""
+    x, shift, scale, dy = _inputs(2, 7, 64, torch.float32, kernel_device, 7)
+    shift, scale = shift.bfloat16(), scale.bfloat16()
+    leaves = [t.clone().requires_grad_() for t in (x, shift, scale)]
+    y = K.adaln_norm(*leaves, LN_EPS)
+    grads = torch.autograd.grad(y, leaves, dy)
+    lp = [t.clone().requires_grad_() for t in (x, shift, scale)]
+    y_lp = adaln_norm_ref(*lp, LN_EPS)
+    g_lp = torch.autograd.grad(y_lp, lp, dy)
+    hp = [t.double().requires_grad_() for t in (x, shift, scale)]
+    y_hp = adaln_norm_ref(*hp, LN_EPS)
+    g_hp = torch.autograd.grad(y_hp, hp, dy.double())
+    assert y.dtype == torch.float32
+    assert [g.dtype for g in grads] == [torch.float32, torch.bfloat16, torch.bfloat16]
+    for name, a, b, c in zip(("y", "dx", "dshift", "dscale"), (y, *grads), (y_lp, *g_lp),
+                             (y_hp, *g_hp)):
+        assert a.dtype == b.dtype, name
+        assert_kernel_close(name, a, b, c)

@@ -168,3 +168,29 @@ def test_cuda_shapes(shape, dtype, assert_kernel_close):
     _check_residual(K.gated_residual, *shape, dtype, "cuda", assert_kernel_close, seed=7)
     _check_fused(K.gated_residual_adaln_norm, *shape, dtype, "cuda", assert_kernel_close,
                  seed=7)
+
+
+def test_mixed_dtypes(kernel_device, assert_kernel_close):
+    """fp32 residual stream, bf16 branch output and modulation: outputs in x's dtype, each
+    gradient in its input's dtype."""
+    x, gate, y, shift, scale, dh, dout = _inputs(2, 7, 64, torch.float32, kernel_device, 8)
+    gate, y, shift, scale = gate.bfloat16(), y.bfloat16(), shift.bfloat16(), scale.bfloat16()
+    ins = (x, gate, y, shift, scale)
+    leaves = [t.clone().requires_grad_() for t in ins]
+    h, out = K.gated_residual_adaln_norm(*leaves, LN_EPS)
+    grads = torch.autograd.grad((h, out), leaves, (dh, dout))
+    lp = [t.clone().requires_grad_() for t in ins]
+    outs_lp = gated_residual_adaln_norm_ref(*lp, LN_EPS)
+    g_lp = torch.autograd.grad(outs_lp, lp, (dh, dout))
+    hp = [t.double().requires_grad_() for t in ins]
+    outs_hp = gated_residual_adaln_norm_ref(*hp, LN_EPS)
+    g_hp = torch.autograd.grad(outs_hp, hp, (dh.double(), dout.double()))
+    assert h.dtype == out.dtype == torch.float32
+    names = ("h", "out", "dx", "dgate", "dy", "dshift", "dscale")
+    for name, a, b, c in zip(names, (h, out, *grads), (*outs_lp, *g_lp), (*outs_hp, *g_hp)):
+        assert a.dtype == b.dtype, name
+        assert_kernel_close(name, a, b, c)
+    leaves = [t.clone().requires_grad_() for t in ins[:3]]
+    h = K.gated_residual(*leaves)
+    assert h.dtype == torch.float32
+    assert [g.dtype for g in torch.autograd.grad(h, leaves, dh)] == [t.dtype for t in ins[:3]]
