@@ -17,6 +17,7 @@ import argparse
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -32,7 +33,7 @@ OPS = ("adaln_norm", "gated_residual", "gated_residual_adaln_norm", "align_loss"
        "mlp")
 GEMM_OPS = ("projector", "mlp")
 MODES = ("fwd", "bwd", "fwd+bwd")
-MODELS = {"B/2": (256, 256, 768), "XL/2": (64, 256, 1152)}   # (N, T, D) per GPU batch
+MODELS = {"XL/2": (64, 256, 1152), "B/2": (256, 256, 768)}   # (N, T, D) per GPU batch
 QUICK_SHAPE = (2, 16, 64)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -58,6 +59,9 @@ def parse_args():
                    help="CSV to append to (default results/results.csv; --quick writes none "
                         "unless given)")
     p.add_argument("--no-csv", action="store_true")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="stop starting new measurements after this many seconds (the table "
+                        "and CSV still cover what was measured; cases run in the order given)")
     return p.parse_args()
 
 
@@ -180,7 +184,11 @@ def main():
           f"CUDA {env['cuda']} | git {env['git']} | {env['date']}")
     print(f"# copy {copy_gbs:.1f} GB/s (read+write), {args.dtype} matmul {mm_tflops:.1f} TFLOP/s")
 
-    rows = []
+    rows, t_start, skipped = [], time.monotonic(), []
+
+    def over_budget():
+        return args.budget_s is not None and time.monotonic() - t_start > args.budget_s
+
     for model in models:
         N, T, D = QUICK_SHAPE if model == "quick" else MODELS[model]
         for op in ops:
@@ -204,6 +212,10 @@ def main():
                 for mode in modes:
                     times = {}
                     for prov, fn in fns.items():
+                        if over_budget():
+                            skipped.append(f"{op}{f'[{kind}]' if kind else ''}/{model}/{mode}/"
+                                           f"{prov}")
+                            continue
                         try:
                             runner = make_runner(fn, ins, mask, mode)
                             times[prov] = bench_ms(runner, warmup=warmup, rep=rep,
@@ -226,6 +238,9 @@ def main():
                             else math.nan
                         rows.append(row)
 
+    if skipped:
+        print(f"# budget of {args.budget_s:.0f} s spent: skipped {len(skipped)} measurements "
+              f"({', '.join(skipped[:6])}{', ...' if len(skipped) > 6 else ''})")
     if rows and not args.no_csv and (args.csv or not args.quick):
         stamp = {**env, "copy_gbs": copy_gbs, "matmul_tflops": mm_tflops}
         path = append_csv(args.csv, [{**stamp, **r} for r in rows])
