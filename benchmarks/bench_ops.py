@@ -12,6 +12,17 @@ and appends rows to benchmarks/results/results.csv.
 
 Providers: eager (the reference op), compile (torch.compile of the reference), triton (ours;
 projector/mlp with their default first GEMM), triton-gemm (projector/mlp with gemm="triton").
+
+Timings (--timing, default both; a `timing` column in the table and the CSV):
+  eager  each call issued from Python and timed with CUDA events around it: host cost
+         (dispatch, autograd, launches) included whenever it exceeds the GPU work, as in an
+         un-captured training step.
+  graph  the provider's call sequence (fwd, bwd or fwd+bwd) captured once in a
+         torch.cuda.CUDAGraph (warmed up on a side stream, static inputs, gradients returned
+         by torch.autograd.grad into the graph's static outputs) and its replays timed with
+         CUDA events: GPU time alone, what the CUDA-graph training step sees. CUDA only
+         (skipped with a note on CPU). A capture that fails gives an 'n/a' row with the
+         reason instead of stopping the run.
 """
 import argparse
 import math
@@ -33,6 +44,7 @@ OPS = ("adaln_norm", "gated_residual", "gated_residual_adaln_norm", "align_loss"
        "mlp")
 GEMM_OPS = ("projector", "mlp")
 MODES = ("fwd", "bwd", "fwd+bwd")
+TIMINGS = ("eager", "graph")
 MODELS = {"XL/2": (64, 256, 1152), "B/2": (256, 256, 768)}   # (N, T, D) per GPU batch
 QUICK_SHAPE = (2, 16, 64)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -59,6 +71,9 @@ def parse_args():
                    help="CSV to append to (default results/results.csv; --quick writes none "
                         "unless given)")
     p.add_argument("--no-csv", action="store_true")
+    p.add_argument("--timing", default="both", choices=TIMINGS + ("both",),
+                   help="eager: per-call Python-issued timing (host cost included); graph: "
+                        "CUDA-graph replay (GPU time alone, CUDA only); both (default)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop starting new measurements after this many seconds (the table "
                         "and CSV still cover what was measured; cases run in the order given)")
@@ -160,6 +175,50 @@ def make_runner(fn, inputs, grad_mask, mode):
     return fwd_bwd
 
 
+def make_graph_runner(fn, inputs, grad_mask, mode, device, warmup_calls=3):
+    """(replay, graph): `mode` of fn captured in a CUDA graph; replay() reruns it.
+
+    The forward for mode bwd and every warm-up call run on the capture stream itself, so the
+    autograd engine (which runs each backward op on its forward op's stream) issues the
+    captured backward on that stream too. Inputs are static leaves; gradients come back from
+    torch.autograd.grad as the graph's static outputs, so nothing accumulates across replays.
+    """
+    stream = torch.cuda.Stream(device=device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        body = make_runner(fn, inputs, grad_mask, mode)  # bwd: its forward runs on `stream`
+        for _ in range(warmup_calls):
+            body()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        static_out = body()
+    torch.cuda.synchronize(device)
+
+    def replay(_keep=static_out):  # the graph's outputs stay alive as long as replay does
+        graph.replay()
+    return replay, graph
+
+
+def time_one(fn, ins, mask, mode, timing, device, warmup, rep):
+    """Median ms of one provider/mode under one timing method."""
+    if timing == "eager":
+        return bench_ms(make_runner(fn, ins, mask, mode), warmup=warmup, rep=rep, device=device)
+    try:
+        replay, graph = make_graph_runner(fn, ins, mask, mode, device)
+    except Exception:
+        try:  # let a half-done capture settle before the next measurement
+            torch.cuda.synchronize(device)
+        except Exception:
+            pass
+        raise
+    try:
+        return bench_ms(replay, warmup=max(1, warmup // 5), rep=rep, device=device)
+    finally:
+        del graph, replay
+
+
 def main():
     args = parse_args()
     device = torch.device(args.device)
@@ -176,6 +235,10 @@ def main():
         os.environ.setdefault("TRITON_INTERPRET", "1")
     warmup, rep = (1, 2) if args.quick else (args.warmup, args.rep)
     dtype = DTYPES[args.dtype]
+    timings = list(TIMINGS) if args.timing == "both" else [args.timing]
+    if "graph" in timings and device.type != "cuda":
+        print("# graph timing skipped: CUDA graphs need a CUDA device (timing eager only)")
+        timings = [t for t in timings if t != "graph"]
 
     env = env_info(device)
     copy_gbs = measure_copy_bandwidth_gbs(device)
@@ -210,33 +273,39 @@ def main():
                             continue
                         fns[prov] = kern("triton" if prov == "triton-gemm" else None)
                 for mode in modes:
-                    times = {}
-                    for prov, fn in fns.items():
-                        if over_budget():
-                            skipped.append(f"{op}{f'[{kind}]' if kind else ''}/{model}/{mode}/"
-                                           f"{prov}")
-                            continue
-                        try:
-                            runner = make_runner(fn, ins, mask, mode)
-                            times[prov] = bench_ms(runner, warmup=warmup, rep=rep,
-                                                   device=device)
-                        except Exception as ex:  # keep the other providers' numbers
-                            print(f"# {op} {mode} {prov} failed: {type(ex).__name__}: {ex}")
-                    nbytes = {"fwd": b_fwd, "bwd": b_bwd, "fwd+bwd": b_fwd + b_bwd}[mode]
-                    flops = {"fwd": fl_fwd, "bwd": 2 * fl_fwd, "fwd+bwd": 3 * fl_fwd}[mode]
-                    for prov, ms in times.items():
-                        row = {"bench": "ops", "op": op + (f"[{kind}]" if kind else ""),
-                               "model": model, "shape": f"{N}x{T}x{D}", "dtype": args.dtype,
-                               "mode": mode, "provider": prov, "ms": ms}
-                        if flops:
-                            tf = flops / (ms * 1e-3) / 1e12
-                            row.update(tflops=tf, pct_matmul=100 * tf / mm_tflops)
-                        else:
-                            gbs = nbytes / (ms * 1e-3) / 1e9
-                            row.update(gbs=gbs, pct_copy=100 * gbs / copy_gbs)
-                        row["vs_compile"] = (times["compile"] / ms) if "compile" in times \
-                            else math.nan
-                        rows.append(row)
+                    for timing in timings:
+                        times, failed = {}, {}
+                        for prov, fn in fns.items():
+                            if over_budget():
+                                skipped.append(f"{op}{f'[{kind}]' if kind else ''}/{model}/"
+                                               f"{mode}/{prov}/{timing}")
+                                continue
+                            try:
+                                times[prov] = time_one(fn, ins, mask, mode, timing, device,
+                                                       warmup, rep)
+                            except Exception as ex:  # keep the other providers' numbers
+                                why = f"{type(ex).__name__}: {str(ex).splitlines()[0][:160]}" \
+                                    if str(ex) else type(ex).__name__
+                                print(f"# {op} {mode} {prov} ({timing}) failed: {why}")
+                                failed[prov] = why
+                        nbytes = {"fwd": b_fwd, "bwd": b_bwd, "fwd+bwd": b_fwd + b_bwd}[mode]
+                        flops = {"fwd": fl_fwd, "bwd": 2 * fl_fwd, "fwd+bwd": 3 * fl_fwd}[mode]
+                        base = {"bench": "ops", "op": op + (f"[{kind}]" if kind else ""),
+                                "model": model, "shape": f"{N}x{T}x{D}", "dtype": args.dtype,
+                                "mode": mode, "timing": timing}
+                        for prov, ms in times.items():
+                            row = {**base, "provider": prov, "ms": ms}
+                            if flops:
+                                tf = flops / (ms * 1e-3) / 1e12
+                                row.update(tflops=tf, pct_matmul=100 * tf / mm_tflops)
+                            else:
+                                gbs = nbytes / (ms * 1e-3) / 1e9
+                                row.update(gbs=gbs, pct_copy=100 * gbs / copy_gbs)
+                            row["vs_compile"] = (times["compile"] / ms) if "compile" in times \
+                                else math.nan
+                            rows.append(row)
+                        for prov, why in failed.items():
+                            rows.append({**base, "provider": prov, "ms": "n/a", "note": why})
 
     if skipped:
         print(f"# budget of {args.budget_s:.0f} s spent: skipped {len(skipped)} measurements "
@@ -247,8 +316,13 @@ def main():
         print(f"# appended {len(rows)} rows to {path}")
     print(f"\n{env['card']} | torch {env['torch']} | triton {env['triton']} | git {env['git']}"
           f" | vs_compile = compile ms / provider ms (>1: faster than torch.compile)")
-    print_table(rows, ["op", "model", "mode", "provider", "ms", "gbs", "pct_copy", "tflops",
-                       "pct_matmul", "vs_compile"])
+    order = {t: i for i, t in enumerate(TIMINGS)}
+    rows.sort(key=lambda r: order[r["timing"]])  # stable: one block per timing, run order kept
+    print_table(rows, ["op", "model", "mode", "timing", "provider", "ms", "gbs", "pct_copy",
+                       "tflops", "pct_matmul", "vs_compile", "note"])
+    if "graph" in timings:
+        print("# timing graph = CUDA-graph replay (GPU time alone); eager = per call from "
+              "Python (host cost included)")
 
 
 if __name__ == "__main__":

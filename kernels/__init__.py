@@ -1,8 +1,13 @@
 """Fused Triton kernels for sra-fast, imported as `sra_fast.kernels` (never as `kernels`).
 
-Each public function is a torch custom op (torch.library.custom_op with a fake impl and
-register_autograd, so torch.compile traces it without a graph break) over Triton forward and
-backward kernels; an equivalent torch.autograd.Function (`...Fn`) is exported beside it. The
+Each op has two equivalent autograd wrappers over the same Triton forward and backward host
+functions: a torch custom op (torch.library.custom_op with a fake impl and register_autograd,
+so torch.compile traces it without a graph break) and a torch.autograd.Function (`...Fn`,
+exported). The public functions pick between them: the custom op while torch.compile/export
+traces (torch.compiler.is_compiling()), the autograd.Function in eager mode, where the custom
+op's dispatch would cost tens of microseconds of host time per call (CPU-measured in
+benchmarks/bench_host_overhead.py). The choice lives here, not in the dispatcher, so every
+caller of the kernels (dispatcher, benchmarks, tests) gets the same path. The
 dispatcher (sra_fast.ops) calls these by name for CUDA tensors, and for CPU tensors under
 TRITON_INTERPRET=1. What each op computes is defined by sra_fast.ops.reference.
 """

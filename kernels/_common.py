@@ -2,6 +2,7 @@
 
 Kept free of anything else in the package (kernels import nothing of ours but each other).
 """
+import functools
 import math
 import os
 
@@ -36,6 +37,12 @@ def cast_to(x, PTR):
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Eager calls go through the kernels' autograd.Functions, torch.compile/export through the
+# custom ops (opaque to the tracer; no graph break). Dynamo folds this call to True while it
+# traces, so the branch costs one Python call in eager and nothing in a compiled graph.
+compiling = torch.compiler.is_compiling
 
 
 def new_empty(shape, dtype, device) -> torch.Tensor:
@@ -81,6 +88,25 @@ def token_chunks(N: int, T: int, block_r: int, device, per_sm: int = 4) -> tuple
     rows = math.ceil(rows / block_r) * block_r
     C = math.ceil(T / rows)
     return C, rows
+
+
+@functools.lru_cache(maxsize=512)
+def row_launch(N: int, T: int, D: int, device: torch.device, per_sm: int = 4) -> tuple:
+    """(BLOCK_D, BLOCK_R, num_warps, C, rows) of row_block + token_chunks, cached per shape
+    and device so a call pays one dict lookup instead of recomputing them."""
+    block_d, block_r, num_warps = row_block(D)
+    C, rows = token_chunks(N, T, block_r, device, per_sm)
+    return block_d, block_r, num_warps, C, rows
+
+
+def split_cast(dmod: torch.Tensor, dtypes: tuple) -> tuple:
+    """The k (N,D) slices of an fp32 (k,N,D) reduction, each in its own dtype: one cast (or
+    none) when the dtypes agree, so per-sample gradients cost one kernel launch less per
+    tensor than casting slice by slice."""
+    d0 = dtypes[0]
+    if all(d == d0 for d in dtypes):
+        return dmod.to(d0).unbind(0)
+    return tuple(m.to(d) for m, d in zip(dmod.unbind(0), dtypes))
 
 
 def check_3d(name: str, x: torch.Tensor) -> None:

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_to, check_3d, new_empty, row_block, token_chunks
+from ._common import cast_to, check_3d, compiling, new_empty, row_launch, token_chunks
 
 # Duplicated from the reference module (kernels may not import it); a test checks they agree.
 COS_EPS = 1e-8
@@ -29,10 +29,11 @@ _COS, _COS_RELEASED, _SMOOTH_L1, _L1, _L2 = 0, 1, 2, 3, 4
 
 
 @triton.jit
-def _align_loss_fwd_kernel(S, TT, PART, T, D, C, rows_per_prog, eps, beta,
+def _align_loss_fwd_kernel(S, TT, PART, T, D, C, rows_per_prog, inv_count, eps, beta,
                            KIND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     # Row-wise kinds (all but cos-released). PART (N, C) fp32: this program's sum over its
-    # tokens of (1 - cos) for cos, or of the element losses for the others.
+    # tokens of (1 - cos) for cos, or of the element losses for the others, times inv_count
+    # (1/T or 1/(T*D)), so the host's sum over C is the per-sample mean.
     n = tl.program_id(0)
     c = tl.program_id(1)
     cols = tl.arange(0, BLOCK_D)
@@ -62,7 +63,7 @@ def _align_loss_fwd_kernel(S, TT, PART, T, D, C, rows_per_prog, eps, beta,
             else:
                 e = d * d
             acc += tl.sum(e, axis=1)
-    tl.store(PART + n * C + c, tl.sum(acc, axis=0))
+    tl.store(PART + n * C + c, tl.sum(acc, axis=0) * inv_count)
 
 
 @triton.jit
@@ -104,7 +105,7 @@ def _align_loss_bwd_kernel(S, TT, G, DS, T, D, rows_per_prog, inv_count, eps, be
 
 
 @triton.jit
-def _align_loss_cols_fwd_kernel(S, TT, PART, STATS, N, T, D, NB, eps,
+def _align_loss_cols_fwd_kernel(S, TT, PART, STATS, N, T, D, NB, inv_count, eps,
                                 BLOCK_T: tl.constexpr, BLOCK_DC: tl.constexpr):
     # cos-released: cosine over tokens for each feature column. Program (n, b) owns columns
     # [b*BLOCK_DC, (b+1)*BLOCK_DC) of sample n and walks all T tokens. STATS (3, N, D) fp32
@@ -133,7 +134,8 @@ def _align_loss_cols_fwd_kernel(S, TT, PART, STATS, N, T, D, NB, eps,
     tl.store(STATS + (2 * N + n) * D + cols, tt, mask=cmask)
     ns = tl.maximum(tl.sqrt(ss), eps)
     nt = tl.maximum(tl.sqrt(tt), eps)
-    tl.store(PART + n * NB + b, tl.sum(tl.where(cmask, 1.0 - dot / (ns * nt), 0.0), axis=0))
+    loss = tl.sum(tl.where(cmask, 1.0 - dot / (ns * nt), 0.0), axis=0)
+    tl.store(PART + n * NB + b, loss * inv_count)
 
 
 @triton.jit
@@ -192,20 +194,20 @@ def align_loss_fwd(h_s: torch.Tensor, h_t: torch.Tensor, kind: str):
         BLOCK_DC, BLOCK_T, num_warps = _col_block(D)
         NB = triton.cdiv(D, BLOCK_DC)
         part = new_empty((N, NB), torch.float32, dev)
-        _align_loss_cols_fwd_kernel[(N, NB)](h_s, h_t, part, stats, N, T, D, NB, COS_EPS,
-                                             BLOCK_T=BLOCK_T, BLOCK_DC=BLOCK_DC,
+        _align_loss_cols_fwd_kernel[(N, NB)](h_s, h_t, part, stats, N, T, D, NB, 1.0 / D,
+                                             COS_EPS, BLOCK_T=BLOCK_T, BLOCK_DC=BLOCK_DC,
                                              num_warps=num_warps)
-        return part.sum(dim=1) / D, stats
+        return part.sum(dim=1), stats
     stats = torch.empty((0,), dtype=torch.float32, device=dev)
     if h_s.numel() == 0:
         return torch.full((N,), float("nan"), device=dev), stats
-    BLOCK_D, BLOCK_R, num_warps = row_block(D)
-    C, rows = token_chunks(N, T, BLOCK_R, dev)
+    BLOCK_D, BLOCK_R, num_warps, C, rows = row_launch(N, T, D, dev, 4)
     part = new_empty((N, C), torch.float32, dev)
-    _align_loss_fwd_kernel[(N, C)](h_s, h_t, part, T, D, C, rows, COS_EPS, SMOOTH_L1_BETA,
-                                   KIND=k, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps)
-    count = T if k == _COS else T * D
-    return part.sum(dim=1) / count, stats
+    inv_count = 1.0 / (T if k == _COS else T * D)
+    _align_loss_fwd_kernel[(N, C)](h_s, h_t, part, T, D, C, rows, inv_count, COS_EPS,
+                                   SMOOTH_L1_BETA, KIND=k, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+                                   num_warps=num_warps)
+    return part.sum(dim=1), stats
 
 
 def align_loss_bwd(g: torch.Tensor, h_s: torch.Tensor, h_t: torch.Tensor, stats: torch.Tensor,
@@ -214,7 +216,7 @@ def align_loss_bwd(g: torch.Tensor, h_s: torch.Tensor, h_t: torch.Tensor, stats:
     k = _kind(kind)
     N, T, D = h_s.shape
     h_s, h_t = h_s.contiguous(), h_t.contiguous()
-    g = g.to(torch.float32).contiguous()
+    g = g.contiguous()  # the kernels load it as fp32 whatever its dtype
     ds = new_empty(h_s.shape, h_s.dtype, h_s.device)
     if h_s.numel() == 0:
         return ds
@@ -226,8 +228,7 @@ def align_loss_bwd(g: torch.Tensor, h_s: torch.Tensor, h_t: torch.Tensor, stats:
                                                 COS_EPS, BLOCK_T=BLOCK_T, BLOCK_DC=BLOCK_DC,
                                                 num_warps=num_warps)
         return ds
-    BLOCK_D, BLOCK_R, num_warps = row_block(D)
-    C, rows = token_chunks(N, T, BLOCK_R, h_s.device, per_sm=8)
+    BLOCK_D, BLOCK_R, num_warps, C, rows = row_launch(N, T, D, h_s.device, 8)
     inv_count = 1.0 / (T if k == _COS else T * D)
     _align_loss_bwd_kernel[(N, C)](h_s, h_t, g, ds, T, D, rows, inv_count, COS_EPS,
                                    SMOOTH_L1_BETA, KIND=k, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
@@ -236,7 +237,8 @@ def align_loss_bwd(g: torch.Tensor, h_s: torch.Tensor, h_t: torch.Tensor, stats:
 
 
 class AlignLossFn(torch.autograd.Function):
-    """autograd.Function over the host functions (`align_loss` uses the custom op)."""
+    """autograd.Function over the host functions: what `align_loss` runs in eager mode (the
+    custom op, under torch.compile)."""
 
     @staticmethod
     def forward(ctx, h_s, h_t, kind):
@@ -298,4 +300,6 @@ _align_loss_op.register_autograd(_backward, setup_context=_setup_context)
 def align_loss(h_s: torch.Tensor, h_t: torch.Tensor, kind: str = "cos") -> torch.Tensor:
     """Per-sample alignment loss (N,) in fp32 between h_s and h_t, both (N,T,D)."""
     _kind(kind)
-    return _align_loss_op(h_s, h_t, kind)[0]
+    if compiling():
+        return _align_loss_op(h_s, h_t, kind)[0]
+    return AlignLossFn.apply(h_s, h_t, kind)

@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_to, check_3d, check_nd, new_empty, row_block, token_chunks
+from ._common import (cast_to, check_3d, check_nd, compiling, new_empty, row_launch,
+                      split_cast)
 
 
 @triton.jit
@@ -152,8 +153,7 @@ def gated_residual_fwd(x, gate, y):
     h = new_empty(x.shape, x.dtype, x.device)
     if x.numel() == 0:
         return h
-    BLOCK_D, BLOCK_R, num_warps = row_block(D)
-    C, rows = token_chunks(N, T, BLOCK_R, x.device, per_sm=8)
+    BLOCK_D, BLOCK_R, num_warps, C, rows = row_launch(N, T, D, x.device, 8)
     _gated_residual_fwd_kernel[(N, C)](x, gate, y, h, T, D, rows,
                                        BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps)
     return h
@@ -166,8 +166,7 @@ def gated_residual_bwd(dh, gate, y):
     dy = new_empty(y.shape, y.dtype, y.device)
     if y.numel() == 0:
         return torch.zeros((N, D), dtype=gate.dtype, device=y.device), dy
-    BLOCK_D, BLOCK_R, num_warps = row_block(D)
-    C, rows = token_chunks(N, T, BLOCK_R, y.device)
+    BLOCK_D, BLOCK_R, num_warps, C, rows = row_launch(N, T, D, y.device, 4)
     part = new_empty((N, C, D), torch.float32, y.device)
     _gated_residual_bwd_kernel[(N, C)](gate, y, dh, dy, part, T, D, C, rows,
                                        BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps)
@@ -184,8 +183,7 @@ def gated_residual_adaln_norm_fwd(x, gate, y, shift, scale, eps):
     out = new_empty(x.shape, x.dtype, x.device)
     if x.numel() == 0:
         return h, out
-    BLOCK_D, BLOCK_R, num_warps = row_block(D)
-    C, rows = token_chunks(N, T, BLOCK_R, x.device, per_sm=8)
+    BLOCK_D, BLOCK_R, num_warps, C, rows = row_launch(N, T, D, x.device, 8)
     _gated_residual_adaln_norm_fwd_kernel[(N, C)](
         x, gate, y, shift, scale, h, out, T, D, rows, eps,
         BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps)
@@ -204,8 +202,7 @@ def gated_residual_adaln_norm_bwd(dh, dout, x, gate, y, scale, eps):
     dy = new_empty(y.shape, y.dtype, y.device)
     if x.numel() == 0:
         return dx, dy, torch.zeros((3, N, D), dtype=torch.float32, device=x.device)
-    BLOCK_D, BLOCK_R, num_warps = row_block(D)
-    C, rows = token_chunks(N, T, BLOCK_R, x.device)
+    BLOCK_D, BLOCK_R, num_warps, C, rows = row_launch(N, T, D, x.device, 4)
     part = new_empty((3, N, C, D), torch.float32, x.device)
     _gated_residual_adaln_norm_bwd_kernel[(N, C)](
         x, gate, y, scale, dout, dh, dx, dy, part, N, T, D, C, rows, eps, HAS_DH=has_dh,
@@ -215,7 +212,8 @@ def gated_residual_adaln_norm_bwd(dh, dout, x, gate, y, scale, eps):
 
 # ------------------------------------------------------------------ autograd.Functions
 class GatedResidualFn(torch.autograd.Function):
-    """autograd.Function over the host functions (`gated_residual` uses the custom op)."""
+    """autograd.Function over the host functions: what `gated_residual` runs in eager mode
+    (the custom op, under torch.compile)."""
 
     @staticmethod
     def forward(ctx, x, gate, y):
@@ -230,7 +228,8 @@ class GatedResidualFn(torch.autograd.Function):
 
 
 class GatedResidualAdaLNNormFn(torch.autograd.Function):
-    """autograd.Function over the host functions (the public function uses the custom op)."""
+    """autograd.Function over the host functions: what the public function runs in eager mode
+    (the custom op, under torch.compile)."""
 
     @staticmethod
     def forward(ctx, x, gate, y, shift, scale, eps):
@@ -242,10 +241,15 @@ class GatedResidualAdaLNNormFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dh, dout):
-        return _grad_fused(ctx, dh, dout, gated_residual_adaln_norm_bwd, gated_residual_bwd)
+        return _grad_fused(ctx, dh, dout, gated_residual_adaln_norm_bwd, gated_residual_bwd,
+                           split_cast)
 
 
-def _grad_fused(ctx, dh, dout, fused_bwd, residual_bwd):
+def _cast_each(dmod, dtypes):
+    return tuple(m.to(d) for m, d in zip(dmod.unbind(0), dtypes))
+
+
+def _grad_fused(ctx, dh, dout, fused_bwd, residual_bwd, cast):
     x, gate, y, scale = ctx.saved_tensors
     if dout is None:
         if dh is None:
@@ -255,8 +259,8 @@ def _grad_fused(ctx, dh, dout, fused_bwd, residual_bwd):
         return dh, dgate, dy, None, None, None
     dx, dy, dmod = fused_bwd(dh, dout, x, gate, y, scale, ctx.eps)
     gate_dtype, shift_dtype, scale_dtype = ctx.dtypes
-    return (dx, dmod[0].to(gate_dtype), dy, dmod[2].to(shift_dtype), dmod[1].to(scale_dtype),
-            None)
+    dgate, dscale, dshift = cast(dmod, (gate_dtype, scale_dtype, shift_dtype))
+    return dx, dgate, dy, dshift, dscale, None
 
 
 # ------------------------------------------------------------------------- custom ops
@@ -331,7 +335,7 @@ def _gra_setup(ctx, inputs, output):
 
 
 def _gra_backward(ctx, dh, dout):
-    return _grad_fused(ctx, dh, dout, _gr_adaln_bwd_op, _gated_residual_bwd_op)
+    return _grad_fused(ctx, dh, dout, _gr_adaln_bwd_op, _gated_residual_bwd_op, _cast_each)
 
 
 _gr_adaln_op.register_autograd(_gra_backward, setup_context=_gra_setup)
@@ -339,12 +343,18 @@ _gr_adaln_op.register_autograd(_gra_backward, setup_context=_gra_setup)
 
 # ---------------------------------------------------------------------- public API
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """h = x + gate[:, None] * y; x, y (N,T,D), gate (N,D). Output in x's dtype."""
-    return _gated_residual_op(x, gate, y)
+    """h = x + gate[:, None] * y; x, y (N,T,D), gate (N,D). Output in x's dtype.
+    Eager: the autograd.Function; under torch.compile: the custom op."""
+    if compiling():
+        return _gated_residual_op(x, gate, y)
+    return GatedResidualFn.apply(x, gate, y)
 
 
 def gated_residual_adaln_norm(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor,
                               shift: torch.Tensor, scale: torch.Tensor,
                               eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(h, out): h = x + gate*y, out = LayerNorm(h)*(1+scale)+shift, in one pass."""
-    return _gr_adaln_op(x, gate, y, shift, scale, float(eps))
+    """(h, out): h = x + gate*y, out = LayerNorm(h)*(1+scale)+shift, in one pass.
+    Eager: the autograd.Function; under torch.compile: the custom op."""
+    if compiling():
+        return _gr_adaln_op(x, gate, y, shift, scale, float(eps))
+    return GatedResidualAdaLNNormFn.apply(x, gate, y, shift, scale, float(eps))

@@ -67,3 +67,70 @@ def test_triton_backend_routes_to_kernels(op, kernel_device, monkeypatch):
 def test_env_flag_seen_by_dispatcher():
     # sanity of the premise above: the flag the conftest sets is the one ops reads
     assert ops._interpret() == (os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+# The public kernel functions take the torch.autograd.Function in eager mode (cheaper per
+# call than torch.library custom-op dispatch) and the custom op while torch.compile traces.
+FNS = {"adaln_norm": "AdaLNNormFn", "gated_residual": "GatedResidualFn",
+       "gated_residual_adaln_norm": "GatedResidualAdaLNNormFn", "projector": "ProjectorFn",
+       "mlp": "MLPFn", "align_loss": "AlignLossFn"}
+
+
+def _leaves(op, args):
+    return [a.clone().requires_grad_(not (op == "align_loss" and i == 1))
+            for i, a in enumerate(args)]
+
+
+def _loss_and_grads(op, out, leaves):
+    outs = out if isinstance(out, tuple) else (out,)
+    loss = sum((o.float() * torch.linspace(-1, 1, o.numel(), device=o.device).view_as(o)).sum()
+               for o in outs)
+    return [*outs, *torch.autograd.grad(loss, [t for t in leaves if t.requires_grad])]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_eager_path_is_the_autograd_function(op, kernel_device, monkeypatch):
+    if kernel_device == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    custom_calls = []
+    real = torch.library.CustomOpDef.__call__
+
+    def spy(self, *a, **k):
+        custom_calls.append(self._name)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.library.CustomOpDef, "__call__", spy)
+    args, kw = _args(op, kernel_device, torch.Generator().manual_seed(0))
+    leaves = _leaves(op, args)
+    with ops.use_backend("triton"):
+        out = getattr(ops, op)(*leaves, **kw)
+    first = out[0] if isinstance(out, tuple) else out
+    assert isinstance(first.grad_fn, getattr(K, FNS[op])._backward_cls), type(first.grad_fn)
+    _loss_and_grads(op, out, leaves)
+    assert custom_calls == [], f"eager call went through custom ops {custom_calls}"
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_compiled_path_is_the_custom_op_without_graph_breaks(op, kernel_device, monkeypatch):
+    from torch._dynamo.backends.registry import lookup_backend
+    if kernel_device == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):  # aot_eager, recording dynamo's graph
+        graphs.append(str(gm.graph))
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    args, kw = _args(op, kernel_device, torch.Generator().manual_seed(0))
+    f = getattr(K, op)  # the public kernel function: where eager/compiled paths split
+    cf = torch.compile(lambda *a: f(*a, **kw), backend=backend, fullgraph=True)
+    eager_leaves, comp_leaves = _leaves(op, args), _leaves(op, args)
+    want = _loss_and_grads(op, f(*eager_leaves, **kw), eager_leaves)
+    got = _loss_and_grads(op, cf(*comp_leaves), comp_leaves)
+    assert len(graphs) == 1  # fullgraph=True already fails on a break; one graph, no recompile
+    assert f"sra_fast.{op}" in graphs[0], graphs[0]
+    assert "triton_kernel_wrapper" not in graphs[0]  # the tracer never saw a Triton launch
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()

@@ -24,17 +24,25 @@ _kernels = {"module": None, "error": None, "loaded": False}
 
 
 def _interpret() -> bool:
+    # Read on every call on purpose: tests flip TRITON_INTERPRET per test (conftest.py uses
+    # monkeypatch.setenv). Only non-CUDA tensors ever reach this (see _kernel), so the
+    # lookup costs nothing on the GPU path.
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _load_kernels():
+    global _K
     if not _kernels["loaded"]:
         _kernels["loaded"] = True
         try:
             _kernels["module"] = importlib.import_module("sra_fast.kernels")
         except Exception as e:  # triton missing or broken: the reference path still runs
             _kernels["error"] = f"{type(e).__name__}: {e}"
+        _K = _kernels["module"]
     return _kernels["module"]
+
+
+_K = None  # sra_fast.kernels once loaded (the per-call fast path reads this global)
 
 
 def triton_available() -> bool:
@@ -65,12 +73,16 @@ def use_backend(name: str):
 
 
 def _kernel(op: str, t):
-    """The Triton implementation of `op` for tensor t, or None for the reference."""
+    """The Triton implementation of `op` for tensor t, or None for the reference.
+
+    Called once per op call, so kept to a few attribute reads. The function is looked up by
+    name on the module each time (a getattr, ~50 ns) rather than cached, so a test that
+    monkeypatches sra_fast.kernels.<op> is seen."""
     if _state["backend"] == "ref":
         return None
     if not (t.is_cuda or _interpret()):
         return None
-    mod = _load_kernels()
+    mod = _K if _K is not None else _load_kernels()
     return None if mod is None else getattr(mod, op, None)
 
 
