@@ -99,7 +99,7 @@ export SRA_FAST_JIT_EXT=1
 
 # XL/2 shapes only: bench_ops compiles each op for its `compile` provider and writes its CSV
 # and table only at the end, so it must finish inside its limit
-OPS_ARGS=(--mode fwd+bwd --csv "$OUT_DIR/bench_ops.csv")
+OPS_ARGS=(--mode fwd+bwd --timing graph --csv "$OUT_DIR/bench_ops.csv")
 [ "${GPU_CHECK_DRY:-0}" = "1" ] || OPS_ARGS+=(--model XL/2)
 STEP_ARGS=()
 if [ "${GPU_CHECK_DRY:-0}" = "1" ]; then
