@@ -1,0 +1,330 @@
+"""Training configuration: one dataclass, its command line, its presets, and model building.
+
+Every field is a kebab-case flag (`block_out_s` -> `--block-out-s`). Fields left at None are
+filled by `resolve()` from a preset: "digits" (no --data-dir: the embedded small pixel-space
+run on scikit-learn's handwritten digits) or "latents" (a --data-dir of SD-VAE latents: the
+released SiT-XL/2 + SRA recipe). The resolved config is what runs, what is printed, and what
+is saved (as plain data) in the run folder and in every checkpoint.
+
+Model names: everything in sra_fast.models.ALL_MODELS (SiT-XL/2, DiT-B/4, ...) plus the tiny
+sizes below (SiT-T/2, SiT-T/4, DiT-T/2, ...), used by the embedded run and the tests.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Any
+
+from .models import ALL_MODELS, DiT, SiT
+from .objective import SRAConfig
+
+# Tiny sizes for CPU runs and tests: depth, width, heads. Not a released size.
+TINY_SIZES = {"T": (6, 128, 4)}
+TINY_MODELS = {f"{arch}-{s}/{p}": (cls, *TINY_SIZES[s], p)
+               for arch, cls in (("SiT", SiT), ("DiT", DiT)) for s in TINY_SIZES
+               for p in (1, 2, 4, 8)}
+MODEL_NAMES = sorted(ALL_MODELS) + sorted(TINY_MODELS)
+
+# Layer pairs the authors used (student block, teacher block); others follow their rule of
+# thumb: student at ~1/4 of the depth, teacher at ~3/4.
+BLOCK_OUT_DEFAULTS = {"SiT-XL": (8, 20), "DiT-XL": (8, 16), "SiT-B": (4, 8), "DiT-B": (4, 8),
+                      "SiT-T": (2, 4), "DiT-T": (2, 4)}
+
+
+def model_family(name: str) -> str:
+    return name.split("/")[0]
+
+
+def model_kind(name: str) -> str:
+    return "dit" if name.startswith("DiT") else "sit"
+
+
+def build_model(name: str, **kwargs):
+    """A SiT/DiT by name (released sizes or the tiny ones); kwargs go to the constructor."""
+    if name in ALL_MODELS:
+        return ALL_MODELS[name](**kwargs)
+    if name in TINY_MODELS:
+        cls, depth, hidden, heads, patch = TINY_MODELS[name]
+        return cls(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch, **kwargs)
+    raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
+
+
+def model_depth(name: str) -> int:
+    if name in TINY_MODELS:
+        return TINY_MODELS[name][1]
+    size = model_family(name).split("-")[1]
+    return {"S": 12, "B": 12, "L": 24, "XL": 28}[size]
+
+
+def default_block_outs(name: str) -> tuple[int, int]:
+    fam = model_family(name)
+    if fam in BLOCK_OUT_DEFAULTS:
+        return BLOCK_OUT_DEFAULTS[fam]
+    d = model_depth(name)
+    return max(1, round(d / 4)), max(2, round(3 * d / 4))
+
+
+def _f(default=None, help: str = "", aliases: tuple = (), choices=None, runtime: bool = False):
+    """A config field with its command-line help. runtime=True: may differ on resume."""
+    return dataclasses.field(default=default, metadata={
+        "help": help, "aliases": aliases, "choices": choices, "runtime": runtime})
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    # ---------------------------------------------------------------- model and method
+    model: str | None = _f(None, "model name, e.g. SiT-XL/2, SiT-B/2, DiT-XL/2 "
+                           "(preset: SiT-T/2 for the digits run, SiT-XL/2 for latents)")
+    block_out_s: int | None = _f(None, "student block whose output is aligned (1-based; "
+                                 "default from the model: SiT-XL 8, DiT-XL 8, B 4, T 2)")
+    block_out_t: int | None = _f(None, "teacher (EMA) block aligned to (SiT-XL 20, DiT-XL 16, "
+                                 "B 8, T 4)")
+    t_max: float = _f(0.2, "teacher time offset: t' = t - U(0, t_max)")
+    loss_type: str = _f("cos", "alignment loss: cos (token-wise, recommended), cos-released "
+                        "(the released code's dim=1 cosine), smooth-l1, l1, l2",
+                        choices=("cos", "cos-released", "smooth-l1", "l1", "l2"))
+    align_weight: float = _f(0.5, "alignment weight lambda (the constant of --weight-schedule)")
+    weight_schedule: str = _f("constant", "alignment weight schedule over epochs",
+                              choices=("constant", "smooth-l1-decay-sit-256",
+                                       "smooth-l1-decay-sit-512", "smooth-l1-decay-dit-256",
+                                       "smooth-l1-decay-dit-512"))
+    path_type: str = _f("linear", "SiT interpolation path", choices=("linear", "cosine", "cos"))
+    time_sampler: str = _f("uniform", "SiT training-time distribution",
+                           choices=("uniform", "lognormal"))
+    cfg_prob: float = _f(0.1, "label dropout probability (classifier-free guidance)")
+    num_classes: int | None = _f(None, "number of classes (default: from the data; 1000 for "
+                                 "the released latent layout)")
+    qk_norm: bool = _f(False, "LayerNorm on q and k (REPA option)")
+    # ---------------------------------------------------------------- data
+    data_dir: str | None = _f(None, "latent data: a folder in the released layout (with "
+                              "vae-sd/) or a packed folder (meta.json). Omitted: the "
+                              "embedded digits run", aliases=("--data-dir-train",))
+    resolution: int | None = _f(None, "image resolution the latents come from (checked "
+                                "against the data: latent size = resolution / 8)")
+    latent_scale: float = _f(0.18215, "SD-VAE latent scale")
+    num_workers: int | None = _f(None, "data-loader workers per process (preset: 0 digits, "
+                                 "4 latents)", runtime=True)
+    # ---------------------------------------------------------------- optimisation
+    batch_size: int | None = _f(None, "batch size per process (GPU); the global batch is "
+                                "printed (preset: 64 digits, 32 latents)")
+    global_batch_size: int | None = _f(None, "alternative to --batch-size: the global batch, "
+                                       "which must divide across the processes")
+    grad_accum: int = _f(1, "gradient-accumulation micro-steps per optimizer step (each "
+                         "process's batch is split into this many)",
+                         aliases=("--gradient-accumulation-steps",))
+    lr: float | None = _f(None, "AdamW learning rate (preset: 1e-3 digits, 1e-4 latents)",
+                          aliases=("--learning-rate",))
+    lr_warmup_steps: int | None = _f(None, "linear learning-rate warm-up steps (preset: 100 "
+                                     "digits, 0 latents)")
+    weight_decay: float = _f(0.0, "AdamW weight decay", aliases=("--adam-weight-decay",))
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_eps: float = _f(1e-8, "AdamW epsilon", aliases=("--adam-epsilon",))
+    grad_clip: float = _f(1.0, "gradient-norm clip", aliases=("--max-grad-norm",))
+    ema_decay: float | None = _f(None, "EMA (teacher) decay (preset: 0.995 for the short digits "
+                                 "run, 0.9999 latents)")
+    max_steps: int | None = _f(None, "stop after this many optimizer steps (preset: 1200 "
+                               "digits, 4,100,000 latents)", aliases=("--max-train-steps",),
+                               runtime=True)
+    epochs: int | None = _f(None, "stop after this many epochs (preset: none digits, 801 "
+                            "latents); training stops at whichever limit comes first",
+                            runtime=True)
+    precision: str | None = _f(None, "autocast precision of the student (preset: fp32 digits, "
+                               "bf16 latents; 'no' means fp32)",
+                               aliases=("--mixed-precision",),
+                               choices=("bf16", "fp16", "fp32", "no"))
+    tf32: bool = _f(True, "allow TF32 matmuls on GPUs", runtime=True)
+    cuda_graph: bool = _f(False, "capture the whole step in one CUDA graph (one GPU, bf16/fp32; "
+                          "where impossible, e.g. under DDP, it says why and runs eagerly)",
+                          runtime=True)
+    teacher_bf16: bool = _f(False, "keep bf16 copies of the EMA teacher's weights for its "
+                            "forward (bf16 precision only)", runtime=True)
+    # ---------------------------------------------------------------- run
+    out_dir: str = _f("runs", "folder that holds run folders", aliases=("--output-dir",),
+                      runtime=True)
+    exp_name: str | None = _f(None, "run folder name inside --out-dir (preset: 'digits', or "
+                              "the model and data folder names)", runtime=True)
+    seed: int = _f(0, "global seed (per-process streams derive from it and the rank)")
+    log_every: int | None = _f(None, "read losses from the device and log every N steps "
+                               "(preset: 25 digits, 100 latents)", runtime=True)
+    ckpt_every: int | None = _f(None, "checkpoint every N steps (and at the end) (preset: 600 "
+                                "digits, 50,000 latents)", aliases=("--checkpoint-steps",),
+                                runtime=True)
+    keep_ckpts: int = _f(0, "keep only the newest N checkpoints (0: keep all)", runtime=True)
+    sample_every: int | None = _f(None, "write a sample grid every N steps (and at the end; 0: "
+                                  "only at the end) (preset: 600 digits, 10,000 latents)",
+                                  runtime=True)
+    resume: str | None = _f(None, "'auto' (newest complete checkpoint of this run, if any) or a "
+                            "checkpoint path / folder (ours or a released one)",
+                            aliases=("--resume-ckpt",), runtime=True)
+    init_from: str | None = _f(None, "initialise the weights (model and EMA) from a checkpoint "
+                               "(ours or released); optimizer and step start fresh",
+                               runtime=True)
+    init_missing_head: bool = _f(False, "with --init-from/--resume of a plain SiT/DiT/REPA "
+                                 "checkpoint: start the SRA projector head from scratch",
+                                 runtime=True)
+    trust_checkpoint: bool = _f(False, "unpickle checkpoints without the allow-list (only for "
+                                "files you trust)", runtime=True)
+    max_nonfinite: int = _f(20, "stop after this many consecutive non-finite losses (each "
+                            "one skips its update)", runtime=True)
+    kernels: str = _f("auto", "fused-op backend", choices=("auto", "ref", "triton"),
+                      runtime=True)
+    attn: str = _f("auto", "attention backend", choices=("auto", "sdpa", "flash_attn", "math"),
+                   runtime=True)
+    device: str = _f("auto", "auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu or "
+                     "cuda", choices=("auto", "cpu", "cuda"), runtime=True)
+    threads: int | None = _f(None, "CPU threads per process (default: cores / local "
+                             "processes)", runtime=True)
+    peak_tflops: float | None = _f(None, "the accelerator's peak TFLOP/s for the MFU printout "
+                                   "(default: known GPUs only)", runtime=True)
+    # ---------------------------------------------------------------- sample grids
+    sample_sampler: str = _f("heun", "sampler for training-time grids",
+                             choices=("euler", "heun", "sde", "ddpm"), runtime=True)
+    sample_steps: int | None = _f(None, "steps of the grid sampler (preset: 30 digits, 50 "
+                                  "latents)", runtime=True)
+    sample_cfg_scale: float | None = _f(None, "CFG scale of the grids (preset: 2.0 digits, 4.0 "
+                                        "latents as in the released code)", runtime=True)
+    sample_weights: str | None = _f(None, "weights the grids are drawn with: ema or student "
+                                    "(preset: ema)", choices=("ema", "student"), runtime=True)
+    vae: str = _f("stabilityai/sd-vae-ft-ema", "VAE (local path or hub name) that decodes "
+                  "latent grids; 'none' skips decoding", runtime=True)
+
+    # ------------------------------------------------------------------ helpers
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            print(f"[sra-fast] warning: ignoring unknown config keys {unknown}", file=sys.stderr)
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @property
+    def preset(self) -> str:
+        return "digits" if self.data_dir is None else "latents"
+
+    def sra_config(self) -> SRAConfig:
+        return SRAConfig(block_out_s=self.block_out_s, block_out_t=self.block_out_t,
+                         t_max=self.t_max, loss_type=self.loss_type,
+                         weight_schedule=self.weight_schedule, align_weight=self.align_weight,
+                         path_type=self.path_type, time_sampler=self.time_sampler)
+
+    def resolve(self) -> "TrainConfig":
+        """Fill preset fields and check values; returns a new config."""
+        c = dataclasses.replace(self)
+        preset = PRESETS[c.preset]
+        for k, v in preset.items():
+            if getattr(c, k) is None:
+                setattr(c, k, v)
+        if c.precision == "no":
+            c.precision = "fp32"
+        if c.model not in ALL_MODELS and c.model not in TINY_MODELS:
+            raise ValueError(f"unknown model {c.model!r}; choose one of {MODEL_NAMES}")
+        s, t = default_block_outs(c.model)
+        c.block_out_s = s if c.block_out_s is None else c.block_out_s
+        c.block_out_t = t if c.block_out_t is None else c.block_out_t
+        if c.exp_name is None:
+            if c.preset == "digits":
+                c.exp_name = "digits"
+            else:
+                from pathlib import Path
+                c.exp_name = (c.model.replace("/", "-") + "-"
+                              + (Path(c.data_dir).resolve().name or "data"))
+        if c.path_type == "cos":
+            c.path_type = "cosine"
+        for name in ("grad_accum", "log_every", "ckpt_every", "max_nonfinite"):
+            if getattr(c, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
+        if c.sample_every < 0:
+            raise ValueError("--sample-every must be >= 0")
+        if c.batch_size is not None and c.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {c.batch_size}")
+        if not 0.0 <= c.cfg_prob < 1.0:
+            raise ValueError(f"--cfg-prob must be in [0, 1), got {c.cfg_prob}")
+        c.sra_config().validate(model_depth(c.model))
+        if c.sample_sampler == "ddpm" and model_kind(c.model) != "dit":
+            raise ValueError("--sample-sampler ddpm is for DiT models; SiT uses euler, heun or sde")
+        if model_kind(c.model) == "dit" and c.sample_sampler != "ddpm":
+            c.sample_sampler = "ddpm"
+        return c
+
+    def identity(self) -> dict:
+        """The fields that define a run (not the runtime ones): two configs that differ here
+        are two different runs."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if not f.metadata.get("runtime")}
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The embedded run: 1200 steps of a 1.9M-parameter SiT (patch 2 on the 8x8 digits: 16
+    # tokens), about 3 minutes on 2 CPU cores. The EMA decay is short (0.995) because the
+    # run is short: with 0.9999 (or even 0.999) the EMA -- the SRA teacher and the weights
+    # the grids are drawn with -- would still be mostly its random initialisation.
+    "digits": dict(model="SiT-T/2", batch_size=64, lr=1e-3, lr_warmup_steps=100,
+                   ema_decay=0.995, max_steps=1200, precision="fp32", num_workers=0,
+                   log_every=25, ckpt_every=600, sample_every=600, sample_steps=30,
+                   sample_cfg_scale=2.0, sample_weights="ema"),
+    # The released SiT-XL/2 + SRA recipe (per-GPU batch 32, 8 GPUs -> 256).
+    "latents": dict(model="SiT-XL/2", batch_size=32, lr=1e-4, lr_warmup_steps=0,
+                    ema_decay=0.9999, max_steps=4_100_000, epochs=801, precision="bf16",
+                    num_workers=4, log_every=100, ckpt_every=50_000, sample_every=10_000,
+                    sample_steps=50, sample_cfg_scale=4.0, sample_weights="ema"),
+}
+
+
+# ---------------------------------------------------------------------- command line
+def _arg_type(field: dataclasses.Field):
+    ann = str(field.type)
+    if "bool" in ann:
+        return bool
+    if "int" in ann:
+        return int
+    if "float" in ann:
+        return float
+    return str
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls=TrainConfig) -> argparse.ArgumentParser:
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        names = [flag, *f.metadata.get("aliases", ())]
+        typ = _arg_type(f)
+        help_ = f.metadata.get("help", "")
+        if typ is bool:
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=f.default, help=help_)
+        else:
+            parser.add_argument(*names, dest=f.name, type=typ, default=f.default,
+                                choices=f.metadata.get("choices"), help=help_,
+                                metavar=None if f.metadata.get("choices") else f.name.upper())
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train SiT/DiT with Self-Representation Alignment (SRA). Without "
+                    "--data-dir: a small class-conditional SiT on scikit-learn's digits "
+                    "(a few minutes on a CPU). Launch multi-GPU runs with torchrun.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default=None, help="JSON file of config values (flags given "
+                   "on the command line override it)")
+    return add_config_args(p)
+
+
+def parse_config(argv=None) -> TrainConfig:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    values = vars(args)
+    cfg_file = values.pop("config")
+    if cfg_file:
+        with open(cfg_file) as fh:
+            base = json.load(fh)
+        explicit = {k: v for k, v in values.items() if v != parser.get_default(k)}
+        base.update(explicit)
+        return TrainConfig.from_dict(base)
+    return TrainConfig(**values)

@@ -1,0 +1,132 @@
+"""Process-group setup for torchrun launches (single and multi node) and small collectives.
+
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT;
+we rendezvous through env:// and pick the device from LOCAL_RANK (never the global rank,
+which breaks on the second node). NCCL on GPUs, gloo on CPU. A plain `python train.py`
+is a world of one and creates no process group.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (seed, rank, ...): independent streams per tuple."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0]
+               >> np.uint64(1))
+
+
+@dataclasses.dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    initialized: bool = False   # True when we created the process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def env_ranks() -> tuple[int, int, int, int]:
+    """(rank, world_size, local_rank, local_world_size) from torchrun's environment."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world if world > 1 else 1))
+    return rank, world, local_rank, local_world
+
+
+def pick_device(pref: str = "auto", local_rank: int = 0) -> torch.device:
+    if pref == "cpu":
+        return torch.device("cpu")
+    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for but CUDA is not available here")
+        n = torch.cuda.device_count()
+        if local_rank >= n:
+            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {n} GPUs are visible on this "
+                               "node: launch at most one process per GPU (torchrun "
+                               f"--nproc-per-node {n})")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device: str = "auto", timeout_min: float = 30.0) -> DistEnv:
+    """Create the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    rank, world, local_rank, local_world = env_ranks()
+    dev = pick_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    env = DistEnv(rank, world, local_rank, local_world, dev)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        kw = dict(backend=backend, init_method="env://", rank=rank, world_size=world,
+                  timeout=datetime.timedelta(minutes=timeout_min))
+        if dev.type == "cuda":
+            kw["device_id"] = dev
+        try:
+            dist.init_process_group(**kw)
+        except TypeError:   # older torch without device_id
+            kw.pop("device_id", None)
+            dist.init_process_group(**kw)
+        env.initialized = True
+    elif world > 1:
+        env.rank, env.world_size = dist.get_rank(), dist.get_world_size()
+    return env
+
+
+def cleanup(env: DistEnv) -> None:
+    if env.initialized and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        if env.device.type == "cuda":
+            dist.barrier(device_ids=[env.device.index])
+        else:
+            dist.barrier()
+
+
+def all_reduce_(t: torch.Tensor, env: DistEnv, op=None) -> torch.Tensor:
+    if env.distributed:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def all_gather_objects(obj, env: DistEnv) -> list:
+    if not env.distributed:
+        return [obj]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, env: DistEnv, src: int = 0):
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def any_true(flag: bool, env: DistEnv) -> bool:
+    """True on every rank if `flag` is True on any rank (for errors that must stop all)."""
+    if not env.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

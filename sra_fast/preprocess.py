@@ -1,0 +1,297 @@
+"""Image folder -> SD-VAE latent moments (`python -m sra_fast.preprocess`).
+
+    python -m sra_fast.preprocess encode --source IMAGENET/train --dest DATA --resolution 256
+    torchrun --nproc-per-node 8 -m sra_fast.preprocess encode --source ... --dest DATA
+    python -m sra_fast.preprocess convert --source DATA --dest DATA/packed
+
+encode: an ImageNet-style folder (one sub-folder per class, sorted names -> class ids) ->
+ADM centre crop to --resolution (256 or 512) -> [-1, 1] -> the SD-VAE encoder (diffusers
+AutoencoderKL, a local path or a hub name that this machine can load) -> posterior moments
+concat(mean, std), float32 (8, R/8, R/8) per image -> DATA/packed/ (the packed format)
+and/or DATA/vae-sd/ (the released REPA/SRA layout). Batched on every GPU: images are cut
+into chunks, chunk c belongs to rank c mod WORLD_SIZE, and each chunk's result is written
+to its own file under DATA/.sra-work/ by that rank alone (temporary name, then rename). A
+crashed run started again with the same command skips the finished chunks. When every
+chunk is there, rank 0 writes dataset.json and/or assembles the packed folder, each
+atomically, and removes the work folder. No process group is needed: ranks never talk.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import DataError, PackedWriter, convert_released_to_packed, error_line
+from .distributed import env_ranks, pick_device
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
+WORK = ".sra-work"
+
+
+def center_crop_arr(pil_image, image_size: int):
+    """ADM's centre crop: halve with BOX while large, BICUBIC resize, centre crop."""
+    from PIL import Image
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size),
+                                 resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    cy = (arr.shape[0] - image_size) // 2
+    cx = (arr.shape[1] - image_size) // 2
+    return arr[cy: cy + image_size, cx: cx + image_size]
+
+
+def list_images(source) -> tuple[list[str], list[int], list[str]]:
+    """(relative paths, class ids, class names) of an ImageNet-style folder, sorted."""
+    src = Path(source)
+    if not src.is_dir():
+        raise DataError(f"--source {src} is not a folder")
+    classes = sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"--source {src} has no class sub-folders (expected one folder per "
+                        "class, ImageNet style)")
+    files, labels = [], []
+    for ci, c in enumerate(classes):
+        for root, dirs, names in os.walk(src / c):
+            dirs.sort()
+            for n in sorted(names):
+                if os.path.splitext(n)[1].lower() in IMAGE_EXTS:
+                    files.append(os.path.relpath(os.path.join(root, n), src).replace("\\", "/"))
+                    labels.append(ci)
+    if not files:
+        raise DataError(f"--source {src}: the class folders hold no images")
+    return files, labels, classes
+
+
+def released_name(i: int) -> str:
+    s = f"{i:08d}"
+    return f"{s[:5]}/img-mean-std-{s}.npy"
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, root, files, resolution):
+        self.root, self.files, self.res = Path(root), files, resolution
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        path = self.root / self.files[i]
+        try:
+            with Image.open(path) as im:
+                arr = center_crop_arr(im.convert("RGB"), self.res)
+        except Exception as e:
+            raise DataError(f"{path}: unreadable image ({' '.join(str(e).split())})") from None
+        return torch.from_numpy(arr)
+
+
+def _atomic_npy(path: Path, arr: np.ndarray):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        np.save(fh, arr)
+    os.replace(tmp, path)
+
+
+def _atomic_text(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_encoder(name: str, device):
+    try:
+        from diffusers.models import AutoencoderKL
+    except ImportError:
+        raise SystemExit("error: preprocessing needs diffusers: pip install diffusers") from None
+    try:
+        vae = AutoencoderKL.from_pretrained(name)
+    except Exception as e:
+        raise SystemExit(f"error: could not load the VAE {name!r} ({' '.join(str(e).split())[:200]})"
+                         "; give a local folder or a hub name this machine can download") from None
+    return vae.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_moments(vae, images_u8: torch.Tensor) -> np.ndarray:
+    """uint8 NHWC -> float32 (N, 2C, h, w) = concat(posterior mean, posterior std)."""
+    x = images_u8.to(next(vae.parameters()).device).permute(0, 3, 1, 2).float() / 127.5 - 1
+    d = vae.encode(x.to(vae.dtype)).latent_dist
+    return torch.cat([d.mean, d.std], dim=1).float().cpu().numpy()
+
+
+def encode(a) -> int:
+    rank, world, local_rank, _ = env_ranks()
+    formats = {f.strip() for f in a.format.split(",") if f.strip()}
+    if not formats or formats - {"packed", "released"}:
+        raise DataError(f"--format {a.format!r}: use packed, released or packed,released")
+    if a.resolution % 8:
+        raise DataError(f"--resolution {a.resolution} must be a multiple of 8")
+    dest = Path(a.dest)
+    done_packed = (dest / "packed" / "meta.json").is_file()
+    done_released = (dest / "vae-sd" / "dataset.json").is_file()
+    if (("packed" in formats and done_packed) or ("released" in formats and done_released)) \
+            and not a.overwrite:
+        raise DataError(f"--dest {dest} already holds encoded latents; pass --overwrite or "
+                        "choose another --dest")
+    files, labels, classes = list_images(a.source)
+    if a.max_images:
+        files, labels = files[:a.max_images], labels[:a.max_images]
+    n = len(files)
+    work = dest / WORK
+    index = {"source": str(Path(a.source).resolve()), "files": files, "labels": labels,
+             "classes": classes, "resolution": a.resolution, "vae": a.vae,
+             "chunk_size": a.chunk_size, "formats": sorted(formats)}
+    digest = hashlib.sha256(json.dumps(index, sort_keys=True).encode()).hexdigest()
+    if rank == 0:
+        work.mkdir(parents=True, exist_ok=True)
+        idx_file = work / "index.json"
+        if idx_file.is_file():
+            old = json.loads(idx_file.read_text())
+            if old.get("digest") != digest:
+                raise DataError(f"{work} holds an unfinished run over other images or settings;"
+                                " delete it (or pass the same flags) to start again")
+        else:
+            _atomic_text(idx_file, json.dumps({"digest": digest, **index}))
+    else:
+        t0 = time.time()   # rank 0 creates the work folder; wait for it (shared filesystem)
+        while not (work / "index.json").is_file():
+            if time.time() - t0 > 600:
+                raise DataError(f"{work}/index.json did not appear: does every node see "
+                                "--dest on a shared filesystem?")
+            time.sleep(0.5)
+    n_chunks = -(-n // a.chunk_size)
+    mine = [c for c in range(n_chunks) if c % world == rank]
+    todo = [c for c in mine if not (work / f"chunk-{c:06d}.npy").is_file()]
+    device = pick_device(a.device, local_rank)
+    if rank == 0:
+        print(f"[sra-fast] {n:,} images in {len(classes)} classes -> {sorted(formats)} at "
+              f"{dest}; {n_chunks} chunks of {a.chunk_size} over {world} process(es)"
+              f"{f', {len(mine) - len(todo)} of ours already done' if len(todo) < len(mine) else ''}",
+              flush=True)
+    if a.max_chunks is not None:
+        todo = todo[:a.max_chunks]
+    if todo:
+        vae = load_encoder(a.vae, device)
+        from tqdm import tqdm
+        bar = tqdm(total=sum(min(a.chunk_size, n - c * a.chunk_size) for c in todo),
+                   unit="img", desc=f"encoding (rank {rank})", disable=rank != 0)
+        for c in todo:
+            lo, hi = c * a.chunk_size, min((c + 1) * a.chunk_size, n)
+            ds = _Images(a.source, files[lo:hi], a.resolution)
+            dl = torch.utils.data.DataLoader(ds, batch_size=a.batch_size,
+                                             num_workers=a.num_workers,
+                                             pin_memory=device.type == "cuda")
+            out = []
+            for batch in dl:
+                out.append(encode_moments(vae, batch))
+                bar.update(len(batch))
+            moments = np.concatenate(out).astype(np.float32)
+            if "released" in formats:
+                for j, m in enumerate(moments):
+                    _atomic_npy(dest / "vae-sd" / released_name(lo + j), m)
+            # the chunk's completion mark; it carries the data only when packing needs it
+            _atomic_npy(work / f"chunk-{c:06d}.npy",
+                        moments if "packed" in formats else np.zeros(0, np.float32))
+        bar.close()
+    if a.max_chunks is not None:
+        return 0
+    if rank != 0:
+        return 0
+    # rank 0: wait for every chunk, then finalise
+    t0, shown = time.time(), 0.0
+    while True:
+        missing = [c for c in range(n_chunks) if not (work / f"chunk-{c:06d}.npy").is_file()]
+        if not missing:
+            break
+        if time.time() - shown > 60:
+            print(f"[sra-fast] waiting for {len(missing)} chunk(s) from other processes",
+                  flush=True)
+            shown = time.time()
+        if a.wait_timeout and time.time() - t0 > a.wait_timeout:
+            raise DataError(f"{len(missing)} chunks never arrived (e.g. chunk {missing[0]}); "
+                            "run the same command again to finish them")
+        time.sleep(2.0)
+    if "released" in formats:
+        entries = [[released_name(i), int(labels[i])] for i in range(n)]
+        _atomic_text(dest / "vae-sd" / "dataset.json", json.dumps({"labels": entries}))
+    if "packed" in formats:
+        first = np.load(work / "chunk-000000.npy", mmap_mode="r")
+        with PackedWriter(dest / "packed", n, first.shape[1:], a.dtype, a.overwrite) as w:
+            for c in range(n_chunks):
+                lo = c * a.chunk_size
+                arr = np.load(work / f"chunk-{c:06d}.npy")
+                w.write(lo, arr.astype(a.dtype, copy=False), labels[lo:lo + len(arr)])
+            w.commit(len(classes), {"source": index["source"], "resolution": a.resolution,
+                                    "vae": a.vae, "classes": classes})
+    if not a.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"[sra-fast] done: {n:,} latents in {dest}", flush=True)
+    return 0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m sra_fast.preprocess", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("encode", help="image folder -> SD-VAE latent moments")
+    e.add_argument("--source", required=True, help="ImageNet-style folder: one sub-folder "
+                   "per class")
+    e.add_argument("--dest", required=True, help="output folder (gets packed/ and/or vae-sd/)")
+    e.add_argument("--resolution", type=int, default=256, help="ADM centre crop size (256 or "
+                   "512)")
+    e.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
+                   help="AutoencoderKL: local folder or hub name")
+    e.add_argument("--format", default="packed,released",
+                   help="packed, released, or both (comma separated)")
+    e.add_argument("--dtype", default="float32", choices=("float32", "float16"),
+                   help="storage dtype of the packed array")
+    e.add_argument("--batch-size", type=int, default=64, help="images per encoder batch")
+    e.add_argument("--chunk-size", type=int, default=1024,
+                   help="images per work unit (the unit of resuming)")
+    e.add_argument("--num-workers", type=int, default=8, help="image-decoding workers")
+    e.add_argument("--max-images", type=int, default=None)
+    e.add_argument("--max-chunks", type=int, default=None,
+                   help="encode at most this many chunks in this process, then stop without "
+                        "finalising (time-sliced jobs; run again to continue)")
+    e.add_argument("--wait-timeout", type=float, default=0,
+                   help="rank 0: seconds to wait for other ranks' chunks (0: forever)")
+    e.add_argument("--keep-work", action="store_true", help="keep DATA/.sra-work")
+    e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    c = sub.add_parser("convert", help="released vae-sd layout -> packed folder")
+    c.add_argument("--source", required=True, help="folder holding vae-sd/ (or vae-sd itself)")
+    c.add_argument("--dest", required=True, help="packed output folder")
+    c.add_argument("--dtype", default="float32", choices=("float32", "float16"))
+    c.add_argument("--threads", type=int, default=16)
+    c.add_argument("--num-classes", type=int, default=None)
+    c.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        if a.cmd == "encode":
+            return encode(a)
+        out = convert_released_to_packed(a.source, a.dest, a.dtype, a.overwrite, a.threads,
+                                         num_classes=a.num_classes)
+        print(f"[sra-fast] wrote {out}")
+        return 0
+    except DataError as e:
+        print(f"error: {error_line(e)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""Generate samples from a checkpoint into the ADM evaluation format (`python -m sra_fast.sample`).
+
+    python -m sra_fast.sample --ckpt runs/X/checkpoints/0400000.pt --num-samples 50000 \
+        --sampler sde --num-steps 250 --cfg-scale 1.8 --guidance-high 0.7 --out samples.npz
+    torchrun --nproc-per-node 8 -m sra_fast.sample --ckpt ... (same flags)
+
+Writes OUT.npz (arr_0: uint8 NHWC images, labels: int64 classes) and OUT.json beside it with
+every sampler setting, the checkpoint's SHA-256, the seed and the versions, so an FID can
+be reproduced. Sample i always gets the same noise and label (they derive from (seed, i)),
+whatever the number of processes. Each process writes finished batches to OUT.parts/ (a
+crashed run resumes there); rank 0 assembles the .npz, written to a temporary name and
+renamed. Checkpoints: ours (model built from the stored config) or released ones (built
+from their args, or --model/--resolution/--num-classes).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .checkpoint import CheckpointError, load_model_state, state_dict_from
+from .config import build_model, model_kind
+from .distributed import barrier, cleanup, derive_seed, init_distributed
+from .sampling import (SAMPLERS, SamplerConfig, decode_latents, image_grid, load_vae, sample,
+                       to_uint8)
+from .step import autocast_ctx
+from .train_state import is_released, read_checkpoint, released_args
+
+
+def sha256_file(path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            b = fh.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def model_from_checkpoint(ck: dict, weights: str = "ema", name: str | None = None,
+                          resolution: int | None = None, num_classes: int | None = None):
+    """(model, info) for a checkpoint of ours or a released one."""
+    mc = ck.get("model_config") or {}
+    sd = state_dict_from(ck, weights if weights in ck else "model")
+    if mc and not name:
+        kw = dict(input_size=mc["input_size"], in_channels=mc["in_channels"],
+                  num_classes=mc["num_classes"], class_dropout_prob=mc["class_dropout_prob"],
+                  qk_norm=mc.get("qk_norm", False))
+        name = mc["name"]
+        info = {"data_kind": mc.get("data_kind", "moments"),
+                "latent_scale": mc.get("latent_scale") or 0.18215,
+                "path_type": (ck.get("config") or {}).get("path_type", "linear")}
+    else:
+        args = released_args(ck) if is_released(ck) else (ck.get("config") or {})
+        name = name or args.get("model")
+        if not name:
+            raise CheckpointError("the checkpoint does not name its model; pass --model "
+                                  "(e.g. SiT-XL/2)")
+        pe = sd.get("pos_embed")
+        w = sd.get("x_embedder.proj.weight")
+        if pe is None or w is None:
+            raise CheckpointError("the checkpoint's state dict has no pos_embed / "
+                                  "x_embedder: not a SiT/DiT")
+        p = w.shape[-1]
+        in_ch = w.shape[1]
+        side = int(round(pe.shape[1] ** 0.5)) * p
+        if resolution:
+            side = resolution // 8
+        table = sd["y_embedder.embedding_table.weight"].shape[0]
+        k = num_classes or args.get("num_classes") or table - 1
+        drop = 0.1 if table == k + 1 else 0.0
+        out_ch = sd["final_layer.linear.weight"].shape[0] // (p * p)
+        kw = dict(input_size=side, in_channels=in_ch, num_classes=k, class_dropout_prob=drop)
+        if name.startswith("SiT") and out_ch == 2 * in_ch:
+            kw["learn_sigma"] = True   # original SiT checkpoints
+        info = {"data_kind": "moments", "latent_scale": 0.18215,
+                "path_type": args.get("path_type", "linear")}
+    model = build_model(name, **kw)
+    try:
+        load_model_state(model, sd, init_missing_head=True)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}") from None
+    info.update(name=name, kind=model_kind(name), **kw)
+    return model.eval().requires_grad_(False), info
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m sra_fast.sample", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint file (ours or released)")
+    p.add_argument("--weights", default="ema", choices=("ema", "model"),
+                   help="which weights to sample with")
+    p.add_argument("--sampler", default=None, choices=SAMPLERS,
+                   help="sde (SiT default, the released evaluation), euler, heun; ddpm (DiT)")
+    p.add_argument("--num-steps", type=int, default=None,
+                   help="sampling steps (default: 250 sde/ddpm, 50 ODE)")
+    p.add_argument("--cfg-scale", type=float, default=1.0)
+    p.add_argument("--guidance-low", type=float, default=0.0,
+                   help="guidance interval start (t in [0,1], t=1 noise)")
+    p.add_argument("--guidance-high", type=float, default=1.0,
+                   help="guidance interval end (SRA's best: 0.7)")
+    p.add_argument("--cfg-channels", default="all", choices=("all", "first3"),
+                   help="guide all latent channels (REPA/SRA) or only the first 3 (original "
+                        "SiT/DiT code)")
+    p.add_argument("--t-min", type=float, default=0.04, help="SDE: last stochastic time")
+    p.add_argument("--path-type", default=None, choices=("linear", "cosine"),
+                   help="SiT path (default: the checkpoint's)")
+    p.add_argument("--num-samples", type=int, default=50_000)
+    p.add_argument("--batch-size", type=int, default=64, help="samples per batch per process")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--classes", default="random",
+                   help="'random' (uniform, as the released generate.py), 'balanced' "
+                        "(i mod classes) or a comma list of class ids to cycle through")
+    p.add_argument("--out", default=None, help="output .npz (default: next to the checkpoint)")
+    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
+                   help="decoder for latent models: local path or hub name; 'none' stores "
+                        "the latents (float32, key 'latents') instead of images")
+    p.add_argument("--grid", default=None, help="also write a PNG grid of the first 64 samples")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--model", default=None, help="model name for released checkpoints "
+                   "without args")
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--trust-checkpoint", action="store_true")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    return p
+
+
+def class_labels(spec: str, n: int, num_classes: int, seed: int) -> np.ndarray:
+    if spec == "random":
+        return np.random.default_rng([seed, 1]).integers(0, num_classes, n)
+    if spec == "balanced":
+        return np.arange(n) % num_classes
+    try:
+        ids = np.array([int(c) for c in spec.split(",")])
+    except ValueError:
+        raise ValueError(f"--classes {spec!r}: use random, balanced or a comma list") from None
+    if (ids < 0).any() or (ids >= num_classes).any():
+        raise ValueError(f"--classes {spec!r}: ids must be in 0..{num_classes - 1}")
+    return ids[np.arange(n) % len(ids)]
+
+
+def _atomic_savez(path: Path, **arrays):
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}.npz")
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def run(a) -> Path | None:
+    env = init_distributed(a.device, timeout_min=180)
+    try:
+        return _run(a, env)
+    finally:
+        cleanup(env)
+
+
+def _run(a, env) -> Path | None:
+    dev = env.device
+    ckpt_path = Path(a.ckpt)
+    ck = read_checkpoint(ckpt_path, a.trust_checkpoint)
+    model, info = model_from_checkpoint(ck, a.weights, a.model, a.resolution, a.num_classes)
+    model.to(dev)
+    kind = info["kind"]
+    sampler = a.sampler or ("ddpm" if kind == "dit" else "sde")
+    steps = a.num_steps or (250 if sampler in ("sde", "ddpm") else 50)
+    scfg = SamplerConfig(sampler=sampler, steps=steps, cfg_scale=a.cfg_scale,
+                         guidance_low=a.guidance_low, guidance_high=a.guidance_high,
+                         cfg_channels=a.cfg_channels, t_min=a.t_min,
+                         path_type=a.path_type or info["path_type"]).validate(kind)
+    if a.num_samples < 1 or a.batch_size < 1:
+        raise ValueError("--num-samples and --batch-size must be >= 1")
+    out = Path(a.out) if a.out else ckpt_path.with_name(
+        f"{ckpt_path.stem}-{sampler}{steps}-cfg{a.cfg_scale}-n{a.num_samples}-s{a.seed}.npz")
+    parts = out.with_name(out.name + ".parts")
+    settings = {
+        "checkpoint": str(ckpt_path.resolve()), "weights": a.weights, "model": info["name"],
+        "kind": kind, "sampler": sampler, "num_steps": steps, "cfg_scale": a.cfg_scale,
+        "guidance_low": a.guidance_low, "guidance_high": a.guidance_high,
+        "cfg_channels": a.cfg_channels, "t_min": a.t_min if sampler == "sde" else None,
+        "path_type": scfg.path_type, "num_samples": a.num_samples, "seed": a.seed,
+        "classes": a.classes, "batch_size": a.batch_size, "precision": a.precision,
+        "vae": a.vae if info["data_kind"] == "moments" else None,
+        "latent_scale": info["latent_scale"] if info["data_kind"] == "moments" else None,
+        "num_classes": info["num_classes"], "input_size": info["input_size"],
+    }
+    if env.is_main:
+        parts.mkdir(parents=True, exist_ok=True)
+        meta = parts / "settings.json"
+        if meta.is_file():
+            old = json.loads(meta.read_text())
+            if old != settings:
+                raise ValueError(f"{parts} holds parts from other settings; delete it or "
+                                 "change --out")
+        else:
+            meta.write_text(json.dumps(settings, indent=1))
+    barrier(env)
+    labels = class_labels(a.classes, a.num_samples, info["num_classes"], a.seed)
+    decode = info["data_kind"] == "moments" and a.vae != "none"
+    vae = load_vae(a.vae, dev) if decode else None
+    C, S = info["in_channels"], info["input_size"]
+    n_batches = -(-a.num_samples // a.batch_size)
+    mine = [b for b in range(n_batches) if b % env.world_size == env.rank]
+    from tqdm import tqdm
+    for b in tqdm(mine, desc=f"sampling (rank {env.rank})", disable=not env.is_main):
+        part = parts / f"part-{b:06d}.npz"
+        if part.is_file():
+            continue   # done before a crash
+        idx = np.arange(b * a.batch_size, min((b + 1) * a.batch_size, a.num_samples))
+        z = torch.stack([torch.randn((C, S, S), generator=torch.Generator().manual_seed(
+            derive_seed(a.seed, 0, int(i)))) for i in idx]).to(dev)
+        y = torch.from_numpy(labels[idx]).to(dev)
+        g = torch.Generator(dev)
+        g.manual_seed(derive_seed(a.seed, 2, b))
+        with autocast_ctx(a.precision, dev):
+            x = sample(model, z, y, scfg, kind, generator=g)
+        if info["data_kind"] == "moments" and not decode:
+            _atomic_savez(part, latents=x.float().cpu().numpy(), labels=labels[idx])
+            continue
+        if decode:
+            x = decode_latents(vae, x, info["latent_scale"])
+        img = to_uint8(x).cpu().numpy()
+        if img.shape[-1] == 1:
+            img = np.repeat(img, 3, axis=-1)   # the ADM evaluator expects RGB
+        _atomic_savez(part, images=img, labels=labels[idx])
+    barrier(env)
+    if not env.is_main:
+        return None
+    # assemble (rank 0)
+    key = "images" if (decode or info["data_kind"] != "moments") else "latents"
+    first = np.load(parts / "part-000000.npz")[key]
+    total = np.empty((a.num_samples, *first.shape[1:]), dtype=first.dtype)
+    for b in range(n_batches):
+        p = parts / f"part-{b:06d}.npz"
+        if not p.is_file():
+            raise RuntimeError(f"{p} is missing after all processes finished")
+        arr = np.load(p)[key]
+        total[b * a.batch_size: b * a.batch_size + len(arr)] = arr
+    settings.update(checkpoint_sha256=sha256_file(ckpt_path), world_size=env.world_size,
+                    sra_fast_version=__version__, torch_version=torch.__version__,
+                    device=str(torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"),
+                    created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    format=("ADM npz: arr_0 uint8 NHWC images, labels int64" if key == "images"
+                            else "latents float32 NCHW (no VAE), labels int64"))
+    arrays = {"arr_0": total, "labels": labels} if key == "images" else \
+        {"latents": total, "labels": labels}
+    _atomic_savez(out, **arrays)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(settings, indent=1))
+    os.replace(tmp, out.with_suffix(".json"))
+    if a.grid and key == "images":
+        n = min(64, len(total))
+        image_grid(total[:n], nrow=int(np.ceil(np.sqrt(n)))).save(a.grid)
+    shutil.rmtree(parts, ignore_errors=True)
+    print(f"[sra-fast] wrote {a.num_samples} samples to {out} ({total.shape}, "
+          f"{total.dtype}) and settings to {out.with_suffix('.json')}", flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        run(a)
+    except (CheckpointError, ValueError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not str(e).startswith(("could not load the VAE",
+                                                                  "decoding latents")):
+            raise
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

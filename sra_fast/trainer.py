@@ -1,0 +1,571 @@
+"""The training loop: data -> SRA step -> logs, checkpoints, sample grids; resumable, DDP.
+
+`python train.py [flags]` and `torchrun ... train.py [flags]` call `main`. The loop itself
+never waits on the device: the step accumulates its losses in device buffers
+(TrainStep.read_stats), and the host reads them every --log-every steps (plus at
+checkpoints and sample grids). The alignment weight of the smooth-L1 decay schedules is a
+Python float computed once per epoch.
+
+Randomness: every process draws t, t', eps, label dropout and the latent posterior sample
+from its own device generator seeded from (seed, rank); batches come from a permutation of
+(seed, epoch) (see data.ShardedBatchSampler). Checkpoints keep every rank's generator and
+the position in the epoch, so a resumed run continues bit-for-bit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import ops
+from .checkpoint import CheckpointError, load_model_state, state_dict_from
+from .config import TrainConfig, build_model, model_kind, parse_config
+from .data import (DataError, ShardedBatchSampler, error_line, make_loader, open_dataset,
+                   sample_posterior)
+from .distributed import (DistEnv, all_gather_objects, all_reduce_, barrier, cleanup,
+                          derive_seed, init_distributed)
+from .metrics_log import MetricsLogger, flops_per_image, peak_tflops
+from .objective import SRAObjective, align_weight, make_ema
+from .ops.attention import set_attention_backend
+from .sampling import (SamplerConfig, decode_latents, grid_labels, image_grid, load_vae,
+                       sample, to_uint8)
+from .step import TrainStep, make_optimizer
+from .train_state import (adapt_released_optimizer, capture_rng, find_resume_checkpoint,
+                          is_released, list_checkpoints, read_checkpoint, restore_rng,
+                          save_training_checkpoint, ckpt_dir, atomic_write_text)
+
+
+class RunError(RuntimeError):
+    """A problem with the run's inputs, stated in one line (no traceback)."""
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on purpose (too many consecutive non-finite losses)."""
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def setup_backends(cfg: TrainConfig, env: DistEnv):
+    if env.device.type == "cpu":
+        torch.set_num_threads(cfg.threads or max(1, _cpu_count() // max(env.local_world_size, 1)))
+    elif cfg.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ops.set_backend(cfg.kernels)
+    set_attention_backend(cfg.attn)
+
+
+def _diff_keys(a: dict, b: dict) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, env: DistEnv | None = None, dataset=None,
+                 objective_factory=None, quiet: bool = False):
+        try:
+            self.cfg = cfg = cfg.resolve()
+        except ValueError as e:
+            raise RunError(str(e)) from None
+        self.env = env = env or init_distributed(cfg.device)
+        self.quiet = quiet
+        self.main = env.is_main
+        setup_backends(cfg, env)
+        self.device = env.device
+        self.run_dir = Path(cfg.out_dir) / cfg.exp_name
+
+        # ------------------------------------------------------------ data
+        self.ds = ds = dataset if dataset is not None else open_dataset(cfg.data_dir,
+                                                                        cfg.num_classes)
+        self.num_classes = ds.num_classes
+        C, H, W = ds.sample_shape
+        if H != W:
+            raise RunError(f"the data is {H}x{W}; SiT/DiT need square inputs")
+        if cfg.resolution and ds.kind == "moments" and cfg.resolution // 8 != H:
+            raise RunError(f"--resolution {cfg.resolution} implies {cfg.resolution // 8}x"
+                           f"{cfg.resolution // 8} latents, but the data holds {H}x{W}")
+        if cfg.global_batch_size is not None:
+            if cfg.global_batch_size % env.world_size:
+                raise RunError(f"--global-batch-size {cfg.global_batch_size} does not divide "
+                               f"across {env.world_size} processes")
+            cfg.batch_size = cfg.global_batch_size // env.world_size
+        if cfg.batch_size % cfg.grad_accum:
+            raise RunError(f"--batch-size {cfg.batch_size} (per process) does not split into "
+                           f"--grad-accum {cfg.grad_accum} equal micro-batches")
+        self.global_batch = cfg.batch_size * env.world_size
+        self.sampler = ShardedBatchSampler(len(ds), cfg.batch_size, env.world_size, env.rank,
+                                           cfg.seed)
+        self.loader = make_loader(ds, self.sampler, cfg.num_workers,
+                                  pin_memory=self.device.type == "cuda")
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.max_steps = cfg.max_steps
+        if cfg.epochs is not None:
+            self.max_steps = min(self.max_steps, cfg.epochs * self.steps_per_epoch)
+
+        # ------------------------------------------------------------ model, teacher, step
+        torch.manual_seed(cfg.seed)
+        self.kind = model_kind(cfg.model)
+        self.model_config = dict(name=cfg.model, input_size=H, in_channels=C,
+                                 num_classes=self.num_classes, class_dropout_prob=cfg.cfg_prob,
+                                 qk_norm=cfg.qk_norm, kind=self.kind, data_kind=ds.kind,
+                                 latent_scale=cfg.latent_scale if ds.kind == "moments" else None)
+        self.model = build_model(cfg.model, input_size=H, in_channels=C,
+                                 num_classes=self.num_classes,
+                                 class_dropout_prob=cfg.cfg_prob, qk_norm=cfg.qk_norm)
+        self.model.to(self.device)
+        self.ema = make_ema(self.model)
+        sra = cfg.sra_config()
+        self.objective = (objective_factory(self.model, sra) if objective_factory
+                          else SRAObjective.for_model(self.model, sra))
+        self.opt = make_optimizer(self.model, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+        self._opt_flags = {k: v for k, v in self.opt.param_groups[0].items() if k != "params"}
+        self.generator = torch.Generator(self.device)
+        self.generator.manual_seed(derive_seed(cfg.seed, env.rank))
+
+        # ------------------------------------------------------------ run folder, resume
+        self.step = 0
+        self.epoch = 0
+        self.pos = 0
+        self.nonfinite_total = 0
+        self._check_run_dir()
+        self._resume_or_init()
+
+        if env.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self.student = DDP(self.model, device_ids=[self.device.index]
+                               if self.device.type == "cuda" else None,
+                               gradient_as_bucket_view=True)
+        else:
+            self.student = self.model
+        self.train_step = TrainStep(self.model, self.ema, self.objective, self.opt,
+                                    student=self.student, precision=cfg.precision,
+                                    grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay,
+                                    grad_accum=cfg.grad_accum, generator=self.generator,
+                                    cuda_graph=cfg.cuda_graph, teacher_bf16=cfg.teacher_bf16)
+        if self._scaler_state is not None and self.train_step.scaler is not None:
+            self.train_step.scaler.load_state_dict(self._scaler_state)
+        # consecutive non-finite steps, tracked on the device (no per-step sync)
+        self._nf_index = TrainStep.STATS.index("nonfinite")
+        self._consec = torch.zeros((), device=self.device)
+        self._max_consec = torch.zeros((), device=self.device)
+        self.logger = MetricsLogger(self.run_dir, enabled=self.main)
+        self._flops = flops_per_image(self.model, cfg)
+        self._peak = peak_tflops(self.device, cfg.precision, cfg.peak_tflops)
+        self._vae = None
+        self._vae_failed = False
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
+        self._announce()
+
+    # ---------------------------------------------------------------- printing
+    def print(self, *a, **k):
+        if self.main and not self.quiet:
+            print(*a, **k, flush=True)
+
+    def warn(self, msg: str):
+        if self.main:
+            print(f"[sra-fast] {msg}", file=sys.stderr, flush=True)
+
+    def _announce(self):
+        cfg, env = self.cfg, self.env
+        n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        accum = (f", {cfg.grad_accum} micro-batches of {cfg.batch_size // cfg.grad_accum}"
+                 if cfg.grad_accum > 1 else "")
+        self.print(f"[sra-fast] run {self.run_dir} | {self.ds.describe()}")
+        self.print(f"[sra-fast] {cfg.model} ({n_params / 1e6:.2f}M params), SRA block "
+                   f"{cfg.block_out_s} -> EMA block {cfg.block_out_t}, t_max {cfg.t_max}, "
+                   f"loss {cfg.loss_type} x {cfg.align_weight} ({cfg.weight_schedule}), "
+                   f"{cfg.precision}, {self.device}, kernels {ops.get_backend()}")
+        self.print(f"[sra-fast] global batch {self.global_batch} = {cfg.batch_size} per "
+                   f"process x {env.world_size} process(es){accum}; {self.steps_per_epoch} "
+                   f"steps/epoch; training to step {self.max_steps} (lr {cfg.lr}, EMA "
+                   f"{cfg.ema_decay})")
+        if cfg.preset == "digits" and cfg.ema_decay < 0.9999:
+            self.print(f"[sra-fast] short run: EMA decay {cfg.ema_decay}, not the released "
+                       "0.9999, which would leave the EMA (the SRA teacher, and the weights the "
+                       f"grids use: {cfg.sample_weights}) near its random initialisation")
+
+    # ---------------------------------------------------------------- run folder
+    def _check_run_dir(self):
+        cfg = self.cfg
+        cfg_file = self.run_dir / "config.json"
+        if cfg_file.is_file():
+            try:
+                old = TrainConfig.from_dict(json.loads(cfg_file.read_text()))
+            except (json.JSONDecodeError, TypeError) as e:
+                raise RunError(f"{cfg_file}: unreadable run config ({e})") from None
+            diff = _diff_keys(old.identity(), cfg.identity())
+            if diff:
+                shown = ", ".join(f"{k}: {getattr(old, k)!r} -> {getattr(cfg, k)!r}"
+                                  for k in diff[:4])
+                raise RunError(f"{self.run_dir} holds another run (config differs in {shown}"
+                               f"{'...' if len(diff) > 4 else ''}); choose another --exp-name "
+                               "or --out-dir")
+        complete, _ = list_checkpoints(ckpt_dir(self.run_dir))
+        if complete and cfg.resume is None:
+            raise RunError(f"{self.run_dir} already has checkpoints (newest "
+                           f"{complete[0].name}); pass --resume auto to continue it, or "
+                           "another --exp-name for a new run")
+
+    def _resume_or_init(self):
+        cfg = self.cfg
+        self._scaler_state = None
+        cands, note = find_resume_checkpoint(cfg.resume, self.run_dir)
+        if note:
+            self.warn(note) if note.startswith("warning") else self.print(f"[sra-fast] {note}")
+        ck, path = None, None
+        for i, p in enumerate(cands):
+            try:
+                ck, path = read_checkpoint(p, cfg.trust_checkpoint), p
+                break
+            except CheckpointError as e:
+                if cfg.resume == "auto" and i + 1 < len(cands):
+                    self.warn(f"warning: skipping unreadable checkpoint {p} ({e})")
+                    continue
+                raise
+        if ck is not None:
+            self._restore(ck, path)
+        elif cfg.init_from:
+            self._init_from(cfg.init_from)
+
+    def _load_weights(self, ck: dict, path):
+        head = self.cfg.init_missing_head
+        try:
+            has_model = isinstance(ck.get("model"), dict)
+            has_ema = isinstance(ck.get("ema"), dict)
+            if not (has_model or has_ema):
+                sd = state_dict_from(ck, "model")   # a bare state dict
+                load_model_state(self.model, sd, head)
+                load_model_state(self.ema, sd, head)
+                return
+            load_model_state(self.model, state_dict_from(ck, "model" if has_model else "ema"),
+                             head)
+            if has_ema:
+                load_model_state(self.ema, state_dict_from(ck, "ema"), head)
+            else:
+                self.ema.load_state_dict(self.model.state_dict())
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+
+    def _init_from(self, path):
+        ck = read_checkpoint(path, self.cfg.trust_checkpoint)
+        self._load_weights(ck, path)
+        self.print(f"[sra-fast] initialised model and EMA weights from {path}; optimizer and "
+                   "step start fresh")
+
+    def _load_opt(self, sd: dict):
+        self.opt.load_state_dict(sd)
+        for g in self.opt.param_groups:   # keep our implementation flags (fused, foreach)
+            for k in ("fused", "foreach", "capturable", "differentiable", "lr", "betas",
+                      "weight_decay", "eps"):
+                if k in self._opt_flags:
+                    g[k] = self._opt_flags[k]
+        for st in self.opt.state.values():   # fused AdamW wants its step on the device
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.device != self.device:
+                    st[k] = v.to(self.device)
+
+    def _restore(self, ck: dict, path):
+        cfg, env = self.cfg, self.env
+        self._load_weights(ck, path)
+        if is_released(ck):
+            self.step = int(ck.get("steps", 0))
+            self.epoch = max(int(ck.get("epoch", 0)), 0)
+            self.pos = 0
+            opt = ck.get("opt")
+            adapted = (adapt_released_optimizer(opt, ck["model"], self.model)
+                       if isinstance(opt, dict) and isinstance(ck.get("model"), dict) else None)
+            if adapted is not None:
+                self._load_opt(adapted)
+                opt_note = "optimizer state included"
+            else:
+                opt_note = "no matching optimizer state: a fresh optimizer"
+            self.generator.manual_seed(derive_seed(cfg.seed, env.rank, self.step))
+            self.print(f"[sra-fast] resumed from released checkpoint {path}: step {self.step}, "
+                       f"epoch {self.epoch} ({opt_note}); its data position is unknown, so "
+                       "the epoch restarts from its first batch")
+            return
+        # ours
+        old_cfg = ck.get("config") or {}
+        diff = _diff_keys({k: old_cfg.get(k) for k in cfg.identity()}, cfg.identity())
+        if diff:
+            self.warn(f"warning: resuming {path} with a config that differs in {diff[:6]}")
+        self._load_opt(ck["opt"])
+        self.step = int(ck["steps"])
+        dp = ck.get("data_position") or {}
+        self.epoch = int(dp.get("epoch", ck.get("epoch", 0)))
+        pos = int(dp.get("batch", 0))
+        if dp.get("global_batch", self.global_batch) != self.global_batch:
+            samples = pos * int(dp["global_batch"])
+            pos = samples // self.global_batch
+            self.warn(f"warning: global batch changed {dp['global_batch']} -> "
+                      f"{self.global_batch}: continuing epoch {self.epoch} at batch {pos}")
+        if dp.get("num_items", len(self.ds)) != len(self.ds) or dp.get("seed", cfg.seed) != cfg.seed:
+            self.warn("warning: the dataset size or seed changed since the checkpoint; the "
+                      "epoch order is not the one the run started with")
+        self.pos = min(pos, self.steps_per_epoch)
+        if self.pos >= self.steps_per_epoch:
+            self.epoch, self.pos = self.epoch + 1, 0
+        rng = ck.get("rng") or {}
+        ranks = rng.get("ranks") or []
+        if len(ranks) == env.world_size:
+            restore_rng(ranks[env.rank], self.generator)
+            rng_note = "RNG restored"
+        else:
+            self.generator.manual_seed(derive_seed(cfg.seed, env.rank, self.step))
+            rng_note = (f"RNG re-seeded (checkpoint had {len(ranks)} processes, now "
+                        f"{env.world_size})")
+        self._scaler_state = ck.get("scaler")
+        self.nonfinite_total = int((ck.get("nonfinite") or {}).get("total", 0))
+        self.print(f"[sra-fast] resumed from {path}: step {self.step}, epoch {self.epoch}, "
+                   f"batch {self.pos}/{self.steps_per_epoch} of the epoch ({rng_note})")
+
+    # ---------------------------------------------------------------- the loop
+    def _set_lr(self):
+        cfg = self.cfg
+        if cfg.lr_warmup_steps and self.step < cfg.lr_warmup_steps:
+            lr = cfg.lr * (self.step + 1) / cfg.lr_warmup_steps
+        else:
+            lr = cfg.lr
+        if lr != self._lr:
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            self._lr = lr
+
+    def _device_batch(self, x, y):
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        if self.ds.kind == "moments":
+            x = sample_posterior(x, self.cfg.latent_scale, self.generator)
+        elif x.dtype != torch.float32:
+            x = x.float()
+        return x, y
+
+    def one_step(self, x, y, weight: float):
+        ts = self.train_step
+        before = ts._stats[self._nf_index].clone()
+        ts(x, y, weight)
+        flag = ts._stats[self._nf_index] - before      # 1 if this step was skipped
+        self._consec.mul_(flag).add_(flag)             # run length of skipped steps
+        torch.maximum(self._max_consec, self._consec, out=self._max_consec)
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        from tqdm import tqdm
+        if self.step >= self.max_steps:
+            self.print(f"[sra-fast] already at step {self.step} >= {self.max_steps}: nothing "
+                       "to train")
+            return {"step": self.step, "stopped": None}
+        self._lr = None
+        self.logger.event(self.step, "start", resumed=bool(self.step), world_size=self.env.world_size,
+                          global_batch=self.global_batch)
+        bar = tqdm(total=self.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not self.main or self.quiet, smoothing=0.05, mininterval=1.0)
+        self._win_t0, self._win_steps = time.perf_counter(), 0
+        stop, last = None, {}
+        while self.step < self.max_steps and stop is None:
+            weight = align_weight(cfg.weight_schedule, self.epoch, cfg.align_weight)
+            self.sampler.set_epoch(self.epoch, self.pos)
+            consumed = 0
+            for xb, yb in self.loader:
+                x, y = self._device_batch(xb, yb)
+                self._set_lr()
+                self.one_step(x, y, weight)
+                consumed += 1
+                self.step += 1
+                self.pos += 1
+                self._win_steps += 1
+                if self.pos >= self.steps_per_epoch:
+                    self.epoch, self.pos = self.epoch + 1, 0
+                bar.update(1)
+                end = self.step >= self.max_steps
+                if self.step % cfg.log_every == 0 or end:
+                    stop, rec = self._log(weight)
+                    last = rec or last
+                    if rec:
+                        bar.set_postfix_str(
+                            f"loss {rec['loss']:.4f} align {rec['align_loss']:.4f} "
+                            f"{rec['img_per_s']:.0f} img/s" if rec.get("loss") is not None
+                            else "all steps non-finite", refresh=False)
+                    if stop:
+                        break
+                if self.step % cfg.ckpt_every == 0 or end:
+                    stop, streak = self._check_nonfinite_now()
+                    if stop:
+                        break
+                    if streak:   # weights are pre-streak, but resuming here would replay it
+                        self.warn(f"step {self.step}: checkpoint skipped during a run of "
+                                  f"{streak} non-finite losses; the last one stays the good one")
+                    else:
+                        self.save()
+                if cfg.sample_every and self.step % cfg.sample_every == 0 or end:
+                    self.sample_grid()
+                if end:
+                    break
+            if consumed == 0 and stop is None:   # defensive: never spin on an empty epoch
+                self.epoch, self.pos = self.epoch + 1, 0
+        bar.close()
+        self.logger.close()
+        if stop:
+            newest, _ = list_checkpoints(ckpt_dir(self.run_dir))
+            msg = (f"{stop}; stopped at step {self.step}. The last good checkpoint is "
+                   f"{newest[0] if newest else '(none written yet)'}")
+            raise TrainingStopped(msg)
+        self.print(f"[sra-fast] done: step {self.step}, epoch {self.epoch}; run folder "
+                   f"{self.run_dir}")
+        return {"step": self.step, "stopped": None, **last}
+
+    def _read_consec(self):
+        return [int(v) for v in torch.stack([self._consec, self._max_consec]).tolist()]
+
+    def _check_nonfinite_now(self):
+        """(stop message or None, length of the current run of non-finite steps)."""
+        consec, mx = self._read_consec()
+        if max(consec, mx) >= self.cfg.max_nonfinite:
+            return (f"{max(consec, mx)} consecutive non-finite losses (limit --max-nonfinite "
+                    f"{self.cfg.max_nonfinite})"), consec
+        return None, consec
+
+    def _log(self, weight: float):
+        cfg, env = self.cfg, self.env
+        s = self.train_step.read_stats()              # the one host sync of the window
+        consec, mx = self._read_consec()
+        self._max_consec.copy_(self._consec)
+        vec = torch.tensor([s["loss"], s["denoise_loss"], s["align_loss"], s["grad_norm"],
+                            float(s["nonfinite"]), float(s["steps"] - s["nonfinite"]),
+                            float(mx)], dtype=torch.float64)
+        if env.distributed:
+            vec = vec.to(self.device)
+            all_reduce_(vec, env)
+            vec = vec.cpu() / env.world_size
+        loss, den, ali, gn, nf, ok, mx = vec.tolist()
+        now = time.perf_counter()
+        dt = max(now - self._win_t0, 1e-9)
+        img_s = self.global_batch * self._win_steps / dt
+        self._win_t0, self._win_steps = now, 0
+        nf = int(round(nf))
+        self.nonfinite_total += nf
+        finite = ok > 0
+        rec = {"epoch": self.epoch, "loss": loss if finite else None,
+               "denoise_loss": den if finite else None, "align_loss": ali if finite else None,
+               "grad_norm": gn if finite else None, "nonfinite": nf,
+               "nonfinite_total": self.nonfinite_total, "lr": self._lr,
+               "align_weight": float(weight), "img_per_s": img_s, "sec_per_step": dt / max(
+                   s["steps"], 1)}
+        if self._flops and self._peak:
+            rec["mfu"] = self._flops * img_s / (self._peak * 1e12 * env.world_size)
+        self.logger.log(self.step, **rec)
+        if nf:
+            self.warn(f"step {self.step}: {nf} non-finite loss(es) in the last {s['steps']} "
+                      f"steps; their updates were skipped ({self.nonfinite_total} in total)")
+        if mx >= cfg.max_nonfinite:
+            return (f"{int(mx)} consecutive non-finite losses (limit --max-nonfinite "
+                    f"{cfg.max_nonfinite})"), rec
+        return None, rec
+
+    # ---------------------------------------------------------------- checkpoints
+    def data_position(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.pos, "steps_per_epoch": self.steps_per_epoch,
+                "global_batch": self.global_batch, "num_items": len(self.ds),
+                "seed": self.cfg.seed, "world_size": self.env.world_size}
+
+    def save(self) -> Path | None:
+        rngs = all_gather_objects(capture_rng(self.generator), self.env)
+        path = None
+        if self.main:
+            path = save_training_checkpoint(
+                self.run_dir, step=self.step, epoch=self.epoch, model=self.model, ema=self.ema,
+                opt=self.opt, config=self.cfg.to_dict(), data_position=self.data_position(),
+                rng={"world_size": self.env.world_size, "ranks": rngs},
+                scaler=self.train_step.scaler, model_config=self.model_config,
+                nonfinite={"total": self.nonfinite_total}, keep=self.cfg.keep_ckpts)
+            self.logger.event(self.step, "checkpoint", path=str(path))
+        barrier(self.env)
+        return path
+
+    # ---------------------------------------------------------------- sample grids
+    @torch.no_grad()
+    def sample_grid(self, per_class: int = 8):
+        """A grid (one row per class) from fixed noise, written by rank 0."""
+        if not self.main:
+            barrier(self.env)
+            return None
+        cfg = self.cfg
+        if self.ds.kind == "moments" and (cfg.vae == "none" or self._vae_failed):
+            barrier(self.env)   # nothing to decode latents with: no grid
+            return None
+        net = self.ema if cfg.sample_weights == "ema" else self.model
+        labels = grid_labels(self.num_classes, per_class)
+        g = torch.Generator(self.device)
+        g.manual_seed(derive_seed(cfg.seed, 7919))   # fixed noise: grids comparable over time
+        C, H, W = self.ds.sample_shape
+        z = torch.randn((len(labels), C, H, W), device=self.device, generator=g)
+        y = torch.tensor(labels, device=self.device)
+        scfg = SamplerConfig(sampler=cfg.sample_sampler, steps=cfg.sample_steps,
+                             cfg_scale=cfg.sample_cfg_scale, path_type=cfg.path_type)
+        from .step import autocast_ctx
+        with autocast_ctx(cfg.precision, self.device):
+            x = sample(net, z, y, scfg, self.kind, generator=g)
+        if self.ds.kind == "moments":
+            x = self._decode(x)
+            if x is None:
+                barrier(self.env)
+                return None
+        img = image_grid(to_uint8(x).cpu().numpy(), nrow=per_class)
+        out = self.run_dir / "samples" / f"step-{self.step:07d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp.png")
+        img.save(tmp)
+        os.replace(tmp, out)
+        img.save(self.run_dir / "samples.png.tmp.png")
+        os.replace(self.run_dir / "samples.png.tmp.png", self.run_dir / "samples.png")
+        self.logger.event(self.step, "samples", path=str(out), sampler=cfg.sample_sampler,
+                          steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg_scale,
+                          weights=cfg.sample_weights)
+        barrier(self.env)
+        return out
+
+    def _decode(self, z):
+        if self.cfg.vae == "none" or self._vae_failed:
+            return None
+        if self._vae is None:
+            try:
+                self._vae = load_vae(self.cfg.vae, self.device)
+            except RuntimeError as e:
+                self._vae_failed = True
+                self.warn(f"warning: no sample grids: {e}")
+                return None
+        return decode_latents(self._vae, z, self.cfg.latent_scale)
+
+
+def main(argv=None) -> int:
+    cfg = parse_config(argv)
+    env = None
+    try:
+        env = init_distributed(cfg.device)
+        trainer = Trainer(cfg, env)
+        trainer.train()
+        return 0
+    except TrainingStopped as e:
+        print(f"[sra-fast] training stopped: {e}", file=sys.stderr, flush=True)
+        return 3
+    except (RunError, DataError, CheckpointError) as e:
+        if env is None or env.is_main:
+            print(f"error: {error_line(e)}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if env is not None:
+            cleanup(env)

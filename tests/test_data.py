@@ -1,0 +1,173 @@
+"""Training data: the released latent layout, the packed format and its converter, the
+embedded digits, deterministic sharding, posterior sampling, and bad-input errors."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sra_fast.data import (DataError, DigitsDataset, PackedLatents, PackedWriter,
+                           ReleasedLatents, ShardedBatchSampler, convert_released_to_packed,
+                           make_loader, open_dataset, sample_posterior)
+from trainer_fixtures import make_released_latents
+
+
+def test_released_layout_reads_sorted_files_and_labels(tmp_path):
+    root = make_released_latents(tmp_path / "d", n=23, num_classes=3)
+    ds = open_dataset(root)
+    assert isinstance(ds, ReleasedLatents)
+    assert len(ds) == 23 and ds.num_classes == 3
+    assert ds.item_shape == (8, 8, 8) and ds.sample_shape == (4, 8, 8)
+    assert ds.files == sorted(ds.files)
+    x, y = ds[np.array([5, 0, 22])]
+    assert x.shape == (3, 8, 8, 8) and x.dtype == torch.float32
+    meta = dict(json.loads((root / "vae-sd" / "dataset.json").read_text())["labels"])
+    for j, i in enumerate([5, 0, 22]):
+        arr = np.load(root / "vae-sd" / ds.files[i])
+        assert np.array_equal(x[j].numpy(), arr)
+        assert y[j].item() == meta[ds.files[i]]
+    # pointing at vae-sd itself works too
+    assert len(open_dataset(root / "vae-sd")) == 23
+
+
+def test_packed_conversion_matches_released_and_is_atomic(tmp_path):
+    root = make_released_latents(tmp_path / "d", n=30)
+    dest = tmp_path / "packed"
+    convert_released_to_packed(root, dest, chunk=7, threads=2, progress=False)
+    assert not list(tmp_path.glob(".packed.tmp-*"))
+    rel, packed = ReleasedLatents(root), open_dataset(dest)
+    assert isinstance(packed, PackedLatents)
+    idx = np.array([29, 3, 3, 17, 0])
+    xr, yr = rel[idx]
+    xp, yp = packed[idx]
+    assert torch.equal(xr, xp) and torch.equal(yr, yp)
+    meta = json.loads((dest / "meta.json").read_text())
+    assert meta["count"] == 30 and meta["shape"] == [8, 8, 8] and meta["num_classes"] == 3
+    means = np.stack([np.load(root / "vae-sd" / f)[:4] for f in rel.files])
+    assert np.allclose(meta["stats"]["mean_channel_mean"], means.mean(axis=(0, 2, 3)), atol=1e-5)
+    # the packed folder works as --data-dir (directly, or as DATA/packed)
+    assert isinstance(open_dataset(tmp_path), PackedLatents)
+    with pytest.raises(DataError, match="already holds a packed dataset"):
+        convert_released_to_packed(root, dest, progress=False)
+
+
+def test_packed_writer_leaves_nothing_on_failure(tmp_path):
+    dest = tmp_path / "p"
+    with pytest.raises(DataError, match="never written"):
+        with PackedWriter(dest, 4, (8, 2, 2)) as w:
+            w.write(0, np.zeros((2, 8, 2, 2), np.float32), [0, 1])
+            w.commit()
+    assert not dest.exists()
+    assert not list(tmp_path.iterdir())
+
+
+def test_packed_dataset_survives_pickling_for_workers(tmp_path):
+    root = make_released_latents(tmp_path / "d", n=16)
+    dest = convert_released_to_packed(root, tmp_path / "p", progress=False)
+    ds = PackedLatents(dest)
+    sampler = ShardedBatchSampler(len(ds), 4, seed=1)
+    batches = [b for b in make_loader(ds, sampler, num_workers=1)]
+    assert len(batches) == 4
+    seen = torch.cat([y for _, y in batches])
+    assert len(seen) == 16
+
+
+def test_digits_dataset():
+    ds = DigitsDataset()
+    assert len(ds) == 1797 and ds.num_classes == 10 and ds.sample_shape == (1, 8, 8)
+    assert DigitsDataset(16).sample_shape == (1, 16, 16)
+    x, y = ds[np.arange(10)]
+    assert x.min() >= -1 and x.max() <= 1 and x.min() < -0.9 and x.max() > 0.9
+    assert set(ds.labels.tolist()) == set(range(10))
+
+
+def test_sharding_partitions_global_batches_deterministically():
+    n, b, world = 103, 4, 3
+    single = ShardedBatchSampler(n, b * world, 1, 0, seed=7)
+    ranks = [ShardedBatchSampler(n, b, world, r, seed=7) for r in range(world)]
+    for epoch in (0, 1):
+        single.set_epoch(epoch)
+        for s in ranks:
+            s.set_epoch(epoch)
+        per_rank = [list(s) for s in ranks]
+        for i, g in enumerate(single):
+            assert np.array_equal(np.concatenate([p[i] for p in per_rank]), g)
+        assert len(per_rank[0]) == n // (b * world) == single.steps_per_epoch
+    a, b2 = list(ShardedBatchSampler(n, 4, seed=7)), list(ShardedBatchSampler(n, 4, seed=8))
+    assert not np.array_equal(a[0], b2[0])          # the seed matters
+    s = ShardedBatchSampler(n, 4, seed=7)
+    full = list(s)
+    s.set_epoch(0, start=5)
+    assert [x.tolist() for x in s] == [x.tolist() for x in full[5:]]   # resume position
+    s.set_epoch(1)
+    assert not np.array_equal(list(s)[0], full[0])                      # new epoch order
+
+
+def test_global_batch_larger_than_dataset():
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        ShardedBatchSampler(10, 8, world_size=2)
+
+
+def test_sample_posterior_formula_and_determinism():
+    m = torch.randn(3, 8, 4, 4)
+    m[:, 4:] = m[:, 4:].abs()
+    z1 = sample_posterior(m, 0.18215, torch.Generator().manual_seed(3))
+    eps = torch.randn((3, 4, 4, 4), generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(z1, (m[:, :4] + m[:, 4:] * eps) * 0.18215)
+    z2 = sample_posterior(m, 0.18215, torch.Generator().manual_seed(3))
+    assert torch.equal(z1, z2)
+
+
+# ------------------------------------------------------------------------- bad input
+def test_missing_and_empty_data_dir(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        open_dataset(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="is empty"):
+        open_dataset(tmp_path / "empty")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.txt").write_text("hi")
+    with pytest.raises(DataError, match="neither vae-sd/dataset.json"):
+        open_dataset(tmp_path / "other")
+
+
+def test_wrong_dtype_and_shape_are_named(tmp_path):
+    root = make_released_latents(tmp_path / "d", n=6)
+    ds = ReleasedLatents(root)
+    bad = root / "vae-sd" / ds.files[2]
+    np.save(bad, np.zeros((8, 8, 8), np.float64))
+    with pytest.raises(DataError, match=r"img-mean-std-00000002.npy: latent array has dtype "
+                                        r"float64; expected float32"):
+        ds[np.array([1, 2])]
+    np.save(bad, np.zeros((8, 4, 4), np.float32))
+    with pytest.raises(DataError, match=r"00000002.npy: latent array has shape \(8, 4, 4\)"):
+        ds[np.array([2])]
+    root2 = make_released_latents(tmp_path / "e", n=4, dtype=np.float16)
+    with pytest.raises(DataError, match="dtype float16; expected float32"):
+        ReleasedLatents(root2)
+
+
+def test_odd_channel_count_is_refused(tmp_path):
+    root = make_released_latents(tmp_path / "d", n=3)
+    ds = ReleasedLatents(root)
+    np.save(root / "vae-sd" / ds.files[0], np.zeros((7, 8, 8), np.float32))
+    with pytest.raises(DataError, match=r"expected \(2C, H, W\)"):
+        ReleasedLatents(root)
+
+
+def test_labels_outside_num_classes(tmp_path):
+    root = make_released_latents(tmp_path / "d", n=9, num_classes=3)
+    with pytest.raises(DataError, match=r"labels are outside 0..1 \(largest 2\)"):
+        open_dataset(root, num_classes=2)
+    js = root / "vae-sd" / "dataset.json"
+    entries = json.loads(js.read_text())["labels"]
+    entries[0][1] = -1
+    js.write_text(json.dumps({"labels": entries}))
+    with pytest.raises(DataError, match="negative class label"):
+        open_dataset(root)
+    js.write_text(json.dumps({"labels": None}))
+    with pytest.raises(DataError, match="no class labels"):
+        open_dataset(root)
+    js.write_text(json.dumps({"labels": []}))
+    with pytest.raises(DataError, match="empty dataset"):
+        open_dataset(root)

@@ -1,0 +1,47 @@
+"""DDP: 2 gloo processes launched by torchrun train exactly like 1 process on the
+concatenated batch (fp32 tolerance). See tests/ddp_worker.py for how the random draws are
+made to correspond."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sra_fast.config import build_model
+from sra_fast.distributed import DistEnv, env_ranks
+from trainer_fixtures import REPO, run_cli
+
+WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
+
+
+@pytest.mark.timeout(300)
+def test_two_gloo_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
+    steps = 3
+    run_cli([WORKER, tmp_path / "one", 16, steps], cwd=REPO)
+    run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", WORKER,
+             tmp_path / "two", 8, steps], cwd=REPO)
+    a = torch.load(tmp_path / "one" / "run" / "checkpoints" / f"{steps:07d}.pt",
+                   weights_only=True)
+    b = torch.load(tmp_path / "two" / "run" / "checkpoints" / f"{steps:07d}.pt",
+                   weights_only=True)
+    assert b["data_position"]["world_size"] == 2 and len(b["rng"]["ranks"]) == 2
+    assert a["data_position"]["global_batch"] == b["data_position"]["global_batch"] == 16
+    torch.manual_seed(0)   # the trainer's initialisation, to show the weights moved
+    init = build_model("SiT-T/2", input_size=8, in_channels=1, num_classes=10).state_dict()
+    moved = max((a["model"][k] - init[k]).abs().max().item() for k in init)
+    assert moved > 1e-4
+    for part in ("model", "ema"):
+        for k, v in a[part].items():
+            assert torch.allclose(v, b[part][k], rtol=1e-5, atol=1e-6), f"{part}.{k}"
+    for i, st in a["opt"]["state"].items():
+        assert torch.allclose(st["exp_avg"], b["opt"]["state"][i]["exp_avg"], rtol=1e-4,
+                              atol=1e-9)
+
+
+def test_env_ranks_follow_torchrun(monkeypatch):
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert env_ranks() == (5, 16, 1, 8)   # the device comes from LOCAL_RANK, not RANK
+    assert DistEnv(5, 16, 1, 8).distributed and not DistEnv(5, 16, 1, 8).is_main

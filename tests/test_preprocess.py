@@ -1,0 +1,139 @@
+"""Preprocessing CLI: image folder -> ADM crop -> SD-VAE moments -> packed and released
+layouts; several ranks, resuming, bad input. A tiny randomly initialised AutoencoderKL built
+from a config stands in for the SD-VAE (no download); the images are the photos that
+scikit-learn ships."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from sra_fast.data import PackedLatents, ReleasedLatents  # noqa: E402
+from sra_fast.preprocess import center_crop_arr  # noqa: E402
+from trainer_fixtures import REPO, run_cli, subprocess_env  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+                        sample_size=64)
+    path = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """Two classes of real photos (crops of sklearn's china.jpg and flower.jpg), mixed
+    formats and sizes, one grayscale."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+    china, flower = load_sample_images().images
+    root = tmp_path_factory.mktemp("images")
+    (root / "n01_china").mkdir()
+    (root / "n02_flower" / "sub").mkdir(parents=True)
+    Image.fromarray(china).save(root / "n01_china" / "a.jpg", quality=95)
+    Image.fromarray(china[50:250, 100:400]).save(root / "n01_china" / "b.png")
+    Image.fromarray(china[:150, :150]).save(root / "n01_china" / "c.JPEG", quality=95)
+    Image.fromarray(flower).save(root / "n02_flower" / "a.png")
+    Image.fromarray(flower[100:400, 200:500]).convert("L").save(root / "n02_flower" / "b.png")
+    Image.fromarray(flower[::3, ::3]).save(root / "n02_flower" / "sub" / "c.jpg", quality=95)
+    (root / "n02_flower" / "notes.txt").write_text("not an image")
+    return root
+
+
+def _encode(src, dest, vae, *extra, env=None, check=True):
+    return run_cli(["-m", "sra_fast.preprocess", "encode", "--source", src, "--dest", dest,
+                    "--resolution", 64, "--vae", vae, "--chunk-size", 2, "--batch-size", 2,
+                    "--num-workers", 0, "--device", "cpu", *extra], cwd=REPO, env=env,
+                   check=check)
+
+
+def test_encode_writes_both_layouts_matching_the_vae(tmp_path, image_folder, tiny_vae):
+    dest = tmp_path / "data"
+    _encode(image_folder, dest, tiny_vae)
+    assert not (dest / ".sra-work").exists()
+    labels = json.loads((dest / "vae-sd" / "dataset.json").read_text())["labels"]
+    assert labels == [[f"00000/img-mean-std-{i:08d}.npy", c]
+                      for i, c in enumerate([0, 0, 0, 1, 1, 1])]
+    rel, packed = ReleasedLatents(dest), PackedLatents(dest / "packed")
+    xr, yr = rel[np.arange(6)]
+    xp, yp = packed[np.arange(6)]
+    assert xr.shape == (6, 8, 8, 8) and xr.dtype == torch.float32
+    assert torch.equal(xr, xp) and torch.equal(yr, yp)
+    assert (xr[:, 4:] > 0).all()                     # the second half is the posterior std
+    meta = json.loads((dest / "packed" / "meta.json").read_text())
+    assert meta["count"] == 6 and meta["classes"] == ["n01_china", "n02_flower"]
+    # sorted class folders, sorted files (recursively): n02_flower/a.png is item 3,
+    # n02_flower/sub/c.jpg item 5; each equals a direct encoding of the ADM crop
+    from diffusers import AutoencoderKL
+    from PIL import Image
+    vae = AutoencoderKL.from_pretrained(tiny_vae).eval()
+    for i, name in ((1, "n01_china/b.png"), (3, "n02_flower/a.png"), (5, "n02_flower/sub/c.jpg")):
+        with Image.open(image_folder / name) as im:
+            arr = center_crop_arr(im.convert("RGB"), 64)
+        assert arr.shape == (64, 64, 3)
+        x = torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 127.5 - 1
+        with torch.no_grad():
+            d = vae.encode(x).latent_dist
+        assert torch.allclose(xr[i], torch.cat([d.mean, d.std], 1)[0], atol=1e-5)
+
+
+def test_two_ranks_and_resume_give_the_same_latents(tmp_path, image_folder, tiny_vae):
+    one = tmp_path / "one"
+    _encode(image_folder, one, tiny_vae, "--format", "packed")
+    # a run cut short after one chunk (as a crash would), then finished by two ranks
+    two = tmp_path / "two"
+    _encode(image_folder, two, tiny_vae, "--format", "packed", "--max-chunks", "1")
+    work = two / ".sra-work"
+    assert (work / "chunk-000000.npy").is_file() and not (two / "packed").exists()
+    (work / ".chunk-000001.npy.tmp-1234").write_bytes(b"a crash mid-write")
+    mtime = (work / "chunk-000000.npy").stat().st_mtime_ns
+    procs = []
+    for rank in (0, 1):
+        env = subprocess_env()
+        env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "sra_fast.preprocess", "encode", "--source",
+             str(image_folder), "--dest", str(two), "--resolution", "64", "--vae",
+             str(tiny_vae), "--chunk-size", "2", "--batch-size", "2", "--num-workers", "0",
+             "--device", "cpu", "--format", "packed", "--wait-timeout", "120", "--keep-work"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    a, b = PackedLatents(one / "packed"), PackedLatents(two / "packed")
+    assert np.array_equal(a.labels, b.labels)
+    assert np.allclose(a.array, b.array, atol=1e-6)
+    # chunk 0 was not recomputed: it was rank 0's and already there
+    assert (work / "chunk-000000.npy").stat().st_mtime_ns == mtime
+    assert "1 of ours already done" in outs[0]
+
+
+def test_bad_source_and_existing_dest(tmp_path, image_folder, tiny_vae):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "x.jpg").write_bytes(b"")
+    p = _encode(flat, tmp_path / "o", tiny_vae, check=False)
+    assert p.returncode == 2 and "no class sub-folders" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    dest = tmp_path / "d"
+    _encode(image_folder, dest, tiny_vae, "--format", "released", "--max-images", "2")
+    p = _encode(image_folder, dest, tiny_vae, "--format", "released", check=False)
+    assert p.returncode == 2 and "already holds encoded latents" in p.stderr
+    bad = tmp_path / "bad"
+    (bad / "c0").mkdir(parents=True)
+    (bad / "c0" / "broken.jpg").write_bytes(b"not a jpeg")
+    p = _encode(bad, tmp_path / "o2", tiny_vae, check=False)
+    assert p.returncode == 2 and "broken.jpg: unreadable image" in p.stderr
+    assert not (tmp_path / "o2" / "packed").exists()
+    assert not (tmp_path / "o2" / "vae-sd" / "dataset.json").exists()

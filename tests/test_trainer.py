@@ -1,0 +1,251 @@
+"""The trainer: config and flags, what a run leaves behind, logging without per-step syncs,
+non-finite handling, run-folder and checkpoint errors, released checkpoints."""
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sra_fast.checkpoint import CheckpointError
+from sra_fast.config import TrainConfig, build_parser, parse_config
+from sra_fast.data import DigitsDataset
+from sra_fast.distributed import DistEnv
+from sra_fast.metrics_log import read_metrics
+from sra_fast.step import TrainStep
+from sra_fast.trainer import RunError, Trainer, TrainingStopped
+from trainer_fixtures import make_released_latents, restore_backends, tiny_latent_config  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("restore_backends")
+
+
+class SmallDigits(DigitsDataset):
+    """The first n digits: small epochs for short tests."""
+
+    def __init__(self, n=64):
+        super().__init__()
+        self.x, self.y, self.labels = self.x[:n], self.y[:n], self.labels[:n]
+
+
+def digits_cfg(tmp_path, **kw):
+    base = dict(out_dir=str(tmp_path / "runs"), batch_size=16, max_steps=4, log_every=2,
+                ckpt_every=100, sample_every=0, sample_steps=2, kernels="ref", threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ------------------------------------------------------------------------ config
+def test_flags_are_kebab_case_and_released_names_work(tmp_path):
+    cfg = parse_config(["--model", "SiT-XL/2", "--block-out-s", "8", "--block-out-t", "20",
+                        "--t-max", "0.2", "--loss-type", "cos", "--align-weight", "0.5",
+                        "--batch-size", "32", "--grad-accum", "2", "--lr", "1e-4",
+                        "--ema-decay", "0.9999", "--max-steps", "10", "--epochs", "3",
+                        "--precision", "bf16", "--data-dir", str(tmp_path), "--out-dir", "o",
+                        "--exp-name", "e", "--seed", "3", "--ckpt-every", "5",
+                        "--sample-every", "5", "--resume", "auto", "--kernels", "ref",
+                        "--attn", "math", "--num-workers", "2"])
+    assert (cfg.model, cfg.block_out_s, cfg.block_out_t, cfg.grad_accum, cfg.resume,
+            cfg.attn) == ("SiT-XL/2", 8, 20, 2, "auto", "math")
+    rel = parse_config(["--learning-rate", "3e-4", "--gradient-accumulation-steps", "4",
+                        "--mixed-precision", "no", "--max-train-steps", "7"]).resolve()
+    assert (rel.lr, rel.grad_accum, rel.precision, rel.max_steps) == (3e-4, 4, "fp32", 7)
+    help_text = build_parser().format_help()
+    for flag in ("--block-out-s", "--t-max", "--ema-decay", "--resume", "--kernels"):
+        assert flag in help_text
+
+
+def test_presets_and_validation():
+    d = TrainConfig().resolve()
+    assert d.preset == "digits" and d.model == "SiT-T/2" and (d.block_out_s, d.block_out_t) == (2, 4)
+    lat = TrainConfig(data_dir="x").resolve()
+    assert (lat.model, lat.block_out_s, lat.block_out_t, lat.batch_size, lat.ema_decay) == \
+        ("SiT-XL/2", 8, 20, 32, 0.9999)
+    assert TrainConfig(data_dir="x", model="DiT-XL/2").resolve().block_out_t == 16
+    with pytest.raises(ValueError, match="block-out-t 30 is outside 1..28"):
+        TrainConfig(data_dir="x", block_out_t=30).resolve()
+    with pytest.raises(ValueError, match="unknown model"):
+        TrainConfig(model="SiT-Q/2").resolve()
+
+
+def test_config_file_with_overrides(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"lr": 0.01, "seed": 5}))
+    cfg = parse_config(["--config", str(p), "--seed", "9"])
+    assert cfg.lr == 0.01 and cfg.seed == 9
+
+
+# ------------------------------------------------------------------------ a short run
+def test_short_digits_run_leaves_checkpoint_metrics_and_grid(tmp_path):
+    cfg = digits_cfg(tmp_path, max_steps=6, ckpt_every=3, sample_every=3)
+    tr = Trainer(cfg, dataset=SmallDigits(64), quiet=True)
+    out = tr.train()
+    run = tmp_path / "runs" / "digits"
+    assert out["step"] == 6
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == ["0000003.pt",
+                                                                          "0000006.pt"]
+    assert (run / "checkpoints" / "0000006.json").is_file()
+    assert (run / "samples" / "step-0000003.png").is_file() and (run / "samples.png").is_file()
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["model"] == "SiT-T/2" and saved["block_out_s"] == 2
+    recs = [r for r in read_metrics(run) if "loss" in r]
+    assert [r["step"] for r in recs] == [2, 4, 6]
+    for r in recs:
+        assert np.isfinite(r["loss"]) and r["align_loss"] >= 0 and r["img_per_s"] > 0
+        assert r["lr"] > 0 and r["grad_norm"] > 0
+    ck = torch.load(run / "checkpoints" / "0000006.pt", weights_only=True)
+    for k in ("model", "ema", "opt", "args", "steps", "epoch", "data_position", "rng",
+              "config", "sra_fast_version"):
+        assert k in ck
+    assert isinstance(ck["args"], dict) and ck["steps"] == 6
+    assert ck["data_position"] == {"epoch": 1, "batch": 2, "steps_per_epoch": 4,
+                                   "global_batch": 16, "num_items": 64, "seed": 0,
+                                   "world_size": 1}
+    # the EMA moved, the teacher stayed in eval mode
+    assert not torch.equal(ck["ema"]["blocks.0.attn.qkv.weight"],
+                           ck["model"]["blocks.0.attn.qkv.weight"])
+    assert not tr.ema.training
+
+
+def test_losses_are_read_only_every_log_every_steps(tmp_path, monkeypatch):
+    calls = []
+    orig = TrainStep.read_stats
+
+    def counting(self):
+        calls.append(1)
+        return orig(self)
+
+    monkeypatch.setattr(TrainStep, "read_stats", counting)
+    tr = Trainer(digits_cfg(tmp_path, max_steps=8, log_every=4), dataset=SmallDigits(64),
+                 quiet=True)
+    tr.sample_grid = lambda *a, **k: None
+    tr.train()
+    assert len(calls) == 2
+
+
+def test_nonfinite_losses_skip_updates_then_stop_with_good_checkpoint(tmp_path):
+    ds = SmallDigits(64)
+    cfg = digits_cfg(tmp_path, max_steps=40, ckpt_every=2, log_every=2, max_nonfinite=3)
+    tr = Trainer(cfg, dataset=ds, quiet=True)
+    tr.sample_grid = lambda *a, **k: None
+    orig = tr.one_step
+    state = {}
+
+    def poisoned(x, y, w):
+        if tr.step >= 2:   # from the third step on, every batch holds a NaN
+            if "w" not in state:
+                state["w"] = {k: v.clone() for k, v in tr.model.state_dict().items()}
+            x = x.clone()
+            x[0, 0, 0, 0] = float("nan")
+        return orig(x, y, w)
+
+    tr.one_step = poisoned
+    good = tmp_path / "runs" / "digits" / "checkpoints" / "0000002.pt"
+    with pytest.raises(TrainingStopped, match=r"\d+ consecutive non-finite losses") as e:
+        tr.train()
+    assert "0000002.pt" in str(e.value)
+    ckpts = sorted(p.name for p in good.parent.glob("*.pt"))
+    assert ckpts == ["0000002.pt"]            # nothing written after the losses went bad
+    for k, v in tr.model.state_dict().items():   # every bad update was skipped
+        assert torch.equal(v, state["w"][k]), k
+    recs = [r for r in read_metrics(tmp_path / "runs" / "digits") if "nonfinite" in r]
+    assert recs[-1]["nonfinite"] == 2 and recs[-1]["loss"] is None
+    assert recs[-1]["nonfinite_total"] >= 3
+
+
+# ------------------------------------------------------------------------ bad input
+def test_out_dir_with_another_runs_config(tmp_path):
+    Trainer(digits_cfg(tmp_path), dataset=SmallDigits(64), quiet=True)
+    with pytest.raises(RunError, match=r"holds another run \(config differs in lr"):
+        Trainer(digits_cfg(tmp_path, lr=0.5), dataset=SmallDigits(64), quiet=True)
+    # runtime-only differences (steps, logging) are the same run
+    Trainer(digits_cfg(tmp_path, max_steps=99, log_every=7), dataset=SmallDigits(64),
+            quiet=True)
+
+
+def test_existing_checkpoints_need_resume(tmp_path):
+    tr = Trainer(digits_cfg(tmp_path, max_steps=2, ckpt_every=2), dataset=SmallDigits(64),
+                 quiet=True)
+    tr.sample_grid = lambda *a, **k: None
+    tr.train()
+    with pytest.raises(RunError, match="already has checkpoints .*--resume auto"):
+        Trainer(digits_cfg(tmp_path, max_steps=4), dataset=SmallDigits(64), quiet=True)
+
+
+def test_global_batch_must_divide_across_ranks(tmp_path):
+    env = DistEnv(rank=0, world_size=3)   # the check runs before any collective
+    with pytest.raises(RunError, match="--global-batch-size 16 does not divide across 3"):
+        Trainer(digits_cfg(tmp_path, global_batch_size=16), env=env, dataset=SmallDigits(64),
+                quiet=True)
+    with pytest.raises(RunError, match="does not split into --grad-accum 3"):
+        Trainer(digits_cfg(tmp_path, grad_accum=3), dataset=SmallDigits(64), quiet=True)
+
+
+def test_checkpoint_from_another_model_size(tmp_path):
+    data = make_released_latents(tmp_path / "d", n=16)
+    tr = Trainer(tiny_latent_config(tmp_path / "r", data, max_steps=2, ckpt_every=2), quiet=True)
+    tr.train()
+    ck = tmp_path / "r" / "run" / "checkpoints" / "0000002.pt"
+    with pytest.raises(CheckpointError, match="shapes do not match this model"):
+        Trainer(tiny_latent_config(tmp_path / "r2", data, model="SiT-T/4", resume=str(ck)),
+                quiet=True)
+    with pytest.raises(CheckpointError, match="only partial checkpoints"):
+        part = tmp_path / "partial"
+        part.mkdir()
+        (part / "0000005.pt.tmp-123").write_bytes(b"x")
+        Trainer(tiny_latent_config(tmp_path / "r3", data, resume=str(part)), quiet=True)
+
+
+def _released_checkpoint(tmp_path, data):
+    """A checkpoint as the released SiT-SRA train.py writes it: AdamW over
+    model.parameters() (pos_embed included), args as an argparse.Namespace."""
+    from sra_fast.config import build_model
+    torch.manual_seed(1)
+    m = build_model("SiT-T/2", input_size=8, in_channels=4, num_classes=3)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+    loss = m(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 1])).square().mean()
+    loss.backward()
+    opt.step()
+    ema = {k: v.clone() + 0.01 for k, v in m.state_dict().items()}
+    path = tmp_path / "released.pt"
+    torch.save({"model": m.state_dict(), "ema": ema, "opt": opt.state_dict(),
+                "args": argparse.Namespace(model="SiT-T/2", resolution=64, num_classes=3),
+                "epoch": 2, "steps": 11}, path)
+    return path, m, opt
+
+
+def test_resume_from_released_checkpoint_with_optimizer(tmp_path):
+    data = make_released_latents(tmp_path / "d", n=16)
+    path, m, opt = _released_checkpoint(tmp_path, data)
+    tr = Trainer(tiny_latent_config(tmp_path / "r", data, resume=str(path), max_steps=12),
+                 quiet=True)
+    assert (tr.step, tr.epoch, tr.pos) == (11, 2, 0)
+    for k, v in m.state_dict().items():
+        assert torch.equal(tr.model.state_dict()[k], v)
+    named = dict(m.named_parameters())
+    st = tr.opt.state[dict(tr.model.named_parameters())["blocks.0.mlp.fc1.weight"]]
+    assert torch.equal(st["exp_avg"], opt.state[named["blocks.0.mlp.fc1.weight"]]["exp_avg"])
+    assert all(g.get("fused") for g in tr.opt.param_groups)   # our step's flags survive
+    tr.train()
+    assert tr.step == 12
+
+
+def test_init_from_released_checkpoint(tmp_path):
+    data = make_released_latents(tmp_path / "d", n=16)
+    path, m, _ = _released_checkpoint(tmp_path, data)
+    tr = Trainer(tiny_latent_config(tmp_path / "r", data, init_from=str(path)), quiet=True)
+    assert tr.step == 0 and len(tr.opt.state) == 0
+    assert torch.equal(tr.model.state_dict()["final_layer.linear.weight"],
+                       m.state_dict()["final_layer.linear.weight"])
+    assert torch.allclose(tr.ema.state_dict()["final_layer.linear.weight"],
+                          m.state_dict()["final_layer.linear.weight"] + 0.01)
+
+
+def test_mfu_is_logged_when_flops_and_peak_are_known(tmp_path):
+    tr = Trainer(digits_cfg(tmp_path, max_steps=2, peak_tflops=1.0), dataset=SmallDigits(64),
+                 quiet=True)
+    tr.sample_grid = lambda *a, **k: None
+    tr.train()
+    recs = [r for r in read_metrics(tmp_path / "runs" / "digits") if "loss" in r]
+    if tr._flops is None:
+        pytest.skip("sra_fast.flops is not available")
+    assert 0 < recs[-1]["mfu"] < 1

@@ -1,0 +1,84 @@
+"""Helpers for the trainer, data, sampling and CLI tests (imported by those test files).
+
+Tiny latent folders in the released REPA/SRA layout, a clean environment for subprocesses
+(no TRITON_INTERPRET, so the CLI runs the plain-PyTorch ops on CPU, as a user's CPU run
+would), and a fixture that restores the global op/attention backends a Trainer sets.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_released_latents(root, n=24, channels=4, size=8, num_classes=3, seed=0,
+                          per_folder=10, dtype=np.float32) -> Path:
+    """ROOT/vae-sd/ of (2C, size, size) moments (class-dependent means, std 0.05) and
+    dataset.json, in numbered folders like the released layout. Returns ROOT."""
+    rng = np.random.default_rng(seed)
+    feat = Path(root) / "vae-sd"
+    labels = []
+    for i in range(n):
+        c = int(i % num_classes)
+        mean = rng.normal(0, 0.5, (channels, size, size)) + (c - 1) * 2.0
+        std = np.full((channels, size, size), 0.05)
+        s = f"{i:08d}"
+        rel = f"{i // per_folder:05d}/img-mean-std-{s}.npy"
+        (feat / rel).parent.mkdir(parents=True, exist_ok=True)
+        np.save(feat / rel, np.concatenate([mean, std]).astype(dtype))
+        labels.append([rel, c])
+    (feat / "dataset.json").write_text(json.dumps({"labels": labels}))
+    return Path(root)
+
+
+def subprocess_env(threads: int = 1) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["PYTHONUNBUFFERED"] = "1"
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+              "MASTER_PORT", "TRITON_INTERPRET"):
+        env.pop(k, None)
+    return env
+
+
+def run_cli(args, cwd, timeout=240, env=None, check=True) -> subprocess.CompletedProcess:
+    """Run `python ARGS...` as a user would; on failure show its output."""
+    p = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env or subprocess_env(),
+                       capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{args} exited {p.returncode}\nstdout:\n{p.stdout[-3000:]}\n"
+                             f"stderr:\n{p.stderr[-3000:]}")
+    return p
+
+
+def tiny_latent_config(out_dir, data_dir, **kw):
+    """A TrainConfig for a ~2M-parameter SiT on 8x8 latents, reference ops, no grids."""
+    from sra_fast.config import TrainConfig
+    base = dict(data_dir=str(data_dir), model="SiT-T/2", batch_size=8, num_workers=0,
+                max_steps=4, log_every=2, ckpt_every=100, sample_every=0, vae="none",
+                precision="fp32", kernels="ref", out_dir=str(out_dir), exp_name="run",
+                threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture
+def restore_backends():
+    """A Trainer selects global op/attention backends; put the previous ones back."""
+    from sra_fast import ops
+    from sra_fast.ops import attention
+    old_ops, old_attn = ops.get_backend(), attention.get_attention_backend()
+    import torch
+    threads = torch.get_num_threads()
+    yield
+    ops.set_backend(old_ops)
+    attention.set_attention_backend(old_attn)
+    torch.set_num_threads(threads)
