@@ -100,7 +100,8 @@ class TrainConfig:
     # ---------------------------------------------------------------- data
     data_dir: str | None = _f(None, "latent data: a folder in the released layout (with "
                               "vae-sd/) or a packed folder (meta.json). Omitted: the "
-                              "embedded digits run", aliases=("--data-dir-train",))
+                              "embedded digits run", aliases=("--data-dir-train",),
+                              runtime=True)
     resolution: int | None = _f(None, "image resolution the latents come from (checked "
                                 "against the data: latent size = resolution / 8)")
     latent_scale: float = _f(0.18215, "SD-VAE latent scale")
@@ -108,12 +109,13 @@ class TrainConfig:
                                  "4 latents)", runtime=True)
     # ---------------------------------------------------------------- optimisation
     batch_size: int | None = _f(None, "batch size per process (GPU); the global batch is "
-                                "printed (preset: 64 digits, 32 latents)")
+                                "printed (preset: 64 digits, 32 latents)", runtime=True)
     global_batch_size: int | None = _f(None, "alternative to --batch-size: the global batch, "
-                                       "which must divide across the processes")
+                                       "which must divide across the processes",
+                                       runtime=True)
     grad_accum: int = _f(1, "gradient-accumulation micro-steps per optimizer step (each "
                          "process's batch is split into this many)",
-                         aliases=("--gradient-accumulation-steps",))
+                         aliases=("--gradient-accumulation-steps",), runtime=True)
     lr: float | None = _f(None, "AdamW learning rate (preset: 1e-3 digits, 1e-4 latents)",
                           aliases=("--learning-rate",))
     lr_warmup_steps: int | None = _f(None, "linear learning-rate warm-up steps (preset: 100 "
@@ -184,7 +186,7 @@ class TrainConfig:
                              choices=("euler", "heun", "sde", "ddpm"), runtime=True)
     sample_steps: int | None = _f(None, "steps of the grid sampler (preset: 30 digits, 50 "
                                   "latents)", runtime=True)
-    sample_cfg_scale: float | None = _f(None, "CFG scale of the grids (preset: 2.0 digits, 4.0 "
+    sample_cfg_scale: float | None = _f(None, "CFG scale of the grids (preset: 3.0 digits, 4.0 "
                                         "latents as in the released code)", runtime=True)
     sample_weights: str | None = _f(None, "weights the grids are drawn with: ema or student "
                                     "(preset: ema)", choices=("ema", "student"), runtime=True)
@@ -254,7 +256,9 @@ class TrainConfig:
 
     def identity(self) -> dict:
         """The fields that define a run (not the runtime ones): two configs that differ here
-        are two different runs."""
+        are two different runs. The data folder, batch split and step limits may change
+        when a run is continued (moved data, another GPU count); a changed dataset size or
+        global batch is reported on resume."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if not f.metadata.get("runtime")}
 
@@ -267,7 +271,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "digits": dict(model="SiT-T/2", batch_size=64, lr=1e-3, lr_warmup_steps=100,
                    ema_decay=0.995, max_steps=1200, precision="fp32", num_workers=0,
                    log_every=25, ckpt_every=600, sample_every=600, sample_steps=30,
-                   sample_cfg_scale=2.0, sample_weights="ema"),
+                   sample_cfg_scale=3.0, sample_weights="ema"),
     # The released SiT-XL/2 + SRA recipe (per-GPU batch 32, 8 GPUs -> 256).
     "latents": dict(model="SiT-XL/2", batch_size=32, lr=1e-4, lr_warmup_steps=0,
                     ema_decay=0.9999, max_steps=4_100_000, epochs=801, precision="bf16",

@@ -13,15 +13,12 @@ the position in the epoch, so a resumed run continues bit-for-bit.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import ops
@@ -368,6 +365,7 @@ class Trainer:
         if self.step >= self.max_steps:
             self.print(f"[sra-fast] already at step {self.step} >= {self.max_steps}: nothing "
                        "to train")
+            self.logger.close()
             return {"step": self.step, "stopped": None}
         self._lr = None
         self.logger.event(self.step, "start", resumed=bool(self.step), world_size=self.env.world_size,
@@ -560,7 +558,8 @@ def main(argv=None) -> int:
         trainer.train()
         return 0
     except TrainingStopped as e:
-        print(f"[sra-fast] training stopped: {e}", file=sys.stderr, flush=True)
+        if env is None or env.is_main:
+            print(f"[sra-fast] training stopped: {e}", file=sys.stderr, flush=True)
         return 3
     except (RunError, DataError, CheckpointError) as e:
         if env is None or env.is_main:

@@ -1,7 +1,6 @@
 """DDP: 2 gloo processes launched by torchrun train exactly like 1 process on the
 concatenated batch (fp32 tolerance). See tests/ddp_worker.py for how the random draws are
 made to correspond."""
-import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +8,7 @@ import torch
 
 from sra_fast.config import build_model
 from sra_fast.distributed import DistEnv, env_ranks
-from trainer_fixtures import REPO, run_cli
+from trainer_fixtures import REPO, restore_backends, run_cli  # noqa: F401
 
 WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
 
@@ -45,3 +44,27 @@ def test_env_ranks_follow_torchrun(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert env_ranks() == (5, 16, 1, 8)   # the device comes from LOCAL_RANK, not RANK
     assert DistEnv(5, 16, 1, 8).distributed and not DistEnv(5, 16, 1, 8).is_main
+
+
+@pytest.mark.timeout(300)
+def test_sampling_across_ranks_matches_one_process(tmp_path, restore_backends):  # noqa: F811
+    import json
+
+    import numpy as np
+
+    from sra_fast.config import TrainConfig
+    from sra_fast.trainer import Trainer
+    Trainer(TrainConfig(out_dir=str(tmp_path), max_steps=2, batch_size=16, log_every=1,
+                        ckpt_every=2, sample_every=0, sample_steps=1, kernels="ref",
+                        threads=1), quiet=True).train()
+    ck = tmp_path / "digits" / "checkpoints" / "0000002.pt"
+    args = ["--ckpt", ck, "--num-samples", "7", "--batch-size", "2", "--sampler", "sde",
+            "--num-steps", "3", "--cfg-scale", "2", "--seed", "5"]
+    run_cli(["-m", "sra_fast.sample", *args, "--out", tmp_path / "one.npz"], cwd=REPO)
+    run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+             "sra_fast.sample", *args, "--out", tmp_path / "two.npz"], cwd=REPO)
+    a, b = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    assert a["arr_0"].shape == (7, 8, 8, 3)
+    assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
+    meta = json.loads((tmp_path / "two.json").read_text())
+    assert meta["world_size"] == 2 and meta["num_samples"] == 7

@@ -3,7 +3,6 @@ layouts; several ranks, resuming, bad input. A tiny randomly initialised Autoenc
 from a config stands in for the SD-VAE (no download); the images are the photos that
 scikit-learn ships."""
 import json
-import os
 import subprocess
 import sys
 
