@@ -115,6 +115,7 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self._stats = torch.zeros(len(self.STATS), device=self.device)
         self._found_inf = torch.zeros((), device=self.device)
+        self._opt_fused = all(g.get("fused") for g in optimizer.param_groups)
 
         # teacher variants
         if teacher_bf16 and precision != "bf16":
@@ -216,9 +217,13 @@ class TrainStep:
             if self.scaler:
                 self.scaler.step(self.opt)   # skips on inf/nan grads itself (fp16 path)
                 self.scaler.update()
-            else:
+            elif self._opt_fused:
                 self._found_inf.copy_((~finite).float())
                 self.opt.found_inf = self._found_inf   # fused AdamW skips the update when 1
+                self.opt.step()
+            elif bool(finite):
+                # a non-fused optimizer has no device-side skip: this path syncs the host once
+                # per step (graph mode refuses such optimizers)
                 self.opt.step()
             self.opt.zero_grad(set_to_none=True)
         self._ema(None if self.scaler else finite)

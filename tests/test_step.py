@@ -344,3 +344,23 @@ def test_profiling_helper_is_a_noop_without_cuda():
         warnings.simplefilter("error")
         with nvtx_range("y"):
             pass
+
+
+def test_non_fused_optimizer_steps_and_skips_non_finite():
+    """A non-fused AdamW has no device-side found_inf skip: the step must still update on
+    finite steps and skip non-finite ones (with a host sync, outside graph mode)."""
+    torch.manual_seed(0)
+    m = SiT(input_size=8, patch_size=2, hidden_size=64, depth=4, num_heads=4, num_classes=10)
+    ema = make_ema(m)
+    obj = SRAObjective.for_model(m, SRAConfig(block_out_s=1, block_out_t=3))
+    o = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3, foreach=True)
+    step = TrainStep(m, ema, obj, o, precision="fp32", generator=torch.Generator().manual_seed(1))
+    (x, y), (xb, yb) = batches(2, bad=1)
+    before = snapshot(m, ema, o)
+    step(x, y, 0.5)
+    after = snapshot(m, ema, o)
+    assert not same(before, after)
+    step(xb, yb, 0.5)
+    assert same(after, snapshot(m, ema, o))
+    stats = step.read_stats()
+    assert stats["nonfinite"] == 1 and stats["steps"] == 2
