@@ -19,6 +19,8 @@ from typing import Any
 
 from .models import ALL_MODELS, DiT, SiT
 from .objective import SRAConfig
+from .ops import BACKENDS
+from .ops.attention import ATTENTION_BACKENDS
 
 # Tiny sizes for CPU runs and tests: depth, width, heads. Not a released size.
 TINY_SIZES = {"T": (6, 128, 4)}
@@ -171,9 +173,9 @@ class TrainConfig:
                                 "files you trust)", runtime=True)
     max_nonfinite: int = _f(20, "stop after this many consecutive non-finite losses (each "
                             "one skips its update)", runtime=True)
-    kernels: str = _f("auto", "fused-op backend", choices=("auto", "ref", "triton"),
+    kernels: str = _f("auto", "fused-op backend", choices=BACKENDS,
                       runtime=True)
-    attn: str = _f("auto", "attention backend", choices=("auto", "sdpa", "flash_attn", "math"),
+    attn: str = _f("auto", "attention backend", choices=ATTENTION_BACKENDS,
                    runtime=True)
     device: str = _f("auto", "auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu or "
                      "cuda", choices=("auto", "cpu", "cuda"), runtime=True)
