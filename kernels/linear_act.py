@@ -1,4 +1,5 @@
-"""Linear -> activation -> Linear with the activation fused, shared by projector.py and mlp.py.
+"""Linear -> activation -> Linear with the activation fused, shared by projector.py and mlp.py
+(each builds its autograd.Function, custom op and public function with make_linear_act).
 
 Two ways to run the first GEMM and the activation (the `gemm` switch):
   "cublas": a = x @ w1^T by torch.matmul (cuBLAS), then one Triton pass h = act(a + b1).
@@ -9,11 +10,13 @@ recomputed h (needed for dw2) and the b1 gradient (deterministic per-program par
 The second GEMM and the weight-gradient GEMMs stay on cuBLAS. The Triton GEMM needs bf16/fp16
 inputs (fp32 inputs fall back to cuBLAS: tl.dot would silently use TF32).
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_to, interpreting, new_empty, sm_count
+from ._common import cast_to, compiling, interpreting, new_empty, sm_count
 
 ACT_SILU = 0
 ACT_GELU_TANH = 1
@@ -367,3 +370,28 @@ def register_custom_op(name, act):
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
     return fwd_op
+
+
+def make_linear_act(name, act, default_gemm, fn_doc, doc, module):
+    """(autograd.Function, custom op sra_fast::<name>, public function <name>) for one activation.
+
+    default_gemm() gives the first GEMM's path when a call passes gemm=None; it is called per
+    call, so the op module's DEFAULT_GEMM stays the one setting that counts. module: the op
+    module's __name__, given to the public function.
+    """
+    fn = make_autograd_fn(act, fn_doc)
+    op = register_custom_op(name, act)
+
+    def linear_act(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                   b2: torch.Tensor, gemm: Optional[str] = None) -> torch.Tensor:
+        gemm = default_gemm() if gemm is None else gemm
+        if gemm not in GEMMS:
+            raise ValueError(f"unknown gemm {gemm!r}; choose one of {GEMMS}")
+        x, w1, b1, w2, b2 = autocast_inputs(x, w1, b1, w2, b2)
+        if compiling():  # opaque custom op for the tracer
+            return op(x, w1, b1, w2, b2, gemm)[0]
+        return fn.apply(x, w1, b1, w2, b2, gemm)  # eager: cheaper than custom-op dispatch
+
+    linear_act.__name__ = linear_act.__qualname__ = name
+    linear_act.__doc__, linear_act.__module__ = doc, module
+    return fn, op, linear_act

@@ -6,30 +6,13 @@ a GPU benchmark (benchmarks/bench_ops.py --op mlp) shows the Triton GEMM winning
 per call with gemm=..., or with SRA_FAST_MLP_GEMM=triton.
 """
 import os
-from typing import Optional
 
-import torch
-
-from ._common import compiling
-from .linear_act import (ACT_GELU_TANH, GEMMS, autocast_inputs, make_autograd_fn,
-                         register_custom_op)
+from .linear_act import ACT_GELU_TANH, make_linear_act
 
 DEFAULT_GEMM = os.environ.get("SRA_FAST_MLP_GEMM", "cublas")
 
-MLPFn = make_autograd_fn(
-    ACT_GELU_TANH, "autograd.Function for the block MLP "
-    "(`mlp` runs it in eager mode; the custom op under torch.compile).")
-
-_mlp_op = register_custom_op("mlp", ACT_GELU_TANH)
-
-
-def mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-        b2: torch.Tensor, gemm: Optional[str] = None) -> torch.Tensor:
-    """gelu_tanh(x @ w1^T + b1) @ w2^T + b2 over the last dim of x."""
-    gemm = DEFAULT_GEMM if gemm is None else gemm
-    if gemm not in GEMMS:
-        raise ValueError(f"unknown gemm {gemm!r}; choose one of {GEMMS}")
-    x, w1, b1, w2, b2 = autocast_inputs(x, w1, b1, w2, b2)
-    if compiling():  # opaque custom op for the tracer
-        return _mlp_op(x, w1, b1, w2, b2, gemm)[0]
-    return MLPFn.apply(x, w1, b1, w2, b2, gemm)  # eager: cheaper than custom-op dispatch
+MLPFn, _mlp_op, mlp = make_linear_act(
+    "mlp", ACT_GELU_TANH, lambda: DEFAULT_GEMM,
+    "autograd.Function for the block MLP "
+    "(`mlp` runs it in eager mode; the custom op under torch.compile).",
+    "gelu_tanh(x @ w1^T + b1) @ w2^T + b2 over the last dim of x.", __name__)

@@ -6,30 +6,14 @@ default until a GPU benchmark (benchmarks/bench_ops.py --op projector) shows the
 winning; override per call with gemm=..., or with SRA_FAST_PROJECTOR_GEMM=triton.
 """
 import os
-from typing import Optional
 
-import torch
-
-from ._common import compiling
-from .linear_act import (ACT_SILU, GEMMS, autocast_inputs, make_autograd_fn,
-                         register_custom_op)
+from .linear_act import ACT_SILU, make_linear_act
 
 DEFAULT_GEMM = os.environ.get("SRA_FAST_PROJECTOR_GEMM", "cublas")
 
-ProjectorFn = make_autograd_fn(
-    ACT_SILU, "autograd.Function for the projector "
-    "(`projector` runs it in eager mode; the custom op under torch.compile).")
-
-_projector_op = register_custom_op("projector", ACT_SILU)
-
-
-def projector(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-              b2: torch.Tensor, gemm: Optional[str] = None) -> torch.Tensor:
-    """silu(x @ w1^T + b1) @ w2^T + b2 over the last dim of x (bf16 in, fp32 accumulation)."""
-    gemm = DEFAULT_GEMM if gemm is None else gemm
-    if gemm not in GEMMS:
-        raise ValueError(f"unknown gemm {gemm!r}; choose one of {GEMMS}")
-    x, w1, b1, w2, b2 = autocast_inputs(x, w1, b1, w2, b2)
-    if compiling():  # opaque custom op for the tracer
-        return _projector_op(x, w1, b1, w2, b2, gemm)[0]
-    return ProjectorFn.apply(x, w1, b1, w2, b2, gemm)  # eager: cheaper than custom-op dispatch
+ProjectorFn, _projector_op, projector = make_linear_act(
+    "projector", ACT_SILU, lambda: DEFAULT_GEMM,
+    "autograd.Function for the projector "
+    "(`projector` runs it in eager mode; the custom op under torch.compile).",
+    "silu(x @ w1^T + b1) @ w2^T + b2 over the last dim of x (bf16 in, fp32 accumulation).",
+    __name__)

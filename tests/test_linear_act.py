@@ -1,20 +1,34 @@
-"""mlp kernel (fc1 -> GELU(tanh) -> fc2, hidden 4D): forward and every gradient against
-the reference on both GEMM paths (cuBLAS + fused bias/GELU pass, Triton GEMM with the fused
-epilogue), determinism, torch.compile tracing. CPU runs through the Triton interpreter."""
+"""Linear -> activation -> Linear kernels, one parametrized suite for both ops:
+  projector: Linear(D,2D) -> SiLU -> Linear(2D,D)        vs sra_fast.ops.reference.projector_ref
+  mlp:       fc1 (hidden 4D) -> GELU(tanh) -> fc2        vs sra_fast.ops.reference.mlp_ref
+Forward and every gradient against the reference on both GEMM paths (cuBLAS + fused
+bias/activation pass, Triton GEMM with the fused epilogue), determinism, torch.compile tracing.
+CPU runs through the Triton interpreter."""
 import importlib
+import os
+from collections import namedtuple
 
 import pytest
 import torch
 
-from sra_fast.ops.reference import mlp_ref
+from sra_fast.ops import reference as R
 
 K = pytest.importorskip("sra_fast.kernels")
 from sra_fast.kernels import _common  # noqa: E402
 
 _common.POISON_OUTPUTS = True
-mlp_mod = importlib.import_module("sra_fast.kernels.mlp")
 
-HIDDEN = 4
+# name: public kernel function / module in sra_fast.kernels; fn: its autograd.Function there.
+Op = namedtuple("Op", "name ref hidden fn env")
+OPS = [Op("projector", R.projector_ref, 2, "ProjectorFn", "SRA_FAST_PROJECTOR_GEMM"),
+       Op("mlp", R.mlp_ref, 4, "MLPFn", "SRA_FAST_MLP_GEMM")]
+op_param = pytest.mark.parametrize("op", OPS, ids=lambda o: o.name)
+
+
+def kernel(op):
+    return getattr(K, op.name)
+
+
 # The interpreted Triton GEMM costs ~seconds per 1000-wide GEMM: it gets the small odd shapes.
 CPU_CASES = [("cublas", (2, 7, 1000)), ("cublas", (2, 16, 384)), ("cublas", (1, 16, 64)),
              ("triton", (2, 7, 100)), ("triton", (1, 16, 64))]
@@ -51,34 +65,39 @@ def check_linear_act(fn, ref, hidden, N, T, D, dtype, device, check, gemm, seed=
         check(name, a, b, c)
 
 
+@op_param
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("gemm,shape", CPU_CASES, ids=str)
-def test_mlp_matches_reference(gemm, shape, dtype, kernel_device, assert_kernel_close):
-    check_linear_act(K.mlp, mlp_ref, HIDDEN, *shape, dtype, kernel_device,
+def test_matches_reference(op, gemm, shape, dtype, kernel_device, assert_kernel_close):
+    check_linear_act(kernel(op), op.ref, op.hidden, *shape, dtype, kernel_device,
                      assert_kernel_close, gemm)
 
 
+@op_param
 @pytest.mark.parametrize("gemm", ["cublas", "triton"])
-def test_mlp_fp16(gemm, kernel_device, assert_kernel_close):
-    check_linear_act(K.mlp, mlp_ref, HIDDEN, 2, 7, 100, torch.float16,
+def test_fp16(op, gemm, kernel_device, assert_kernel_close):
+    check_linear_act(kernel(op), op.ref, op.hidden, 2, 7, 100, torch.float16,
                      kernel_device, assert_kernel_close, gemm, seed=1)
 
 
-def test_mlp_default_gemm_is_cublas():
-    assert mlp_mod.DEFAULT_GEMM in ("cublas", "triton")
-    import os
-    if "SRA_FAST_MLP_GEMM" not in os.environ:
-        assert mlp_mod.DEFAULT_GEMM == "cublas"
+@op_param
+def test_default_gemm_is_cublas(op):
+    mod = importlib.import_module(f"sra_fast.kernels.{op.name}")
+    assert mod.DEFAULT_GEMM in ("cublas", "triton")
+    if op.env not in os.environ:
+        assert mod.DEFAULT_GEMM == "cublas"
     with pytest.raises(ValueError):
-        K.mlp(*make_inputs(1, 7, 64, HIDDEN, torch.float32, "cpu", 0)[:5], gemm="cutlass")
+        kernel(op)(*make_inputs(1, 7, 64, op.hidden, torch.float32, "cpu", 0)[:5],
+                   gemm="cutlass")
 
 
-def test_mlp_fn_same_as_custom_op(kernel_device):
-    *ins, dout = make_inputs(2, 7, 64, HIDDEN, torch.bfloat16, kernel_device, 2)
+@op_param
+def test_fn_same_as_custom_op(op, kernel_device):
+    *ins, dout = make_inputs(2, 7, 64, op.hidden, torch.bfloat16, kernel_device, 2)
     for gemm in ("cublas", "triton"):
         res = []
-        for f in (lambda *a: K.mlp(*a, gemm=gemm),
-                  lambda *a: K.MLPFn.apply(*a, gemm)):
+        for f in (lambda *a: kernel(op)(*a, gemm=gemm),
+                  lambda *a: getattr(K, op.fn).apply(*a, gemm)):
             leaves = [t.clone().requires_grad_() for t in ins]
             out = f(*leaves)
             res.append([out, *torch.autograd.grad(out, leaves, dout)])
@@ -86,24 +105,26 @@ def test_mlp_fn_same_as_custom_op(kernel_device):
             assert torch.equal(a, b)
 
 
+@op_param
 @pytest.mark.parametrize("gemm", ["cublas", "triton"])
-def test_mlp_deterministic(gemm, kernel_device):
+def test_deterministic(op, gemm, kernel_device):
     N, T, D = (64, 256, 1152) if kernel_device == "cuda" else (2, 7, 64)
-    *ins, dout = make_inputs(N, T, D, HIDDEN, torch.bfloat16, kernel_device, 3)
+    *ins, dout = make_inputs(N, T, D, op.hidden, torch.bfloat16, kernel_device, 3)
     runs = []
     for _ in range(2):
         leaves = [t.clone().requires_grad_() for t in ins]
-        out = K.mlp(*leaves, gemm=gemm)
+        out = kernel(op)(*leaves, gemm=gemm)
         runs.append([out, *torch.autograd.grad(out, leaves, dout)])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
 
-def test_mlp_compiles_without_graph_break(kernel_device):
-    *ins, dout = make_inputs(2, 7, 64, HIDDEN, torch.float32, kernel_device, 4)
-    cf = torch.compile(K.mlp, backend="aot_eager", fullgraph=True)
+@op_param
+def test_compiles_without_graph_break(op, kernel_device):
+    *ins, dout = make_inputs(2, 7, 64, op.hidden, torch.float32, kernel_device, 4)
+    cf = torch.compile(kernel(op), backend="aot_eager", fullgraph=True)
     res = []
-    for fn in (K.mlp, cf):
+    for fn in (kernel(op), cf):
         leaves = [t.clone().requires_grad_() for t in ins]
         out = fn(*leaves)
         res.append([out, *torch.autograd.grad(out, leaves, dout)])
@@ -112,26 +133,28 @@ def test_mlp_compiles_without_graph_break(kernel_device):
 
 
 @pytest.mark.cuda
+@op_param
 @pytest.mark.parametrize("gemm", ["cublas", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", CUDA_SHAPES, ids=str)
-def test_mlp_cuda_shapes(shape, dtype, gemm, assert_kernel_close):
-    check_linear_act(K.mlp, mlp_ref, HIDDEN, *shape, dtype, "cuda",
+def test_cuda_shapes(op, shape, dtype, gemm, assert_kernel_close):
+    check_linear_act(kernel(op), op.ref, op.hidden, *shape, dtype, "cuda",
                      assert_kernel_close, gemm, seed=5)
 
 
-def test_mlp_under_autocast(kernel_device, assert_kernel_close):
+@op_param
+def test_under_autocast(op, kernel_device, assert_kernel_close):
     """fp32 master weights under torch.autocast: the GEMMs run in the autocast dtype, as
     F.linear's would, and the weights get fp32 gradients."""
-    *ins, dout = make_inputs(2, 7, 64, HIDDEN, torch.float32, kernel_device, 6)
+    *ins, dout = make_inputs(2, 7, 64, op.hidden, torch.float32, kernel_device, 6)
     res = []
-    for fn in (K.mlp, mlp_ref):
+    for fn in (kernel(op), op.ref):
         leaves = [t.clone().requires_grad_() for t in ins]
         with torch.autocast(kernel_device, dtype=torch.bfloat16):
             out = fn(*leaves)
         res.append([out, *torch.autograd.grad(out, leaves, dout.to(out.dtype))])
     hp = [t.double().requires_grad_() for t in ins]
-    out_hp = mlp_ref(*hp)
+    out_hp = op.ref(*hp)
     res_hp = [out_hp, *torch.autograd.grad(out_hp, hp, dout.to(torch.bfloat16).double())]
     assert res[0][0].dtype == res[1][0].dtype == torch.bfloat16
     for name, a, b, c in zip(("out", "dx", "dw1", "db1", "dw2", "db2"), *res, res_hp):
