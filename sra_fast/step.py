@@ -234,6 +234,12 @@ class TrainStep:
     # the trainer's name for a step
     step = __call__
 
+    @property
+    def nonfinite_count(self) -> torch.Tensor:
+        """Device scalar: non-finite (skipped) steps since the last read_stats(). A view,
+        updated in place by every step (eager or replayed), read without a host sync."""
+        return self._stats[self.STATS.index("nonfinite")]
+
     def read_stats(self) -> dict:
         """Means since the last call over finite steps, and the non-finite count (host sync)."""
         s = self._stats.tolist()

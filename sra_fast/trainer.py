@@ -154,7 +154,6 @@ class Trainer:
         if self._scaler_state is not None and self.train_step.scaler is not None:
             self.train_step.scaler.load_state_dict(self._scaler_state)
         # consecutive non-finite steps, tracked on the device (no per-step sync)
-        self._nf_index = TrainStep.STATS.index("nonfinite")
         self._consec = torch.zeros((), device=self.device)
         self._max_consec = torch.zeros((), device=self.device)
         self.logger = MetricsLogger(self.run_dir, enabled=self.main)
@@ -353,9 +352,9 @@ class Trainer:
 
     def one_step(self, x, y, weight: float):
         ts = self.train_step
-        before = ts._stats[self._nf_index].clone()
+        before = ts.nonfinite_count.clone()
         ts(x, y, weight)
-        flag = ts._stats[self._nf_index] - before      # 1 if this step was skipped
+        flag = ts.nonfinite_count - before             # 1 if this step was skipped
         self._consec.mul_(flag).add_(flag)             # run length of skipped steps
         torch.maximum(self._max_consec, self._consec, out=self._max_consec)
 
