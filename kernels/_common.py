@@ -35,6 +35,25 @@ def cast_to(x, PTR):
     return x.to(PTR.dtype.element_ty)
 
 
+@triton.jit
+def token_tile(n, t, t_end, T, D, cols, cmask):
+    """(offsets, mask) of the tile of tokens t (< t_end) of sample n in an (N, T, D) tensor;
+    int64 offsets, since N*T*D passes 2**31 at large batches."""
+    mask = (t < t_end)[:, None] & cmask[None, :]
+    offs = (n * T + t).to(tl.int64)[:, None] * D + cols[None, :]
+    return offs, mask
+
+
+@triton.jit
+def layer_norm_rows(x, mask, D, eps):
+    """(x - mean, 1/std) per row of a masked fp32 tile: the one LayerNorm (no affine) that
+    every forward and backward kernel recomputes, so they cannot drift apart."""
+    mean = tl.sum(x, axis=1) / D
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+    return xc, rstd
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

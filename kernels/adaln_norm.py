@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (cast_to, check_3d, check_nd, compiling, new_empty, row_launch,
-                      split_cast)
+from ._common import (cast_to, check_3d, check_nd, compiling, layer_norm_rows, new_empty,
+                      row_launch, split_cast, token_tile)
 
 
 @triton.jit
@@ -31,12 +31,9 @@ def _adaln_norm_fwd_kernel(X, SHIFT, SCALE, Y, T, D, rows_per_prog, eps,
     t_end = tl.minimum(t_begin + rows_per_prog, T)
     for r0 in range(0, rows_per_prog, BLOCK_R):
         t = t_begin + r0 + tl.arange(0, BLOCK_R)
-        mask = (t < t_end)[:, None] & cmask[None, :]
-        offs = (n * T + t).to(tl.int64)[:, None] * D + cols[None, :]
+        offs, mask = token_tile(n, t, t_end, T, D, cols, cmask)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=1) / D
-        xc = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+        xc, rstd = layer_norm_rows(x, mask, D, eps)
         y = xc * rstd[:, None] * scale1[None, :] + shift[None, :]
         tl.store(Y + offs, cast_to(y, Y), mask=mask)
 
@@ -57,13 +54,10 @@ def _adaln_norm_bwd_kernel(X, SCALE, DY, DX, PART, N, T, D, C, rows_per_prog, ep
     t_end = tl.minimum(t_begin + rows_per_prog, T)
     for r0 in range(0, rows_per_prog, BLOCK_R):
         t = t_begin + r0 + tl.arange(0, BLOCK_R)
-        mask = (t < t_end)[:, None] & cmask[None, :]
-        offs = (n * T + t).to(tl.int64)[:, None] * D + cols[None, :]
+        offs, mask = token_tile(n, t, t_end, T, D, cols, cmask)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=1) / D
-        xc = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+        xc, rstd = layer_norm_rows(x, mask, D, eps)
         xhat = xc * rstd[:, None]
         acc_dscale += tl.sum(dy * xhat, axis=0)
         acc_dshift += tl.sum(dy, axis=0)

@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_to, check_3d, compiling, new_empty, row_launch, token_chunks
+from ._common import (cast_to, check_3d, compiling, new_empty, row_launch, token_chunks,
+                      token_tile)
 
 # Duplicated from the reference module (kernels may not import it); a test checks they agree.
 COS_EPS = 1e-8
@@ -78,8 +79,7 @@ def _align_loss_bwd_kernel(S, TT, G, DS, T, D, rows_per_prog, inv_count, eps, be
     t_end = tl.minimum(t_begin + rows_per_prog, T)
     for r0 in range(0, rows_per_prog, BLOCK_R):
         t = t_begin + r0 + tl.arange(0, BLOCK_R)
-        mask = (t < t_end)[:, None] & cmask[None, :]
-        offs = (n * T + t).to(tl.int64)[:, None] * D + cols[None, :]
+        offs, mask = token_tile(n, t, t_end, T, D, cols, cmask)
         s = tl.load(S + offs, mask=mask, other=0.0).to(tl.float32)
         tg = tl.load(TT + offs, mask=mask, other=0.0).to(tl.float32)
         if KIND == 0:
@@ -158,8 +158,7 @@ def _align_loss_cols_bwd_kernel(S, TT, G, STATS, DS, N, T, D, rows_per_prog, inv
     t_end = tl.minimum(t_begin + rows_per_prog, T)
     for r0 in range(0, rows_per_prog, BLOCK_T):
         t = t_begin + r0 + tl.arange(0, BLOCK_T)
-        mask = (t < t_end)[:, None] & cmask[None, :]
-        offs = (n * T + t).to(tl.int64)[:, None] * D + cols[None, :]
+        offs, mask = token_tile(n, t, t_end, T, D, cols, cmask)
         s = tl.load(S + offs, mask=mask, other=0.0).to(tl.float32)
         tg = tl.load(TT + offs, mask=mask, other=0.0).to(tl.float32)
         ds = -coef * (tg * a[None, :] - s * bb[None, :])

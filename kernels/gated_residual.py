@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (cast_to, check_3d, check_nd, compiling, new_empty, row_launch,
-                      split_cast)
+from ._common import (cast_to, check_3d, check_nd, compiling, layer_norm_rows, new_empty,
+                      row_launch, split_cast, token_tile)
 
 
 @triton.jit
@@ -30,8 +30,7 @@ def _gated_residual_fwd_kernel(X, GATE, Y, H, T, D, rows_per_prog,
     t_end = tl.minimum(t_begin + rows_per_prog, T)
     for r0 in range(0, rows_per_prog, BLOCK_R):
         t = t_begin + r0 + tl.arange(0, BLOCK_R)
-        mask = (t < t_end)[:, None] & cmask[None, :]
-        offs = (n * T + t).to(tl.int64)[:, None] * D + cols[None, :]
+        offs, mask = token_tile(n, t, t_end, T, D, cols, cmask)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(H + offs, cast_to(x + gate[None, :] * y, H), mask=mask)
@@ -52,8 +51,7 @@ def _gated_residual_bwd_kernel(GATE, Y, DH, DY, PART, T, D, C, rows_per_prog,
     t_end = tl.minimum(t_begin + rows_per_prog, T)
     for r0 in range(0, rows_per_prog, BLOCK_R):
         t = t_begin + r0 + tl.arange(0, BLOCK_R)
-        mask = (t < t_end)[:, None] & cmask[None, :]
-        offs = (n * T + t).to(tl.int64)[:, None] * D + cols[None, :]
+        offs, mask = token_tile(n, t, t_end, T, D, cols, cmask)
         y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
         dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
         acc += tl.sum(dh * y, axis=0)
@@ -75,17 +73,14 @@ def _gated_residual_adaln_norm_fwd_kernel(X, GATE, Y, SHIFT, SCALE, H, OUT, T, D
     t_end = tl.minimum(t_begin + rows_per_prog, T)
     for r0 in range(0, rows_per_prog, BLOCK_R):
         t = t_begin + r0 + tl.arange(0, BLOCK_R)
-        mask = (t < t_end)[:, None] & cmask[None, :]
-        offs = (n * T + t).to(tl.int64)[:, None] * D + cols[None, :]
+        offs, mask = token_tile(n, t, t_end, T, D, cols, cmask)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
         # The norm uses h in fp32 (before rounding to H's dtype); the backward recomputes the
         # very same fp32 h from x, gate, y, so forward and backward see one function.
         h = x + gate[None, :] * y
         tl.store(H + offs, cast_to(h, H), mask=mask)
-        mean = tl.sum(h, axis=1) / D
-        hc = tl.where(mask, h - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(hc * hc, axis=1) / D + eps)
+        hc, rstd = layer_norm_rows(h, mask, D, eps)
         out = hc * rstd[:, None] * scale1[None, :] + shift[None, :]
         tl.store(OUT + offs, cast_to(out, OUT), mask=mask)
 
@@ -109,15 +104,12 @@ def _gated_residual_adaln_norm_bwd_kernel(X, GATE, Y, SCALE, DOUT, DH, DX, DY, P
     t_end = tl.minimum(t_begin + rows_per_prog, T)
     for r0 in range(0, rows_per_prog, BLOCK_R):
         t = t_begin + r0 + tl.arange(0, BLOCK_R)
-        mask = (t < t_end)[:, None] & cmask[None, :]
-        offs = (n * T + t).to(tl.int64)[:, None] * D + cols[None, :]
+        offs, mask = token_tile(n, t, t_end, T, D, cols, cmask)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
         dout = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
         h = x + gate[None, :] * y
-        mean = tl.sum(h, axis=1) / D
-        hc = tl.where(mask, h - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(hc * hc, axis=1) / D + eps)
+        hc, rstd = layer_norm_rows(h, mask, D, eps)
         hhat = hc * rstd[:, None]
         acc_dscale += tl.sum(dout * hhat, axis=0)
         acc_dshift += tl.sum(dout, axis=0)
