@@ -4,14 +4,15 @@ and the Triton kernels, at the SiT-B/2 and SiT-XL/2 shapes.
 Question answered: does each fused op beat torch.compile, and how close is it to the card's
 copy bandwidth (element-wise ops, GB/s on the op's own bytes) or matmul rate (projector/mlp,
 TFLOP/s)? Modes fwd, bwd (backward alone, graph retained) and fwd+bwd. Prints a table last
-and appends rows to benchmarks/results/results.csv.
+and appends rows to benchmarks/results/results.csv as they are measured.
 
   python benchmarks/bench_ops.py                       # all ops, both models, CUDA
   python benchmarks/bench_ops.py --op adaln_norm,align_loss --mode fwd+bwd --model XL/2
   python benchmarks/bench_ops.py --quick               # tiny CPU smoke test (a few seconds)
 
 Providers: eager (the reference op), compile (torch.compile of the reference), triton (ours;
-projector/mlp with their default first GEMM), triton-gemm (projector/mlp with gemm="triton").
+projector/mlp with their default first GEMM), triton-gemm (projector/mlp with gemm="triton"),
+triton@TILExEPT (ours with another row-kernel launch shape; --row-configs).
 
 Timings (--timing, default both; a `timing` column in the table and the CSV):
   eager  each call issued from Python and timed with CUDA events around it: host cost
@@ -74,6 +75,10 @@ def parse_args():
     p.add_argument("--timing", default="both", choices=TIMINGS + ("both",),
                    help="eager: per-call Python-issued timing (host cost included); graph: "
                         "CUDA-graph replay (GPU time alone, CUDA only); both (default)")
+    p.add_argument("--row-configs", default=None, metavar="TILExEPT,...",
+                   help="time the triton provider once per row-kernel launch shape, e.g. "
+                        "4096x16,2048x8,2048x4 (tile elements x elements per thread; "
+                        "kernels._common.set_row_config); rows get provider triton@TILExEPT")
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop starting new measurements after this many seconds (the table "
                         "and CSV still cover what was measured; cases run in the order given)")
@@ -142,6 +147,29 @@ def make_case(op, N, T, D, dtype, device, kind):
 def _K():
     import sra_fast.kernels as K
     return K
+
+
+def parse_row_configs(text):
+    """'4096x16,2048x8' -> [(4096, 16), (2048, 8)]."""
+    out = []
+    for item in (text or "").split(","):
+        item = item.strip()
+        if item:
+            try:
+                tile, ept = (int(v) for v in item.split("x"))
+            except ValueError:
+                raise SystemExit(f"--row-configs: {item!r} is not TILExEPT (e.g. 2048x8)")
+            out.append((tile, ept))
+    return out
+
+
+def set_row_config(cfg):
+    """Apply a (tile, elements-per-thread) row launch shape; None restores the default."""
+    import importlib
+    common = importlib.import_module("sra_fast.kernels._common")
+    if not hasattr(set_row_config, "default"):
+        set_row_config.default = (common.TILE_ELEMS, common.ELEMS_PER_THREAD)
+    common.set_row_config(*(cfg or set_row_config.default))
 
 
 def triton_runnable(device):
@@ -236,9 +264,10 @@ def main():
     warmup, rep = (1, 2) if args.quick else (args.warmup, args.rep)
     dtype = DTYPES[args.dtype]
     timings = list(TIMINGS) if args.timing == "both" else [args.timing]
+    row_configs = parse_row_configs(args.row_configs)
     if "graph" in timings and device.type != "cuda":
         print("# graph timing skipped: CUDA graphs need a CUDA device (timing eager only)")
-        timings = [t for t in timings if t != "graph"]
+        timings = [t for t in timings if t != "graph"] or ["eager"]
 
     env = env_info(device)
     copy_gbs = measure_copy_bandwidth_gbs(device)
@@ -248,6 +277,9 @@ def main():
     print(f"# copy {copy_gbs:.1f} GB/s (read+write), {args.dtype} matmul {mm_tflops:.1f} TFLOP/s")
 
     rows, t_start, skipped = [], time.monotonic(), []
+    write_csv = not args.no_csv and (args.csv or not args.quick)
+    stamp = {**env, "copy_gbs": copy_gbs, "matmul_tflops": mm_tflops}
+    n_written, csv_path = 0, None
 
     def over_budget():
         return args.budget_s is not None and time.monotonic() - t_start > args.budget_s
@@ -271,7 +303,12 @@ def main():
                         if not triton_runnable(device):
                             print(f"# skip {prov}: CPU tensors need TRITON_INTERPRET=1")
                             continue
-                        fns[prov] = kern("triton" if prov == "triton-gemm" else None)
+                        fn = kern("triton" if prov == "triton-gemm" else None)
+                        if prov == "triton" and row_configs and op not in GEMM_OPS:
+                            for cfg in row_configs:
+                                fns[f"triton@{cfg[0]}x{cfg[1]}"] = fn
+                        else:
+                            fns[prov] = fn
                 for mode in modes:
                     for timing in timings:
                         times, failed = {}, {}
@@ -281,6 +318,8 @@ def main():
                                                f"{mode}/{prov}/{timing}")
                                 continue
                             try:
+                                set_row_config(tuple(int(v) for v in prov.split("@")[1]
+                                                     .split("x")) if "@" in prov else None)
                                 times[prov] = time_one(fn, ins, mask, mode, timing, device,
                                                        warmup, rep)
                             except Exception as ex:  # keep the other providers' numbers
@@ -306,14 +345,16 @@ def main():
                             rows.append(row)
                         for prov, why in failed.items():
                             rows.append({**base, "provider": prov, "ms": "n/a", "note": why})
+                        # written as measured, so a run killed by its time limit keeps them
+                        new_rows, n_written = rows[n_written:], len(rows)
+                        if new_rows and write_csv:
+                            csv_path = append_csv(args.csv, [{**stamp, **r} for r in new_rows])
 
     if skipped:
         print(f"# budget of {args.budget_s:.0f} s spent: skipped {len(skipped)} measurements "
               f"({', '.join(skipped[:6])}{', ...' if len(skipped) > 6 else ''})")
-    if rows and not args.no_csv and (args.csv or not args.quick):
-        stamp = {**env, "copy_gbs": copy_gbs, "matmul_tflops": mm_tflops}
-        path = append_csv(args.csv, [{**stamp, **r} for r in rows])
-        print(f"# appended {len(rows)} rows to {path}")
+    if csv_path is not None:
+        print(f"# appended {n_written} rows to {csv_path}")
     print(f"\n{env['card']} | torch {env['torch']} | triton {env['triton']} | git {env['git']}"
           f" | vs_compile = compile ms / provider ms (>1: faster than torch.compile)")
     order = {t: i for i, t in enumerate(TIMINGS)}

@@ -21,6 +21,7 @@ ratios equal img/s ratios. Timing: CUDA events per step, median (benchmarks/comm
   python benchmarks/bench_step.py                                    # defaults below
   python benchmarks/bench_step.py --models SiT-XL/2 --batch SiT-XL/2=64 --providers ours,ours-graph
   python benchmarks/bench_step.py --budget-s 300 --csv out/bench_step.csv
+  python benchmarks/bench_step.py --plan "SiT-XL/2@64=compile-ro,ours-graph;SiT-XL/2@32@512=ours-graph"
   python benchmarks/bench_step.py --quick                            # CPU smoke test, tiny model
   python benchmarks/bench_step.py --summarize out/bench_step.csv     # table of the last run
 The table is printed last; every configuration is appended to the CSV as soon as it ends (a
@@ -125,11 +126,13 @@ def cleanup():
         torch.cuda.empty_cache()
 
 
-def run_one(model_name, batch, provider, args, device, peak_tflops):
-    """One configuration; everything it built is gone (and the cache emptied) on return."""
-    row = {"model": model_name, "res": args.res, "batch": batch, "provider": provider}
+def run_one(model_name, batch, provider, args, device, peak_tflops, res=None):
+    """One configuration (at `res` px, default --res); everything it built is gone (and the
+    cache emptied) on return."""
+    res = res or args.res
+    row = {"model": model_name, "res": res, "batch": batch, "provider": provider}
     try:
-        _run_one(row, model_name, batch, provider, args, device, peak_tflops)
+        _run_one(row, model_name, batch, provider, args, device, peak_tflops, res)
     finally:
         if PROVIDERS[provider].get("compile"):
             torch._dynamo.reset()
@@ -137,7 +140,7 @@ def run_one(model_name, batch, provider, args, device, peak_tflops):
     return row
 
 
-def _run_one(row, model_name, batch, provider, args, device, peak_tflops):
+def _run_one(row, model_name, batch, provider, args, device, peak_tflops, res):
     spec = PROVIDERS[provider]
     is_cuda = torch.device(device).type == "cuda"
     # on CPU the kernels would run in Triton's interpreter: the smoke test times the reference
@@ -145,7 +148,7 @@ def _run_one(row, model_name, batch, provider, args, device, peak_tflops):
     try:
         with ops.use_backend(kernels), use_attention_backend(spec["attn"]):
             torch.manual_seed(0)
-            model = build(model_name, args.res, device, args.quick)
+            model = build(model_name, res, device, args.quick)
             bs, bt = blocks_for(model_name, model.depth)
             row["sra"] = f"{bs}->{bt}"
             ema = make_ema(model)
@@ -297,8 +300,8 @@ def main(argv=None):
     ap.add_argument("--plan", default=None,
                     help="ordered configurations, overriding --models/--batch/--providers: "
                          "'SiT-XL/2@64=eager-ref,ours,ours-graph;SiT-B/2@256=ours;"
-                         "SiT-XL/2@64=compile' (with --budget-s, later entries are the "
-                         "ones skipped)")
+                         "SiT-XL/2@32@512=ours-graph' (NAME@BATCH[@RES]; with --budget-s, "
+                         "later entries are the ones skipped)")
     ap.add_argument("--summarize", default=None, metavar="CSV",
                     help="only print the table of the last run recorded in CSV")
     args = ap.parse_args(argv)
@@ -340,27 +343,32 @@ def main(argv=None):
             if not entry:
                 continue
             head, _, provs = entry.partition("=")
-            name, _, b = head.partition("@")
+            name, _, rest = head.partition("@")
+            b, _, r = rest.partition("@")
+            try:
+                batch = int(b) if b else (default_batch or DEFAULT_BATCH.get(name, 32))
+                res = int(r) if r and not args.quick else args.res
+            except ValueError:
+                ap.error(f"--plan entry {entry!r}: expected NAME@BATCH[@RES]=PROVIDERS")
             for prov in provs.split(","):
-                plan.append((name, int(b) if b else (default_batch or DEFAULT_BATCH.get(name, 32)),
-                             prov.strip()))
+                plan.append((name, batch, prov.strip(), res))
     else:
-        plan = [(name, batch, prov) for name in models
+        plan = [(name, batch, prov, args.res) for name in models
                 for batch in (batches.get(name) or batches.get("*")
                               or [default_batch or DEFAULT_BATCH.get(name, 32)])
                 for prov in providers]
-    bad = [p for _, _, p in plan if p not in PROVIDERS]
+    bad = [p for _, _, p, _ in plan if p not in PROVIDERS]
     if bad:
         ap.error(f"unknown providers {bad}; choose from {list(PROVIDERS)}")
     rows = []
-    for name, batch, prov in plan:
+    for name, batch, prov, res in plan:
         left = args.budget_s - (time.time() - t_start) if args.budget_s > 0 else math.inf
         if left <= 0 or (PROVIDERS[prov].get("compile") and left < args.compile_reserve_s):
-            row = {"model": name, "res": args.res, "batch": batch, "provider": prov,
+            row = {"model": name, "res": res, "batch": batch, "provider": prov,
                    "status": f"skipped (budget, {max(left, 0):.0f}s left)"}
         else:
-            print(f"-- {name} {args.res}px batch {batch}: {prov}", flush=True)
-            row = run_one(name, batch, prov, args, device, peak)
+            print(f"-- {name} {res}px batch {batch}: {prov}", flush=True)
+            row = run_one(name, batch, prov, args, device, peak, res)
             print(f"   {row.get('status')}: " + (f"{row['ms']:.2f} ms/step, "
                   f"{row['img_s']:.1f} img/s, peak {row['peak_gib']:.2f} GiB, MFU "
                   f"{row['mfu_pct']:.1f}%, first step {row['first_step_s']:.1f}s"

@@ -3,14 +3,19 @@
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        (OUT_DIR defaults to $OUT, else ./gpu_check_out)
 # From the repository root (it cd's there itself) with PYTHONPATH=. it
 #   1. prints the card, driver, torch / CUDA / cuDNN / triton versions,
-#   2. runs the CUDA tests (pytest -m cuda): first tests/test_step_cuda.py (CUDA-graph step
-#      vs eager, attention backends), then the others (kernels, fused EMA extension),
-#   3. runs benchmarks/bench_ops.py (fused ops vs eager/compile) with a short budget,
-#   4. runs benchmarks/bench_step.py (training-step img/s, MFU, peak memory) with a budget,
-# each under `timeout` so one hang cannot eat the others' time, and writes the full log
-# (gpu_check.log), pytest's junit XML and both benchmark CSVs into OUT_DIR. A short summary
-# is printed last. Part budgets (seconds) can be overridden: T_TESTS_STEP, T_TESTS, T_OPS,
-# T_STEP (defaults 100 + 90 + 60 + 230 s: ~8 minutes with start-up).
+#   2. runs the Triton kernel CUDA tests (pytest -m cuda: every kernel test's CUDA instance),
+#   3. runs benchmarks/bench_step.py (training-step img/s, MFU, peak memory) with a budget,
+#   4. runs benchmarks/bench_ops.py (fused ops vs eager/compile, CUDA-graph timing, and the
+#      row kernels at several launch shapes: --row-configs) with a budget,
+#   5. runs the step and extension CUDA tests (tests/test_step_cuda.py: CUDA-graph step vs
+#      eager, attention backends; tests/test_fused_ema.py: the C++/CUDA extension, JIT-built
+#      in the background meanwhile),
+# in that order (most needed first: kernels changed since the last GPU run; the step tests
+# passed there), each under `timeout` so one hang cannot eat the others' time, and writes the
+# full log (gpu_check.log), pytest's junit XML and both benchmark CSVs (rows appended as they
+# are measured) into OUT_DIR. A short summary is printed last. Part budgets (seconds) can be
+# overridden: T_TESTS, T_STEP, T_OPS, T_TESTS_STEP (defaults 80 + 230 + 100 + 60 s: ~8
+# minutes with start-up).
 # GPU_CHECK_DRY=1 runs both benchmarks in their --quick CPU mode (to try the script here).
 set -uo pipefail
 
@@ -23,10 +28,10 @@ LOG="$OUT_DIR/gpu_check.log"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-$(command -v python || command -v python3)}"
-T_TESTS_STEP="${T_TESTS_STEP:-100}"
-T_TESTS="${T_TESTS:-90}"
-T_OPS="${T_OPS:-60}"
+T_TESTS="${T_TESTS:-80}"
 T_STEP="${T_STEP:-230}"
+T_OPS="${T_OPS:-100}"
+T_TESTS_STEP="${T_TESTS_STEP:-60}"
 
 exec > >(tee -a "$LOG") 2>&1
 START=$(date +%s)
@@ -75,21 +80,20 @@ from sra_fast.ops import attention as A
 print("flash_attn builds importable:", [c[0] for c in A._fa_candidates()] or "none")
 EOF
 
-# JIT-build the C++/CUDA extension in the background while the step tests run, so that
+# JIT-build the C++/CUDA extension in the background while the kernel tests run, so that
 # tests/test_fused_ema.py and the fused-EMA bench provider find it built (same cache dir)
 ( SRA_FAST_JIT_EXT=1 MAX_JOBS=8 timeout 300 "$PY" -c \
     "from sra_fast import ext; ext.load(jit=True); print('[ext] built:', ext.available(), ext.unavailable_reason())" \
     > "$OUT_DIR/ext_build.out" 2>&1 & )
 
-if "$PY" -c "import pytest" 2>/dev/null; then
-  # the step/attention tests first, on their own clock: the other CUDA tests may JIT-build
-  # the C++ extension (tests/test_fused_ema.py) and must not eat their time
-  part tests_step "$T_TESTS_STEP" "$PY" -m pytest -q -m cuda tests/test_step_cuda.py \
-       -p no:cacheprovider -rfEs --continue-on-collection-errors \
-       --junitxml="$OUT_DIR/pytest_cuda_step.xml"
-  part tests_rest "$T_TESTS" "$PY" -m pytest -q -m cuda tests/ \
-       --ignore=tests/test_step_cuda.py -p no:cacheprovider -rfEs --continue-on-collection-errors \
-       --junitxml="$OUT_DIR/pytest_cuda_rest.xml"
+HAVE_PYTEST=0
+"$PY" -c "import pytest" 2>/dev/null && HAVE_PYTEST=1
+if [ $HAVE_PYTEST = 1 ]; then
+  # the Triton kernels' CUDA tests; the extension's and the step's come last (the extension is
+  # still building in the background)
+  part tests_kernels "$T_TESTS" "$PY" -m pytest -q -m cuda tests/ \
+       --ignore=tests/test_step_cuda.py --ignore=tests/test_fused_ema.py -p no:cacheprovider \
+       -rfEs --continue-on-collection-errors --junitxml="$OUT_DIR/pytest_cuda_kernels.xml"
 else
   echo "pytest is not installed: CUDA tests skipped"; SUMMARY+=("tests      NOT RUN (no pytest)")
 fi
@@ -97,21 +101,8 @@ fi
 # the benchmarks use the extension built above for the fused-EMA provider
 export SRA_FAST_JIT_EXT=1
 
-# XL/2 shapes only: bench_ops compiles each op for its `compile` provider and writes its CSV
-# and table only at the end, so it must finish inside its limit
-OPS_ARGS=(--mode fwd+bwd --timing graph --csv "$OUT_DIR/bench_ops.csv")
-[ "${GPU_CHECK_DRY:-0}" = "1" ] || OPS_ARGS+=(--model XL/2)
 STEP_ARGS=()
-if [ "${GPU_CHECK_DRY:-0}" = "1" ]; then
-  OPS_ARGS+=(--quick); STEP_ARGS+=(--quick)
-fi
-if [ -f benchmarks/bench_ops.py ]; then
-  if "$PY" benchmarks/bench_ops.py --help 2>/dev/null | grep -q -- "--budget-s"; then
-    OPS_ARGS+=(--budget-s $(( T_OPS - 15 )))
-  fi
-  part bench_ops "$T_OPS" "$PY" benchmarks/bench_ops.py "${OPS_ARGS[@]}"
-fi
-
+[ "${GPU_CHECK_DRY:-0}" = "1" ] && STEP_ARGS+=(--quick)
 # Ordered by importance: with the budget, the later entries are the ones skipped.
 PLAN="SiT-XL/2@64=eager-ref,ours,ours-graph,ours-graph-t16,ours-graph-fema"
 PLAN+=";SiT-XL/2@64=compile-ro"
@@ -119,15 +110,35 @@ PLAN+=";SiT-B/2@256=eager-ref,ours,ours-graph"
 PLAN+=";DiT-XL/2@64=ours,ours-graph"
 PLAN+=";SiT-B/2@256=compile-ro"
 PLAN+=";SiT-XL/2@64=compile"
+PLAN+=";SiT-XL/2@32@512=eager-ref,ours-graph"
 [ "${GPU_CHECK_DRY:-0}" = "1" ] && PLAN="tiny-SiT@8=eager-ref,ours,ours-graph;tiny-DiT@8=ours-graph"
 part bench_step "$T_STEP" "$PY" benchmarks/bench_step.py "${STEP_ARGS[@]}" --plan "$PLAN" \
      --steps 12 --warmup 3 --budget-s $(( T_STEP - 25 )) --compile-reserve-s 100 \
      --csv "$OUT_DIR/bench_step.csv"
 
+# XL/2 shapes only: bench_ops compiles each op for its `compile` provider; its CSV rows are
+# written as measured, its table only at the end (the --budget-s stops it in time)
+OPS_ARGS=(--mode fwd+bwd --timing graph --csv "$OUT_DIR/bench_ops.csv"
+          --row-configs 4096x16,2048x8,2048x4)
+[ "${GPU_CHECK_DRY:-0}" = "1" ] || OPS_ARGS+=(--model XL/2)
+[ "${GPU_CHECK_DRY:-0}" = "1" ] && OPS_ARGS+=(--quick)
+if [ -f benchmarks/bench_ops.py ]; then
+  if "$PY" benchmarks/bench_ops.py --help 2>/dev/null | grep -q -- "--budget-s"; then
+    OPS_ARGS+=(--budget-s $(( T_OPS - 15 )))
+  fi
+  part bench_ops "$T_OPS" "$PY" benchmarks/bench_ops.py "${OPS_ARGS[@]}"
+fi
+
+if [ $HAVE_PYTEST = 1 ]; then
+  part tests_step "$T_TESTS_STEP" "$PY" -m pytest -q -m cuda tests/test_step_cuda.py \
+       tests/test_fused_ema.py -p no:cacheprovider -rfEs --continue-on-collection-errors \
+       --junitxml="$OUT_DIR/pytest_cuda_step.xml"
+fi
+
 echo
 echo "=================== SUMMARY ($(( $(date +%s) - START ))s total) ==================="
 for s in "${SUMMARY[@]}"; do echo "  $s"; done
-for xml in "$OUT_DIR/pytest_cuda_step.xml" "$OUT_DIR/pytest_cuda_rest.xml"; do
+for xml in "$OUT_DIR/pytest_cuda_kernels.xml" "$OUT_DIR/pytest_cuda_step.xml"; do
   [ -f "$xml" ] || { echo "  $(basename "$xml"): none (timed out or not run)"; continue; }
   "$PY" - "$xml" <<'EOF'
 import os, sys, xml.etree.ElementTree as ET

@@ -80,16 +80,40 @@ def sm_count(device) -> int:
     return _SM_COUNT[idx]
 
 
-def row_block(D: int):
-    """(BLOCK_D, BLOCK_R, num_warps) for kernels that hold BLOCK_R whole rows of width D.
+# Launch shape of the row kernels: a tile of ~TILE_ELEMS elements (BLOCK_R whole rows), with
+# ELEMS_PER_THREAD of them per thread per tensor (8 = one 16-byte bf16 vector). Register use
+# grows with the elements per thread: at 16 (4096-element tiles, 8 warps) the fused backward
+# kernels took 148-193 registers on sm_90, i.e. a single 8-warp block per SM that leaves the
+# memory pipe idle while it reduces; at 8 they take ~100-120 and every row kernel keeps >= 16
+# resident warps per SM (benchmarks/kernel_resources.py compiles them for sm_90 and tells;
+# tests/test_kernel_resources.py holds the line). bench_ops.py --row-config times the
+# alternatives on a GPU via set_row_config.
+TILE_ELEMS = 2048
+ELEMS_PER_THREAD = 8
 
-    Several rows per tile keep enough bytes in flight per program for small D; ~16 elements
-    per thread per tensor keeps the backward kernels (5-6 live row tensors) out of spills.
-    """
+
+def set_row_config(tile_elems: int, elems_per_thread: int) -> None:
+    """Change the row kernels' launch shape (for benchmarks sweeping it; both powers of 2).
+    Reduction order follows the tile, so results are bitwise reproducible per setting."""
+    global TILE_ELEMS, ELEMS_PER_THREAD
+    for v in (tile_elems, elems_per_thread):
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"set_row_config: {v} is not a power of 2")
+    TILE_ELEMS, ELEMS_PER_THREAD = tile_elems, elems_per_thread
+    row_launch.cache_clear()
+
+
+def tile_warps(tile: int) -> int:
+    """num_warps giving ELEMS_PER_THREAD elements per thread for a tile of `tile` elements."""
+    return max(4, min(16, tile // (32 * ELEMS_PER_THREAD)))
+
+
+def row_block(D: int):
+    """(BLOCK_D, BLOCK_R, num_warps) for kernels that hold BLOCK_R whole rows of width D:
+    several rows per tile for small D, so each program keeps enough bytes in flight."""
     block_d = triton.next_power_of_2(D)
-    block_r = max(1, min(8, 4096 // block_d))
-    num_warps = max(4, min(16, (block_r * block_d) // 512))
-    return block_d, block_r, num_warps
+    block_r = max(1, min(8, TILE_ELEMS // block_d))
+    return block_d, block_r, tile_warps(block_r * block_d)
 
 
 def token_chunks(N: int, T: int, block_r: int, device, per_sm: int = 4) -> tuple:

@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_to, compiling, interpreting, new_empty, sm_count
+from . import _common
+from ._common import cast_to, compiling, interpreting, new_empty, sm_count, tile_warps
 
 ACT_SILU = 0
 ACT_GELU_TANH = 1
@@ -197,9 +198,11 @@ def _min_block_m(device):
 
 
 def _elementwise_block(H):
+    """(BLOCK_M, BLOCK_H, num_warps): the row kernels' tile rule (_common.row_block), with H
+    split into column blocks of at most 1024."""
     block_h = min(triton.next_power_of_2(H), 1024)
-    block_m = max(1, min(16, 4096 // block_h))
-    return block_m, block_h, 4 if block_m * block_h <= 2048 else 8
+    block_m = max(1, min(16, _common.TILE_ELEMS // block_h))
+    return block_m, block_h, tile_warps(block_m * block_h)
 
 
 def bias_act_fwd(a, bias, act):

@@ -4,6 +4,8 @@ import csv
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -30,3 +32,10 @@ def test_quick_runs_and_records(tmp_path, capsys):
     assert float(rows[0]["gflop_per_img"]) > 0 and float(rows[0]["mfu_pct"]) > 0
     bench.main(["--summarize", str(out)])
     assert "tiny-DiT" in capsys.readouterr().out
+
+
+def test_plan_entry_errors_name_the_entry(capsys):
+    bench = load_bench()
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--plan", "tiny-SiT@big=ours", "--no-csv"])
+    assert "tiny-SiT@big=ours" in capsys.readouterr().err

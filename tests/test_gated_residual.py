@@ -194,3 +194,23 @@ def test_mixed_dtypes(kernel_device, assert_kernel_close):
     h = K.gated_residual(*leaves)
     assert h.dtype == torch.float32
     assert [g.dtype for g in torch.autograd.grad(h, leaves, dh)] == [t.dtype for t in ins[:3]]
+
+
+@pytest.mark.parametrize("row_config", [(4096, 16), (1024, 4), (256, 2)], ids=str)
+def test_every_row_launch_shape(row_config, kernel_device, assert_kernel_close):
+    """Any launch shape set_row_config allows (bench_ops --row-configs times several) computes
+    the same ops: tile rows and warps change only how the reductions are grouped."""
+    default = (_common.TILE_ELEMS, _common.ELEMS_PER_THREAD)
+    _common.set_row_config(*row_config)
+    try:
+        _check_fused(K.gated_residual_adaln_norm, 2, 9, 200, torch.float32, kernel_device,
+                     assert_kernel_close, seed=4)
+        _check_residual(K.gated_residual, 2, 9, 200, torch.float32, kernel_device,
+                        assert_kernel_close, seed=5)
+    finally:
+        _common.set_row_config(*default)
+
+
+def test_set_row_config_rejects_non_powers_of_two():
+    with pytest.raises(ValueError, match="not a power of 2"):
+        _common.set_row_config(3000, 8)
