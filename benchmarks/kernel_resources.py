@@ -205,7 +205,7 @@ def _bias_act_ops(M, H, dtype):
 
 
 def _gemm_ops(M, N, K, dtype):
-    """Every autotune config of the Triton GEMM (+ bias/activation epilogue), both modes."""
+    """Every autotune config of the Triton GEMM (+ bias/activation epilogue), per mode."""
     la = importlib.import_module("sra_fast.kernels.linear_act")
     a = torch.randn(M, K).to(dtype)
     b = torch.randn(K, N).to(dtype)
@@ -213,10 +213,10 @@ def _gemm_ops(M, N, K, dtype):
     o = torch.empty(M, N, dtype=dtype)
     part = torch.empty(M, N, dtype=torch.float32)
     calls = []
-    for cfg in la._gemm_configs():
-        kw = dict(cfg.kwargs)
-        tag = "x".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-        for mode in (0, 1):
+    for mode in (0, 1):
+        for cfg in la._gemm_configs(mode):
+            kw = dict(cfg.kwargs)
+            tag = "x".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
             for act, name in ((la.ACT_SILU, "silu"), (la.ACT_GELU_TANH, "gelu_tanh")):
                 def call(mode=mode, act=act, kw=kw, cfg=cfg):
                     la._matmul_act_kernel[(1,)](
@@ -224,7 +224,7 @@ def _gemm_ops(M, N, K, dtype):
                         b.stride(0), b.stride(1), MODE=mode, ACT=act, num_warps=cfg.num_warps,
                         num_stages=cfg.num_stages, **kw)
                 calls.append((f"gemm[{name},{'fwd' if mode == 0 else 'bwd'}] {tag} "
-                              f"s{cfg.num_stages}", call))
+                              f"w{cfg.num_warps} s{cfg.num_stages}", call))
     return calls
 
 
@@ -253,11 +253,12 @@ def collect(dims, dtypes, arch, N=4, T=32, gemm=False, bias_act=True):
                         except Exception as e:
                             rec.records.append((rec.label, None, {}, None,
                                                 f"host: {type(e).__name__}: {e}"))
-            if gemm:
-                for dt_name in [d for d in dtypes if d != "fp32"]:
-                    for label, call in _gemm_ops(256, 2 * dims[-1], dims[-1], DTYPES[dt_name]):
-                        rec.label = f"{label} {dt_name}"
-                        call()
+            if gemm:  # the projector's first GEMM shape: (M, 2D) = (M, D) @ (D, 2D)
+                for D in dims:
+                    for dt_name in [d for d in dtypes if d != "fp32"]:
+                        for label, call in _gemm_ops(256, 2 * D, D, DTYPES[dt_name]):
+                            rec.label = f"{label} K={D} {dt_name}"
+                            call()
     finally:
         driver._active = previous
     for label, fn, kwargs, kernel, err in rec.records:

@@ -150,26 +150,35 @@ def _matmul_act_kernel(A, B, BIAS, ZIN, OUT0, OUT1, PART, M, N, K,
         tl.store(PART + pid_m * N + offs_n, tl.sum(dpre, axis=0), mask=nmask)
 
 
-def _gemm_configs():
-    cfg = triton.Config
-    return [
-        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3,
-            num_warps=8),
-        cfg({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3,
-            num_warps=8),
-        cfg({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4,
-            num_warps=4),
-        cfg({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4,
-            num_warps=4),
-        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4,
-            num_warps=4),
-    ]
+# Tile candidates (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the GEMM.
+_GEMM_TILES = [(128, 128, 64, 8, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3),
+               (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 256, 64, 8, 3),
+               (128, 128, 32, 4, 4), (128, 64, 64, 4, 4)]
+# Accumulator elements per thread each epilogue affords without spilling on sm_90: the
+# backward epilogue holds four more fp32 tiles (z, act, act', dpre) beside the accumulator.
+# Compiled for sm_90 (benchmarks/kernel_resources.py --gemm): 128x256/8 warps and
+# 128x128/4 warps (128 per thread) spill 8-32 B in the forward, 1.4-1.7 KB in the backward;
+# 64 per thread spills 24-144 B in the backward, and in the forward as 128x64/4 warps when K
+# is not a multiple of 16 (64 B at K=1000); 32 never. Candidates past the limit stay listed
+# (with the reason) so a later compiler can be re-checked with the same tool.
+_GEMM_ACC_PER_THREAD = {0: 64, 1: 32}
+_GEMM_SPILLS = {(128, 64, 64, 4, 4): "forward spills 64 B at K=1000 (sm_90, triton 3.9)"}
 
 
-# On a GPU the tile shape is autotuned per (M, N, K, MODE); the interpreter gets one small
-# fixed tile (autotuning there would only time numpy).
-_matmul_act_autotuned = triton.autotune(configs=_gemm_configs(),
-                                        key=["M", "N", "K", "MODE", "ACT"])(_matmul_act_kernel)
+def _gemm_configs(mode: int):
+    """Autotune candidates for one epilogue (MODE 0 forward, 1 backward)."""
+    limit = _GEMM_ACC_PER_THREAD[mode]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                          num_warps=w, num_stages=st)
+            for bm, bn, bk, w, st in _GEMM_TILES
+            if bm * bn // (32 * w) <= limit and (bm, bn, bk, w, st) not in _GEMM_SPILLS]
+
+
+# On a GPU the tile shape is autotuned per (M, N, K, ACT), one tuner per epilogue; the
+# interpreter gets one small fixed tile (autotuning there would only time numpy).
+_matmul_act_autotuned = {
+    mode: triton.autotune(configs=_gemm_configs(mode), key=["M", "N", "K", "MODE", "ACT"])(
+        _matmul_act_kernel) for mode in (0, 1)}
 
 
 def _launch_matmul_act(a, b, bias, zin, out0, out1, part, M, N, K, mode, act):
@@ -185,16 +194,18 @@ def _launch_matmul_act(a, b, bias, zin, out0, out1, part, M, N, K, mode, act):
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _matmul_act_autotuned[grid](*args, MODE=mode, ACT=act)
+    tuner = _matmul_act_autotuned[mode]
+    tuner[grid](*args, MODE=mode, ACT=act)
     # The last run used best_config; rows past cdiv(M, its BLOCK_M) may hold leftovers from
     # benchmarking other tile shapes, so the caller sums only the rows this run wrote.
-    return _matmul_act_autotuned.best_config.kwargs["BLOCK_M"]
+    return tuner.best_config.kwargs["BLOCK_M"]
 
 
 def _min_block_m(device):
+    """Smallest BLOCK_M the backward GEMM may use: sizes its column-sum partials."""
     if interpreting() or device.type != "cuda":
         return 32
-    return min(c.kwargs["BLOCK_M"] for c in _gemm_configs())
+    return min(c.kwargs["BLOCK_M"] for c in _gemm_configs(1))
 
 
 def _elementwise_block(H):

@@ -1,7 +1,7 @@
-"""Every element-wise/row Triton kernel compiles through Triton's real GPU pipeline for an
-H100 (sm_90) and its launch shape leaves room to hide memory latency: no register spills
-beyond a few bytes, and >= 16 resident warps per SM (a single 8-warp block per SM idles the
-memory pipe while it reduces). No GPU needed: benchmarks/kernel_resources.py compiles with a
+"""Every Triton kernel compiles through Triton's real GPU pipeline for an H100 (sm_90) with no
+register spills beyond a few bytes (the GEMM: every autotune candidate of both epilogues),
+and every element-wise/row kernel's launch shape leaves room to hide memory latency: >= 16
+resident warps per SM (a single 8-warp block per SM idles the memory pipe while it reduces). No GPU needed: benchmarks/kernel_resources.py compiles with a
 compile-only driver and reads the cubins with Triton's bundled cuobjdump. It runs in a
 subprocess because this process has Triton decorated for the CPU interpreter (conftest)."""
 import ast
@@ -15,8 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MIN_WARPS_PER_SM = 16
-# Kernels not covered by the rule: the Triton GEMM (opt-in, autotuned over tile shapes, several
-# of which spill in the backward epilogue; cuBLAS is the default and the autotuner times them).
+# Not held to the occupancy floor: the GEMM, whose shared-memory pipeline allows 1-3 blocks.
 NOT_ROW_KERNELS = {"_matmul_act_kernel"}
 
 
@@ -28,7 +27,7 @@ def _jit_kernels():
             if isinstance(node, ast.FunctionDef) and node.name.endswith("_kernel") and any(
                     "jit" in ast.unparse(d) for d in node.decorator_list):
                 names.add(node.name)
-    return names - NOT_ROW_KERNELS
+    return names
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +36,7 @@ def compiled(tmp_path_factory):
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--dims", "1152,1000",
-         "--dtypes", "bf16,fp32", "--csv", str(out)],
+         "--dtypes", "bf16,fp32", "--gemm", "--csv", str(out)],
         capture_output=True, text=True, env=env, timeout=900)
     if proc.returncode == 2 and "cannot compile for the GPU here" in proc.stdout:
         pytest.skip(proc.stdout.strip())
@@ -63,5 +62,5 @@ def test_no_register_spills(compiled):
 def test_occupancy_floor(compiled):
     rows, _ = compiled
     low = [(r["call"], r["consts"], r["warps"], r["regs"], r["occ_warps"]) for r in rows
-           if int(r["occ_warps"]) < MIN_WARPS_PER_SM]
+           if r["kernel"] not in NOT_ROW_KERNELS and int(r["occ_warps"]) < MIN_WARPS_PER_SM]
     assert not low, low
