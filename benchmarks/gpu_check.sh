@@ -3,20 +3,24 @@
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        (OUT_DIR defaults to $OUT, else ./gpu_check_out)
 # From the repository root (it cd's there itself) with PYTHONPATH=. it
 #   1. prints the card, driver, torch / CUDA / cuDNN / triton versions,
-#   2. runs the Triton kernel CUDA tests (pytest -m cuda: every kernel test's CUDA instance),
+#   2. runs the Triton kernel CUDA tests (pytest -m cuda: every kernel test's CUDA instance,
+#      but the torch.compile ones, which come last: step 6),
 #   3. runs benchmarks/bench_step.py (training-step img/s, MFU, peak memory) with a budget,
 #   4. runs benchmarks/bench_ops.py (fused ops vs eager/compile, CUDA-graph timing, and the
 #      row kernels at several launch shapes: --row-configs) with a budget,
 #   5. runs the step and extension CUDA tests (tests/test_step_cuda.py: CUDA-graph step vs
 #      eager, attention backends; tests/test_fused_ema.py: the C++/CUDA extension, JIT-built
 #      in the background meanwhile),
+#   6. runs the kernels' torch.compile CUDA tests (no graph break around our custom ops),
 # in that order (most needed first: kernels changed since the last GPU run; the step tests
 # passed there), each under `timeout` so one hang cannot eat the others' time, and writes the
 # full log (gpu_check.log), pytest's junit XML and both benchmark CSVs (rows appended as they
 # are measured) into OUT_DIR. A short summary is printed last. Part budgets (seconds) can be
-# overridden: T_TESTS, T_STEP, T_OPS, T_TESTS_STEP (defaults 80 + 230 + 100 + 60 s: ~8
-# minutes with start-up).
-# GPU_CHECK_DRY=1 runs both benchmarks in their --quick CPU mode (to try the script here).
+# overridden: T_TESTS, T_STEP, T_OPS, T_TESTS_STEP, T_COMPILE (defaults 70 + 230 + 100 + 60 +
+# 50 s: ~8.5 minutes with start-up).
+# GPU_CHECK_WORK=DIR keeps the parts' outputs out of OUT_DIR (then OUT_DIR holds gpu_check.log,
+# three junit XMLs and two CSVs). GPU_CHECK_DRY=1 runs both benchmarks in their --quick CPU
+# mode (to try the script here).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,13 +29,19 @@ OUT_DIR="${1:-${OUT:-$ROOT/gpu_check_out}}"
 mkdir -p "$OUT_DIR"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 LOG="$OUT_DIR/gpu_check.log"
+# each part's own output and the extension's build log (all also in gpu_check.log): apart
+# from OUT_DIR when GPU_CHECK_WORK is set, so OUT_DIR holds six files (the device tool
+# returns at most eight)
+WORK="${GPU_CHECK_WORK:-$OUT_DIR}"
+mkdir -p "$WORK"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-$(command -v python || command -v python3)}"
-T_TESTS="${T_TESTS:-80}"
+T_TESTS="${T_TESTS:-70}"
 T_STEP="${T_STEP:-230}"
 T_OPS="${T_OPS:-100}"
 T_TESTS_STEP="${T_TESTS_STEP:-60}"
+T_COMPILE="${T_COMPILE:-50}"
 
 exec > >(tee -a "$LOG") 2>&1
 START=$(date +%s)
@@ -44,11 +54,12 @@ part() {  # part NAME TIMEOUT_S CMD...: run under timeout, record rc and duratio
   echo "=================== $name (limit ${limit}s) ==================="
   echo "+ $*"
   t0=$(date +%s)
-  timeout -k 15 "$limit" "$@" 2>&1 | tee "$OUT_DIR/$name.out"
+  timeout -k 15 "$limit" "$@" 2>&1 | tee "$WORK/$name.out"
   rc=${PIPESTATUS[0]}
   local dt=$(( $(date +%s) - t0 ))
   local what="ok"
   [ $rc -eq 124 ] || [ $rc -eq 137 ] && what="TIMED OUT"
+  [ $rc -eq 5 ] && [[ " $* " == *" pytest "* ]] && what="NO TESTS"   # pytest: none selected
   [ $rc -ne 0 ] && [ "$what" = "ok" ] && what="FAILED (rc $rc)"
   SUMMARY+=("$(printf '%-10s %-16s %4ss' "$name" "$what" "$dt")")
   return 0
@@ -84,14 +95,15 @@ EOF
 # tests/test_fused_ema.py and the fused-EMA bench provider find it built (same cache dir)
 ( SRA_FAST_JIT_EXT=1 MAX_JOBS=8 timeout 300 "$PY" -c \
     "from sra_fast import ext; ext.load(jit=True); print('[ext] built:', ext.available(), ext.unavailable_reason())" \
-    > "$OUT_DIR/ext_build.out" 2>&1 & )
+    > "$WORK/ext_build.out" 2>&1 & )
 
 HAVE_PYTEST=0
 "$PY" -c "import pytest" 2>/dev/null && HAVE_PYTEST=1
 if [ $HAVE_PYTEST = 1 ]; then
   # the Triton kernels' CUDA tests; the extension's and the step's come last (the extension is
   # still building in the background)
-  part tests_kernels "$T_TESTS" "$PY" -m pytest -q -m cuda tests/ \
+  # (their torch.compile instances, ~5-15 s each, run last: tests_compile)
+  part tests_kernels "$T_TESTS" "$PY" -m pytest -q -m cuda tests/ -k "not compile" \
        --ignore=tests/test_step_cuda.py --ignore=tests/test_fused_ema.py -p no:cacheprovider \
        -rfEs --continue-on-collection-errors --junitxml="$OUT_DIR/pytest_cuda_kernels.xml"
 else
@@ -133,12 +145,15 @@ if [ $HAVE_PYTEST = 1 ]; then
   part tests_step "$T_TESTS_STEP" "$PY" -m pytest -q -m cuda tests/test_step_cuda.py \
        tests/test_fused_ema.py -p no:cacheprovider -rfEs --continue-on-collection-errors \
        --junitxml="$OUT_DIR/pytest_cuda_step.xml"
+  part tests_compile "$T_COMPILE" "$PY" -m pytest -q -m cuda tests/ -k "compile" \
+       --ignore=tests/test_step_cuda.py --ignore=tests/test_fused_ema.py -p no:cacheprovider \
+       -rfEs --continue-on-collection-errors --junitxml="$OUT_DIR/pytest_cuda_compile.xml"
 fi
 
 echo
 echo "=================== SUMMARY ($(( $(date +%s) - START ))s total) ==================="
 for s in "${SUMMARY[@]}"; do echo "  $s"; done
-for xml in "$OUT_DIR/pytest_cuda_kernels.xml" "$OUT_DIR/pytest_cuda_step.xml"; do
+for xml in "$OUT_DIR"/pytest_cuda_{kernels,step,compile}.xml; do
   [ -f "$xml" ] || { echo "  $(basename "$xml"): none (timed out or not run)"; continue; }
   "$PY" - "$xml" <<'EOF'
 import os, sys, xml.etree.ElementTree as ET
@@ -157,9 +172,9 @@ if len(bad_cases) > 25:
     print(f"    ... and {len(bad_cases) - 25} more (see the log)")
 EOF
 done
-if [ -s "$OUT_DIR/bench_ops.out" ]; then   # bench_ops' own table: from its last header on
+if [ -s "$WORK/bench_ops.out" ]; then   # bench_ops' own table: from its last header on
   awk '/\| torch / && !/^#/ {buf=""; keep=1} keep {buf=buf $0 "\n"} END {printf "%s", buf}' \
-      "$OUT_DIR/bench_ops.out"
+      "$WORK/bench_ops.out"
 fi
 if [ -f "$OUT_DIR/bench_step.csv" ]; then
   "$PY" benchmarks/bench_step.py --summarize "$OUT_DIR/bench_step.csv"
