@@ -208,3 +208,96 @@ def test_label_dropout_is_on_device_and_uses_null_class():
     m0 = SiT_models["SiT-S/8"](input_size=16, num_classes=10, class_dropout_prob=0.0)
     assert m0.y_embedder.embedding_table.weight.shape[0] == 10
     assert torch.equal(m0.drop_labels(y, g), y)
+
+
+def _count_ops(monkeypatch):
+    """Counts the standalone adaln_norm / gated_residual calls the blocks make."""
+    calls = {"adaln_norm": 0, "gated_residual": 0}
+    for name in calls:
+        orig = getattr(ops, name)
+
+        def counted(*a, _orig=orig, _name=name, **k):
+            calls[_name] += 1
+            return _orig(*a, **k)
+        monkeypatch.setattr(ops, name, counted)
+    return calls
+
+
+def _fused_vs_blockwise(m, x, t, y, calls):
+    """(out, hidden, grads) of m(x, t, y, hidden_block=2) fused, then blockwise (a no-op hook
+    on block 1 makes the trunk run block by block), with the op counts of each."""
+    results = []
+    for blockwise in (False, True):
+        handle = m.blocks[0].register_forward_hook(lambda mod, i, o: None) if blockwise else None
+        for k in calls:
+            calls[k] = 0
+        m.zero_grad(set_to_none=True)
+        out, hs = m(x, t, y, hidden_block=2)
+        (out.square().mean() + hs.square().mean()).backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        results.append((out.detach(), hs.detach(), grads, dict(calls)))
+        if handle is not None:
+            handle.remove()
+    return results
+
+
+def test_fused_block_boundaries_are_the_blockwise_model(monkeypatch):
+    """Without hooks the trunk fuses each block's last gated residual with the next
+    LayerNorm-modulate (the next block's, or the final layer's). Reference ops: bitwise the
+    block-by-block model, outputs and gradients; and the fusion really happens."""
+    gen = torch.Generator().manual_seed(11)
+    m = randomize(SiT(input_size=8, patch_size=2, hidden_size=64, depth=3, num_heads=4,
+                      num_classes=10), gen)
+    x, t, y = torch.randn(2, 4, 8, 8, generator=gen), torch.rand(2, generator=gen), torch.tensor([1, 10])
+    calls = _count_ops(monkeypatch)
+    with ops.use_backend("ref"):
+        (o1, h1, g1, c1), (o2, h2, g2, c2) = _fused_vs_blockwise(m, x, t, y, calls)
+        assert c1 == {"adaln_norm": 1, "gated_residual": 0}      # every boundary fused
+        assert c2 == {"adaln_norm": 4, "gated_residual": 3}      # depth + final layer
+        assert torch.equal(o1, o2) and torch.equal(h1, h2)
+        assert g1.keys() == g2.keys() and len(g1) == len(list(m.parameters())) - 1
+        for n in g1:
+            torch.testing.assert_close(g1[n], g2[n], rtol=1e-6, atol=1e-7, msg=n)
+        for k in calls:
+            calls[k] = 0
+        with torch.no_grad():
+            h_stop = m.forward_hidden(x, t, y, 2)
+            assert calls == {"adaln_norm": 1, "gated_residual": 1}   # the stop block's own
+            assert torch.equal(m.ap_head(h_stop), h1)       # h1 is the student's ap_head(h)
+
+
+@pytest.mark.triton_interpret
+def test_fused_block_boundaries_with_triton_kernels(monkeypatch):
+    """The same through the Triton kernels (CPU: interpreter): the fused op normalizes h in
+    fp32 before rounding, so agreement is to fp32 rounding, not bitwise."""
+    pytest.importorskip("sra_fast.kernels")
+    import os
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("no device for the Triton kernels")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(12)
+    m = randomize(SiT(input_size=8, patch_size=2, hidden_size=64, depth=3, num_heads=4,
+                      num_classes=10), gen).to(dev)
+    x, t, y = torch.randn(2, 4, 8, 8, generator=gen), torch.rand(2, generator=gen), torch.tensor([1, 10])
+    calls = _count_ops(monkeypatch)
+    with ops.use_backend("triton"):
+        assert ops._kernel("gated_residual_adaln_norm", x.to(dev)) is not None  # kernels run
+        (o1, h1, g1, c1), (o2, h2, g2, _) = _fused_vs_blockwise(m, x.to(dev), t.to(dev),
+                                                                y.to(dev), calls)
+    assert c1 == {"adaln_norm": 1, "gated_residual": 0}
+    torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h1, h2, rtol=1e-5, atol=1e-6)
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_hooks_on_blocks_and_final_layer_still_fire():
+    gen = torch.Generator().manual_seed(13)
+    m = randomize(SiT(input_size=8, patch_size=2, hidden_size=64, depth=3, num_heads=4,
+                      num_classes=10), gen).eval()
+    x, t, y = torch.randn(2, 4, 8, 8, generator=gen), torch.rand(2, generator=gen), torch.tensor([1, 2])
+    seen = []
+    m.final_layer.register_forward_hook(lambda mod, i, o: seen.append(("final", o.shape)))
+    with torch.no_grad():
+        m(x, t, y)
+    assert seen == [("final", torch.Size([2, 16, 16]))]

@@ -12,14 +12,35 @@ requested. Hidden-state access:
   forward_hidden(x, t, y, k)            -> hidden after block k, raw; blocks k+1.. never run
 The student's hidden state goes through `forward` so a DDP wrapper sees the call.
 Blocks are counted from 1: block k's output is the hidden state after the k-th block.
+
+Block boundaries are fused: each block's final gated residual and the next block's (or the
+final layer's) LayerNorm-modulate run as one op, which saves a read of the residual stream
+per block in the forward, and in the backward the separate LayerNorm backward and the sum of
+the stream's two gradients (three passes). When a block or the final layer carries hooks (or
+is replaced by a wrapper), or a global module hook is set, the trunk runs block by block
+through each module's __call__ instead, so hooks see exactly what they see in the released
+code; both give the same numbers (bitwise with the reference ops; to fp32 rounding with the
+kernels, which normalize the residual before rounding it).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.nn.modules import module as _nn_module
 
+from .. import ops
 from .layers import (DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, ProjectorHead,
                      TimestepEmbedder, get_2d_sincos_pos_embed)
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return any(getattr(m, name, None) for name in _HOOK_DICTS)
+
+
+def _global_module_hooks() -> bool:
+    return any(getattr(_nn_module, f"_global{name}", None) for name in _HOOK_DICTS)
 
 
 class DiffusionTransformer(nn.Module):
@@ -104,6 +125,33 @@ class DiffusionTransformer(nn.Module):
     def _trunk(self, x, t, y, hidden_block=None, stop=False):
         x = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)
+        last = hidden_block if stop else self.depth
+        if not self._fusable(last, stop):
+            return self._trunk_blockwise(x, c, hidden_block, stop)
+        # Block boundaries fused: block i's final gated residual and block i+1's (or the final
+        # layer's) LayerNorm-modulate are one op. Block i+1's modulation is computed before
+        # block i ends; the teacher's stop block ends with the plain residual.
+        mods = self.blocks[0].modulation(c)
+        x_in = ops.adaln_norm(x, mods[0], mods[1])
+        hidden = None
+        for i in range(1, last + 1):
+            nxt = None
+            if i < last:
+                nxt = self.blocks[i].modulation(c)
+                next_norm = nxt[:2]
+            else:
+                next_norm = None if stop else self.final_layer.modulation(c)
+            x, x_in = self.blocks[i - 1].run(x, x_in, mods, next_norm)
+            if i == hidden_block:
+                hidden = x
+            mods = nxt
+        if stop:
+            return None, hidden
+        return self._output(self.final_layer.linear(x_in)), hidden
+
+    def _trunk_blockwise(self, x, c, hidden_block, stop):
+        """Block by block through each module's __call__, as the released code runs them:
+        what runs when a block or the final layer carries hooks (or is wrapped)."""
         hidden = None
         for i, block in enumerate(self.blocks, start=1):
             x = block(x, c)
@@ -113,8 +161,27 @@ class DiffusionTransformer(nn.Module):
                     return None, hidden
         return self.finish(x, c), hidden
 
+    def _fusable(self, last: int, stop: bool) -> bool:
+        """Whether the fused-boundary trunk computes what the blockwise one would, hooks
+        included: every module it bypasses (blocks 1..last, and the final layer unless the
+        pass stops) is a plain DiTBlock/FinalLayer with no hook of its own and no global
+        module hook is set. FSDP-sharded, checkpoint-wrapped or hooked blocks run blockwise."""
+        if _global_module_hooks():
+            return False
+        mods = list(self.blocks[:last])
+        if not all(type(b) is DiTBlock for b in mods):
+            return False
+        if not stop:
+            if type(self.final_layer) is not FinalLayer:
+                return False
+            mods.append(self.final_layer)
+        return not any(_has_hooks(m) for m in mods)
+
     def finish(self, x, c):
-        out = self.unpatchify(self.final_layer(x, c))
+        return self._output(self.final_layer(x, c))
+
+    def _output(self, y):
+        out = self.unpatchify(y)
         if self.learn_sigma and not self.return_sigma:
             out = out[:, : self.in_channels]
         return out

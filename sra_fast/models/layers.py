@@ -158,7 +158,8 @@ class DiTBlock(nn.Module):
 
     x = x + gate_msa * attn(modulate(LN(x), shift_msa, scale_msa))
     x = x + gate_mlp * mlp(modulate(LN(x), shift_mlp, scale_mlp))
-    The middle residual and the second LayerNorm-modulate are one fused op.
+    The middle residual and the second LayerNorm-modulate are one fused op. `run` also fuses
+    the final residual with the NEXT block's first LayerNorm-modulate when the model asks.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0,
@@ -168,12 +169,29 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
+    def modulation(self, c):
+        """(shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each (N, D)."""
+        return self.adaLN_modulation(c).chunk(6, dim=1)
+
     def forward(self, x, c):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
-            self.adaLN_modulation(c).chunk(6, dim=1)
-        a = self.attn(ops.adaln_norm(x, shift_msa, scale_msa))
+        mods = self.modulation(c)
+        return self.run(x, ops.adaln_norm(x, mods[0], mods[1]), mods)[0]
+
+    def run(self, x, x_in, mods, next_norm=None):
+        """The block on the residual stream x, given its first sub-layer input
+        x_in = modulate(LN(x), shift_msa, scale_msa) and its modulation `mods`.
+
+        Returns (x_out, next_in). With next_norm = (shift, scale) of whatever comes next, the
+        final gated residual and that LayerNorm-modulate are one fused op (one pass over the
+        stream instead of two, forward and backward) and next_in is its output; else None.
+        """
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        a = self.attn(x_in)
         x, m_in = ops.gated_residual_adaln_norm(x, gate_msa, a, shift_mlp, scale_mlp)
-        return ops.gated_residual(x, gate_mlp, self.mlp(m_in))
+        m = self.mlp(m_in)
+        if next_norm is None:
+            return ops.gated_residual(x, gate_mlp, m), None
+        return ops.gated_residual_adaln_norm(x, gate_mlp, m, *next_norm)
 
 
 class FinalLayer(nn.Module):
@@ -182,6 +200,10 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
+    def modulation(self, c):
+        """(shift, scale), each (N, D)."""
+        return self.adaLN_modulation(c).chunk(2, dim=1)
+
     def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        shift, scale = self.modulation(c)
         return self.linear(ops.adaln_norm(x, shift, scale))
