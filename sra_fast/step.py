@@ -1,7 +1,11 @@
 """One SRA training step: student + teacher forward, loss, backward, clip, AdamW, EMA.
 
 Host-sync free: statistics accumulate in device buffers read by `read_stats()` every N steps;
-gradient clipping uses clip_grad_norm_ (no .item()); a non-finite loss or gradient norm skips
+gradient clipping never reads the norm on the host: with torch's fused AdamW (and no
+GradScaler) the clip is folded into the optimizer kernel as its `grad_scale` (the gradients are
+divided in the pass that reads them; clip_grad_norm_ would read and write them once more, and
+the kernel writes them back, so one read of every gradient is saved); otherwise
+clip_grad_norm_. A non-finite loss or gradient norm skips
 the optimizer and EMA update through the optimizer's `found_inf` input and a zero EMA weight
 (no Python branch on tensor values), and is counted.
 
@@ -103,6 +107,9 @@ class TrainStep:
             raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+        if not grad_clip > 0:   # also catches NaN; clip_grad_norm_(0) would zero every gradient
+            raise ValueError(f"grad_clip must be > 0 (float('inf') turns clipping off), got "
+                             f"{grad_clip!r}")
         if cuda_graph not in (False, True, "strict", "emulate"):
             raise ValueError("cuda_graph must be False, True, 'strict' or 'emulate', got "
                              f"{cuda_graph!r}")
@@ -116,6 +123,11 @@ class TrainStep:
         self._stats = torch.zeros(len(self.STATS), device=self.device)
         self._found_inf = torch.zeros((), device=self.device)
         self._opt_fused = all(g.get("fused") for g in optimizer.param_groups)
+        # how the clip is applied (see the module docstring): "adam" folds it into the fused
+        # AdamW's grad_scale, "foreach" is clip_grad_norm_, "off" (grad_clip=inf) only measures
+        self._clip_mode = ("off" if grad_clip == float("inf") else
+                           "adam" if self._opt_fused and self.scaler is None else "foreach")
+        self._grad_scale = torch.ones((), device=self.device)
 
         # teacher variants
         if teacher_bf16 and precision != "bf16":
@@ -172,6 +184,33 @@ class TrainStep:
                                                   generator=self.generator)
         return loss, denoise, align
 
+    def _grad_norm_and_clip(self) -> torch.Tensor:
+        """Total gradient norm (device scalar), with the clip applied or prepared: mode
+        "foreach" scales the gradients now (clip_grad_norm_); mode "adam" only sets
+        _grad_scale = max(1, (norm + 1e-6) / grad_clip), clip_grad_norm_'s coefficient
+        inverted, which the fused AdamW divides every gradient by as it reads it."""
+        if self._clip_mode == "foreach":
+            return torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        if self._clip_mode == "adam":
+            self._grad_scale.copy_(torch.clamp((norm + 1e-6) / self.grad_clip, min=1.0))
+        return norm
+
+    def _fused_opt_step(self):
+        """torch's fused AdamW step with its device-side inputs: found_inf (1 skips the
+        update) and, when the clip is folded in, grad_scale. Both are optimizer attributes
+        that its step() reads; they are removed afterwards so no other caller of opt.step()
+        inherits them (a captured graph keeps the tensors it was given)."""
+        self.opt.found_inf = self._found_inf
+        if self._clip_mode == "adam":
+            self.opt.grad_scale = self._grad_scale
+        try:
+            self.opt.step()
+        finally:
+            self.opt.found_inf = None
+            self.opt.grad_scale = None
+
     def _ema(self, finite=None):
         """EMA update (and bf16 shadow refresh); skipped (weight 0) where `finite` is False."""
         with nvtx_range("EMA"):
@@ -212,15 +251,14 @@ class TrainStep:
         with nvtx_range("optimizer"):
             if self.scaler:
                 self.scaler.unscale_(self.opt)
-            gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+            gnorm = self._grad_norm_and_clip()
             finite = torch.isfinite(tot[0]) & torch.isfinite(gnorm)
             if self.scaler:
                 self.scaler.step(self.opt)   # skips on inf/nan grads itself (fp16 path)
                 self.scaler.update()
             elif self._opt_fused:
                 self._found_inf.copy_((~finite).float())
-                self.opt.found_inf = self._found_inf   # fused AdamW skips the update when 1
-                self.opt.step()
+                self._fused_opt_step()
             elif bool(finite):
                 # a non-fused optimizer has no device-side skip: this path syncs the host once
                 # per step (graph mode refuses such optimizers)
@@ -322,11 +360,10 @@ class TrainStep:
             tot += torch.stack([loss.detach().float(), denoise.mean(), align.mean()])
         tot /= A
         with nvtx_range("optimizer"):
-            gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+            gnorm = self._grad_norm_and_clip()
             finite = torch.isfinite(tot[0]) & torch.isfinite(gnorm) & (self._skip == 0)
             self._found_inf.copy_((~finite).float())
-            self.opt.found_inf = self._found_inf
-            self.opt.step()
+            self._fused_opt_step()
         self._ema(finite)
         self._stats += torch.cat([torch.where(finite, tot, torch.zeros_like(tot)),
                                   torch.where(finite, gnorm.float(), gnorm.new_zeros(())).reshape(1),

@@ -364,3 +364,38 @@ def test_non_fused_optimizer_steps_and_skips_non_finite():
     assert same(after, snapshot(m, ema, o))
     stats = step.read_stats()
     assert stats["nonfinite"] == 1 and stats["steps"] == 2
+
+
+# ------------------------------------------------------------------ gradient clipping
+@pytest.mark.parametrize("clip", [1e-3, 1e3], ids=["clipping", "not-clipping"])
+def test_clip_folded_into_fused_adamw_equals_clip_grad_norm(clip):
+    """With torch's fused AdamW the clip is the optimizer's grad_scale (no extra pass over the
+    gradients): weights, EMA and Adam moments as clip_grad_norm_ + AdamW give them. The first
+    moment is (1-beta1) * the clipped gradient, so a clip not applied would show at once."""
+    results = []
+    for mode in ("adam", "foreach"):
+        m, ema, opt, step = build(precision="fp32", grad_clip=clip)
+        assert step._clip_mode == "adam"          # fused AdamW, no GradScaler
+        step._clip_mode = mode
+        for x, y in batches(3):
+            step(x, y, 0.5)
+        assert getattr(opt, "grad_scale", None) is None and getattr(opt, "found_inf", None) is None
+        results.append((snapshot(m, ema, opt), step.read_stats()))
+    (a, sa), (b, sb) = results
+    assert len(a) == len(b)
+    for x, y in zip(a, b):   # normwise: rounding differs (x * c vs x / (1/c)) and feeds on
+        assert (x - y).abs().max() <= 1e-5 * y.abs().max() + 1e-12   # through later steps
+    assert sa["grad_norm"] == pytest.approx(sb["grad_norm"], rel=1e-6)
+    if clip < 1:
+        assert sa["grad_norm"] > 10 * clip        # the clip was active
+
+
+def test_grad_clip_inf_turns_clipping_off_and_zero_is_refused():
+    m, ema, opt, step = build(precision="fp32", grad_clip=float("inf"))
+    assert step._clip_mode == "off"
+    (x, y), = batches(1)
+    step(x, y, 0.5)
+    assert step.read_stats()["grad_norm"] > 0
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="grad_clip must be > 0"):
+            build(grad_clip=bad)

@@ -225,3 +225,20 @@ def test_auto_attention_prefers_cudnn_on_hopper():
         assert name == "sdpa[cudnn>flash>efficient>math]"
     fp32 = torch.empty(1, 1, 8, 72, device=DEV)
     assert A.resolve_backend(fp32) == "sdpa"
+
+
+@pytest.mark.parametrize("mode", [False, True], ids=["eager", "graph"])
+def test_clip_folded_into_fused_adamw_equals_clip_grad_norm_cuda(mode):
+    """CUDA's fused AdamW with the clip as grad_scale (the default) updates as clip_grad_norm_
+    + AdamW, eagerly and captured; clip 1e-3 so the clip is active every step."""
+    finals = []
+    for clip_mode in ("adam", "foreach"):
+        m, ema, opt, step = build(precision="fp32", mode=mode, grad_clip=1e-3)
+        assert step._clip_mode == "adam"
+        step._clip_mode = clip_mode
+        run(step, batches(3))
+        finals.append(params(m, ema) + [v.detach().clone() for st in opt.state.values()
+                                        for k, v in st.items() if k != "step"])
+        assert step.read_stats()["grad_norm"] > 1e-2
+    for a, b in zip(*finals):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max() + 1e-12
