@@ -45,8 +45,7 @@ def _align_loss_fwd_kernel(S, TT, PART, T, D, C, rows_per_prog, inv_count, eps, 
     for r0 in range(0, rows_per_prog, BLOCK_R):
         t = t_begin + r0 + tl.arange(0, BLOCK_R)
         rmask = t < t_end
-        mask = rmask[:, None] & cmask[None, :]
-        offs = (n * T + t).to(tl.int64)[:, None] * D + cols[None, :]
+        offs, mask = token_tile(n, t, t_end, T, D, cols, cmask)
         s = tl.load(S + offs, mask=mask, other=0.0).to(tl.float32)
         tg = tl.load(TT + offs, mask=mask, other=0.0).to(tl.float32)
         if KIND == 0:
