@@ -304,7 +304,7 @@ def main():
                             print(f"# skip {prov}: CPU tensors need TRITON_INTERPRET=1")
                             continue
                         fn = kern("triton" if prov == "triton-gemm" else None)
-                        if prov == "triton" and row_configs and op not in GEMM_OPS:
+                        if prov == "triton" and row_configs:  # (projector/mlp: bias+act)
                             for cfg in row_configs:
                                 fns[f"triton@{cfg[0]}x{cfg[1]}"] = fn
                         else:

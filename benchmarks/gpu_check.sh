@@ -130,7 +130,9 @@ part bench_step "$T_STEP" "$PY" benchmarks/bench_step.py "${STEP_ARGS[@]}" --pla
 
 # XL/2 shapes only: bench_ops compiles each op for its `compile` provider; its CSV rows are
 # written as measured, its table only at the end (the --budget-s stops it in time)
+# the ops in order of their weight in a step (the fused residual+LN runs twice per block)
 OPS_ARGS=(--mode fwd+bwd --timing graph --csv "$OUT_DIR/bench_ops.csv"
+          --op gated_residual_adaln_norm,align_loss,mlp,projector,adaln_norm,gated_residual
           --row-configs 4096x16,2048x8,2048x4)
 [ "${GPU_CHECK_DRY:-0}" = "1" ] || OPS_ARGS+=(--model XL/2)
 [ "${GPU_CHECK_DRY:-0}" = "1" ] && OPS_ARGS+=(--quick)

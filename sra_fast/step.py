@@ -88,12 +88,11 @@ class TrainStep:
                    the EMA update (see sra_fast.teacher.BF16Shadow); bf16 precision only.
       teacher_full run the whole teacher network as the released code does (baselines).
       graph_warmup eager warm-up iterations before capture (updates forced to skip).
-      ema_impl     "foreach" (default: objective.ema_update, bit-identical to earlier
-                   releases) or "fused": sra_fast.ext.FusedEMA, one pass that lerps the EMA
-                   and writes the bf16 teacher shadow (the C++/CUDA extension when built,
-                   else one foreach lerp with a device weight: 12 instead of 28 bytes of
-                   traffic per parameter). Rounds differently from "foreach" (lerp vs
-                   mul+add), so runs are reproducible within one choice.
+      ema_impl     "foreach" (default: objective.ema_update, a lerp of every parameter,
+                   12 bytes of traffic each, then the bf16 shadow's copy when teacher_bf16)
+                   or "fused": sra_fast.ext.FusedEMA, one pass that lerps the EMA and writes
+                   the shadow (the C++/CUDA extension when built, else the same lerps and
+                   copy), saving the copy's re-read of the EMA. Same bits either way.
     """
 
     STATS = ("loss", "denoise", "align", "grad_norm", "nonfinite", "steps")
@@ -220,8 +219,11 @@ class TrainStep:
                 if self.shadow is not None:
                     self.shadow.mark_synced()
                 return
-            ema_update(self.ema, self.model, self.ema_decay if finite is None else
-                       1.0 - (1.0 - self.ema_decay) * finite.float())
+            if finite is None:
+                ema_update(self.ema, self.model, self.ema_decay)
+            else:   # weight 0 where the step was skipped
+                ema_update(self.ema, self.model,
+                           weight=(1.0 - self.ema_decay) * finite.float())
             if self.shadow is not None:
                 self.shadow.sync()
 

@@ -242,3 +242,23 @@ def test_ema_update_foreach():
     for (name, p), b, q in zip(e.named_parameters(), before, m.parameters()):
         torch.testing.assert_close(p, 0.9 * b + 0.1 * q)
     ema_update(e, m, torch.tensor(0.5))   # device-scalar decay (graph capture)
+
+
+def test_ema_update_device_weight_is_the_float_lerp_bitwise():
+    """The graph step's EMA (a 0-d tensor weight; 0 on a skipped step) computes exactly the
+    eager float lerp, with no model-sized temporary."""
+    m = tiny()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p))
+    e1, e2, e3 = make_ema(m), make_ema(m), make_ema(m)
+    with torch.no_grad():
+        for e in (e1, e2, e3):
+            for p in e.parameters():
+                p.mul_(0.5)
+    ema_update(e1, m, 0.9999)
+    ema_update(e2, m, weight=(1.0 - 0.9999) * torch.ones(()))
+    assert all(torch.equal(a, b) for a, b in zip(e1.parameters(), e2.parameters()))
+    before = [p.clone() for p in e3.parameters()]
+    ema_update(e3, m, weight=torch.zeros(()))
+    assert all(torch.equal(a, b) for a, b in zip(e3.parameters(), before))
