@@ -122,10 +122,11 @@ class TrainStep:
         self._stats = torch.zeros(len(self.STATS), device=self.device)
         self._found_inf = torch.zeros((), device=self.device)
         self._opt_fused = all(g.get("fused") for g in optimizer.param_groups)
-        # how the clip is applied (see the module docstring): "adam" folds it into the fused
-        # AdamW's grad_scale, "foreach" is clip_grad_norm_, "off" (grad_clip=inf) only measures
+        # how the clip is applied (see the module docstring): "optimizer" folds it into the
+        # fused optimizer's grad_scale (torch's fused AdamW/Adam/SGD read opt.grad_scale),
+        # "foreach" is clip_grad_norm_, "off" (grad_clip=inf) only measures the norm
         self._clip_mode = ("off" if grad_clip == float("inf") else
-                           "adam" if self._opt_fused and self.scaler is None else "foreach")
+                           "optimizer" if self._opt_fused and self.scaler is None else "foreach")
         self._grad_scale = torch.ones((), device=self.device)
 
         # teacher variants
@@ -185,14 +186,14 @@ class TrainStep:
 
     def _grad_norm_and_clip(self) -> torch.Tensor:
         """Total gradient norm (device scalar), with the clip applied or prepared: mode
-        "foreach" scales the gradients now (clip_grad_norm_); mode "adam" only sets
+        "foreach" scales the gradients now (clip_grad_norm_); mode "optimizer" only sets
         _grad_scale = max(1, (norm + 1e-6) / grad_clip), clip_grad_norm_'s coefficient
         inverted, which the fused AdamW divides every gradient by as it reads it."""
         if self._clip_mode == "foreach":
             return torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        if self._clip_mode == "adam":
+        if self._clip_mode == "optimizer":
             self._grad_scale.copy_(torch.clamp((norm + 1e-6) / self.grad_clip, min=1.0))
         return norm
 
@@ -202,7 +203,7 @@ class TrainStep:
         that its step() reads; they are removed afterwards so no other caller of opt.step()
         inherits them (a captured graph keeps the tensors it was given)."""
         self.opt.found_inf = self._found_inf
-        if self._clip_mode == "adam":
+        if self._clip_mode == "optimizer":
             self.opt.grad_scale = self._grad_scale
         try:
             self.opt.step()

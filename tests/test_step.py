@@ -373,9 +373,9 @@ def test_clip_folded_into_fused_adamw_equals_clip_grad_norm(clip):
     gradients): weights, EMA and Adam moments as clip_grad_norm_ + AdamW give them. The first
     moment is (1-beta1) * the clipped gradient, so a clip not applied would show at once."""
     results = []
-    for mode in ("adam", "foreach"):
+    for mode in ("optimizer", "foreach"):
         m, ema, opt, step = build(precision="fp32", grad_clip=clip)
-        assert step._clip_mode == "adam"          # fused AdamW, no GradScaler
+        assert step._clip_mode == "optimizer"          # fused AdamW, no GradScaler
         step._clip_mode = mode
         for x, y in batches(3):
             step(x, y, 0.5)

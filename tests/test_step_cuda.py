@@ -232,9 +232,9 @@ def test_clip_folded_into_fused_adamw_equals_clip_grad_norm_cuda(mode):
     """CUDA's fused AdamW with the clip as grad_scale (the default) updates as clip_grad_norm_
     + AdamW, eagerly and captured; clip 1e-3 so the clip is active every step."""
     finals = []
-    for clip_mode in ("adam", "foreach"):
+    for clip_mode in ("optimizer", "foreach"):
         m, ema, opt, step = build(precision="fp32", mode=mode, grad_clip=1e-3)
-        assert step._clip_mode == "adam"
+        assert step._clip_mode == "optimizer"
         step._clip_mode = clip_mode
         run(step, batches(3))
         finals.append(params(m, ema) + [v.detach().clone() for st in opt.state.values()
