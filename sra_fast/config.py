@@ -126,7 +126,7 @@ class TrainConfig:
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
     adam_eps: float = _f(1e-8, "AdamW epsilon", aliases=("--adam-epsilon",))
-    grad_clip: float = _f(1.0, "gradient-norm clip", aliases=("--max-grad-norm",))
+    grad_clip: float = _f(1.0, "gradient-norm clip (inf: off)", aliases=("--max-grad-norm",))
     ema_decay: float | None = _f(None, "EMA (teacher) decay (preset: 0.995 for the short digits "
                                  "run, 0.9999 latents)")
     max_steps: int | None = _f(None, "stop after this many optimizer steps (preset: 1200 "
@@ -245,6 +245,8 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
         if c.sample_every < 0:
             raise ValueError("--sample-every must be >= 0")
+        if not c.grad_clip > 0:   # NaN too; a clip of 0 would zero every gradient
+            raise ValueError(f"--grad-clip must be > 0 (inf turns clipping off), got {c.grad_clip}")
         if c.batch_size is not None and c.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {c.batch_size}")
         if not 0.0 <= c.cfg_prob < 1.0:

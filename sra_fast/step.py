@@ -78,7 +78,8 @@ class TrainStep:
     """SRA step. `student` may be a DDP wrapper of `model`; `ema` is the teacher.
 
     Options beyond the trainer's (model, ema, objective, optimizer, student, precision,
-    grad_clip, ema_decay, grad_accum, generator):
+    grad_clip (None or inf: no clipping, the norm is still reported), ema_decay, grad_accum,
+    generator):
       cuda_graph   False | True | "strict" | "emulate": capture the whole step in one CUDA
                    graph (True falls back to eager with a message where impossible; "strict"
                    raises). "emulate" runs the graph code path (static buffers, device-scalar
@@ -106,9 +107,12 @@ class TrainStep:
             raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
-        if not grad_clip > 0:   # also catches NaN; clip_grad_norm_(0) would zero every gradient
-            raise ValueError(f"grad_clip must be > 0 (float('inf') turns clipping off), got "
-                             f"{grad_clip!r}")
+        if grad_clip is None:
+            grad_clip = float("inf")
+        if not isinstance(grad_clip, (int, float)) or not grad_clip > 0:
+            # also catches NaN; clip_grad_norm_(0) would zero every gradient
+            raise ValueError(f"grad_clip must be a number > 0 (None or float('inf') turns "
+                             f"clipping off), got {grad_clip!r}")
         if cuda_graph not in (False, True, "strict", "emulate"):
             raise ValueError("cuda_graph must be False, True, 'strict' or 'emulate', got "
                              f"{cuda_graph!r}")

@@ -396,6 +396,7 @@ def test_grad_clip_inf_turns_clipping_off_and_zero_is_refused():
     (x, y), = batches(1)
     step(x, y, 0.5)
     assert step.read_stats()["grad_norm"] > 0
-    for bad in (0.0, -1.0, float("nan")):
-        with pytest.raises(ValueError, match="grad_clip must be > 0"):
+    assert build(precision="fp32", grad_clip=None)[3]._clip_mode == "off"
+    for bad in (0.0, -1.0, float("nan"), "1.0"):
+        with pytest.raises(ValueError, match="grad_clip must be a number > 0"):
             build(grad_clip=bad)

@@ -65,6 +65,10 @@ def test_presets_and_validation():
         TrainConfig(data_dir="x", block_out_t=30).resolve()
     with pytest.raises(ValueError, match="unknown model"):
         TrainConfig(model="SiT-Q/2").resolve()
+    for clip in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="--grad-clip must be > 0"):
+            TrainConfig(grad_clip=clip).resolve()
+    assert TrainConfig(grad_clip=float("inf")).resolve().grad_clip == float("inf")
 
 
 def test_config_file_with_overrides(tmp_path):
