@@ -146,7 +146,7 @@ def occupancy_warps(regs: int, num_warps: int, shared: int) -> int:
 
 
 # ------------------------------------------------------------------ what gets compiled
-def _row_ops(kmod, N, T, D, dtype):
+def _row_ops(N, T, D, dtype):
     """(label, thunk) per host function of the row-wise ops at one shape and dtype."""
     adaln = importlib.import_module("sra_fast.kernels.adaln_norm")
     gres = importlib.import_module("sra_fast.kernels.gated_residual")
@@ -157,40 +157,22 @@ def _row_ops(kmod, N, T, D, dtype):
     calls = [
         ("adaln_norm fwd", lambda: adaln.adaln_norm_fwd(x, v, v, 1e-6)),
         ("adaln_norm bwd", lambda: adaln.adaln_norm_bwd(x, x, v, 1e-6)),
+        ("gated_residual fwd", lambda: gres.gated_residual_fwd(x, v, x)),
+        ("gated_residual bwd", lambda: gres.gated_residual_bwd(x, v, x)),
+        ("gated_residual_adaln_norm fwd",
+         lambda: gres.gated_residual_adaln_norm_fwd(x, v, x, v, v, 1e-6)),
+        # with and without a gradient of h from its other users (HAS_DH)
+        ("gated_residual_adaln_norm bwd",
+         lambda: gres.gated_residual_adaln_norm_bwd(x, x, x, v, x, v, 1e-6)),
+        ("gated_residual_adaln_norm bwd (no dh)",
+         lambda: gres.gated_residual_adaln_norm_bwd(None, x, x, v, x, v, 1e-6)),
     ]
-    for name in ("gated_residual", "gated_residual_adaln_norm"):
-        fwd, bwd = getattr(gres, name + "_fwd"), getattr(gres, name + "_bwd")
-        calls += [(f"{name} fwd", _caller(fwd, name, "fwd", x, v)),
-                  (f"{name} bwd", _caller(bwd, name, "bwd", x, v))]
     for kind in align.KINDS:
+        stats = torch.ones(3, N, D) if kind == "cos-released" else torch.empty(0)
         calls += [(f"align_loss[{kind}] fwd", lambda k=kind: align.align_loss_fwd(x, x, k)),
                   (f"align_loss[{kind}] bwd",
-                   lambda k=kind: align.align_loss_bwd(g, x, x, _stats(align, x, k), k))]
+                   lambda k=kind, st=stats: align.align_loss_bwd(g, x, x, st, k))]
     return calls
-
-
-def _stats(align, x, kind):
-    N, T, D = x.shape
-    return torch.ones(3, N, D) if kind == "cos-released" else torch.empty(0)
-
-
-def _caller(fn, name, which, x, v):
-    """Call a gated_residual host function with arguments built from its parameter names,
-    so this tool follows their signatures instead of restating them."""
-    import inspect
-    params = list(inspect.signature(fn).parameters)
-
-    def call():
-        kw = {}
-        for p in params:
-            if p in ("eps",):
-                kw[p] = 1e-6
-            elif p in ("gate", "shift", "scale", "shift2", "scale2"):
-                kw[p] = v
-            else:
-                kw[p] = x
-        return fn(**kw)
-    return call
 
 
 def _bias_act_ops(M, H, dtype):
@@ -232,7 +214,6 @@ def collect(dims, dtypes, arch, N=4, T=32, gemm=False, bias_act=True):
     """Compile every kernel for the given widths and dtypes; one row per compiled kernel.
     N and T only size the CPU tensors: the launch constants depend on D (and N*T for the
     token-chunk count, a runtime argument), so small N and T give the same cubins."""
-    kmod = importlib.import_module("sra_fast.kernels")
     from triton.runtime import driver
     previous = driver._active  # None unless something set one; restored below
     driver.set_active(CompileOnlyDriver(arch))
@@ -243,7 +224,7 @@ def collect(dims, dtypes, arch, N=4, T=32, gemm=False, bias_act=True):
             for D in dims:
                 for dt_name in dtypes:
                     dt = DTYPES[dt_name]
-                    calls = _row_ops(kmod, N, T, D, dt)
+                    calls = _row_ops(N, T, D, dt)
                     if bias_act:
                         calls += _bias_act_ops(N * T, 2 * D, dt)
                     for label, call in calls:
