@@ -5,8 +5,10 @@ write of y in the forward; the backward reads x and dy once, writes dx, and redu
 dscale/dshift over tokens deterministically (fp32 partial per program, then a sum).
 Mean and rstd are recomputed in the backward rather than saved: the row is loaded anyway, so
 it costs no memory traffic and saves two (N*T) buffers.
+`out_dtype` sets y's dtype (default x's): the dispatcher asks for the autocast dtype under
+autocast, since y only feeds a matmul that would cast it there (same bits, one pass less).
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -72,13 +74,13 @@ def _adaln_norm_bwd_kernel(X, SCALE, DY, DX, PART, N, T, D, C, rows_per_prog, ep
 
 
 def adaln_norm_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                   eps: float) -> torch.Tensor:
+                   eps: float, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     check_3d("adaln_norm", x)
     N, T, D = x.shape
     check_nd("adaln_norm", shift, N, D, "shift")
     check_nd("adaln_norm", scale, N, D, "scale")
     x, shift, scale = x.contiguous(), shift.contiguous(), scale.contiguous()
-    y = new_empty(x.shape, x.dtype, x.device)
+    y = new_empty(x.shape, out_dtype or x.dtype, x.device)
     if x.numel() == 0:
         return y
     BLOCK_D, BLOCK_R, num_warps, C, rows = row_launch(N, T, D, x.device, 8)
@@ -108,31 +110,31 @@ class AdaLNNormFn(torch.autograd.Function):
     custom op below, under torch.compile). Cheaper per call than the custom op's dispatch."""
 
     @staticmethod
-    def forward(ctx, x, shift, scale, eps):
+    def forward(ctx, x, shift, scale, eps, out_dtype=None):
         ctx.save_for_backward(x, scale)
         ctx.eps = eps
         ctx.dtypes = (shift.dtype, scale.dtype)
-        return adaln_norm_fwd(x, shift, scale, eps)
+        return adaln_norm_fwd(x, shift, scale, eps, out_dtype)
 
     @staticmethod
     def backward(ctx, dy):
         x, scale = ctx.saved_tensors
         dx, dmod = adaln_norm_bwd(dy, x, scale, ctx.eps)
         dscale, dshift = split_cast(dmod, (ctx.dtypes[1], ctx.dtypes[0]))
-        return dx, dshift, dscale, None
+        return dx, dshift, dscale, None, None
 
 
 # torch.compile sees these as opaque ops (fake impls give the shapes) instead of graph-breaking
 # on a Triton launch; the backward is itself a custom op so the compiled backward traces too.
 @torch.library.custom_op("sra_fast::adaln_norm", mutates_args=())
 def _adaln_norm_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                   eps: float) -> torch.Tensor:
-    return adaln_norm_fwd(x, shift, scale, eps)
+                   eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    return adaln_norm_fwd(x, shift, scale, eps, out_dtype)
 
 
 @_adaln_norm_op.register_fake
-def _(x, shift, scale, eps):
-    return x.new_empty(x.shape)
+def _(x, shift, scale, eps, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype)
 
 
 @torch.library.custom_op("sra_fast::adaln_norm_bwd", mutates_args=())
@@ -148,7 +150,7 @@ def _(dy, x, scale, eps):
 
 
 def _setup_context(ctx, inputs, output):
-    x, shift, scale, eps = inputs
+    x, shift, scale, eps, _ = inputs
     ctx.save_for_backward(x, scale)
     ctx.eps = eps
     ctx.dtypes = (shift.dtype, scale.dtype)
@@ -157,17 +159,17 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy):
     x, scale = ctx.saved_tensors
     dx, dmod = _adaln_norm_bwd_op(dy, x, scale, ctx.eps)
-    return dx, dmod[1].to(ctx.dtypes[0]), dmod[0].to(ctx.dtypes[1]), None
+    return dx, dmod[1].to(ctx.dtypes[0]), dmod[0].to(ctx.dtypes[1]), None, None
 
 
 _adaln_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def adaln_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-               eps: float = 1e-6) -> torch.Tensor:
+               eps: float = 1e-6, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """LayerNorm(x) (no affine) * (1 + scale[:, None]) + shift[:, None]; x (N,T,D),
-    shift/scale (N,D). Output in x's dtype; statistics in fp32.
+    shift/scale (N,D). Output in out_dtype (default x's dtype); statistics in fp32.
     Eager: the autograd.Function; under torch.compile: the custom op."""
     if compiling():
-        return _adaln_norm_op(x, shift, scale, float(eps))
-    return AdaLNNormFn.apply(x, shift, scale, float(eps))
+        return _adaln_norm_op(x, shift, scale, float(eps), out_dtype or x.dtype)
+    return AdaLNNormFn.apply(x, shift, scale, float(eps), out_dtype)

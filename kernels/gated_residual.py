@@ -7,6 +7,7 @@ modulate for the MLP): fused, x and y are read once and h and out written once, 
 h being written, read back by the norm, and the norm's output read again by modulate.
 Per-sample gradients (dgate, dscale, dshift) are sums over tokens, reduced deterministically:
 one fp32 partial per program, then a sum on the host. No atomics.
+`out_dtype` sets out's dtype (default x's; h always has x's): see adaln_norm.py.
 """
 from typing import Optional, Tuple
 
@@ -166,13 +167,13 @@ def gated_residual_bwd(dh, gate, y):
 
 
 # ---------------------------------------------------- gated_residual_adaln_norm (host)
-def gated_residual_adaln_norm_fwd(x, gate, y, shift, scale, eps):
+def gated_residual_adaln_norm_fwd(x, gate, y, shift, scale, eps, out_dtype=None):
     _check("gated_residual_adaln_norm", x, y, gate=gate, shift=shift, scale=scale)
     N, T, D = x.shape
     x, gate, y = x.contiguous(), gate.contiguous(), y.contiguous()
     shift, scale = shift.contiguous(), scale.contiguous()
     h = new_empty(x.shape, x.dtype, x.device)
-    out = new_empty(x.shape, x.dtype, x.device)
+    out = new_empty(x.shape, out_dtype or x.dtype, x.device)
     if x.numel() == 0:
         return h, out
     BLOCK_D, BLOCK_R, num_warps, C, rows = row_launch(N, T, D, x.device, 8)
@@ -224,12 +225,12 @@ class GatedResidualAdaLNNormFn(torch.autograd.Function):
     (the custom op, under torch.compile)."""
 
     @staticmethod
-    def forward(ctx, x, gate, y, shift, scale, eps):
+    def forward(ctx, x, gate, y, shift, scale, eps, out_dtype=None):
         ctx.save_for_backward(x, gate, y, scale)
         ctx.eps = eps
         ctx.dtypes = (gate.dtype, shift.dtype, scale.dtype)
         ctx.set_materialize_grads(False)
-        return gated_residual_adaln_norm_fwd(x, gate, y, shift, scale, eps)
+        return gated_residual_adaln_norm_fwd(x, gate, y, shift, scale, eps, out_dtype)
 
     @staticmethod
     def backward(ctx, dh, dout):
@@ -245,14 +246,14 @@ def _grad_fused(ctx, dh, dout, fused_bwd, residual_bwd, cast):
     x, gate, y, scale = ctx.saved_tensors
     if dout is None:
         if dh is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         # only h was used: the norm contributes nothing, h's gradient is a plain gated residual
         dgate, dy = residual_bwd(dh, gate, y)
-        return dh, dgate, dy, None, None, None
+        return dh, dgate, dy, None, None, None, None
     dx, dy, dmod = fused_bwd(dh, dout, x, gate, y, scale, ctx.eps)
     gate_dtype, shift_dtype, scale_dtype = ctx.dtypes
     dgate, dscale, dshift = cast(dmod, (gate_dtype, scale_dtype, shift_dtype))
-    return dx, dgate, dy, dshift, dscale, None
+    return dx, dgate, dy, dshift, dscale, None, None
 
 
 # ------------------------------------------------------------------------- custom ops
@@ -295,13 +296,14 @@ _gated_residual_op.register_autograd(_gr_backward, setup_context=_gr_setup)
 
 @torch.library.custom_op("sra_fast::gated_residual_adaln_norm", mutates_args=())
 def _gr_adaln_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor,
-                 scale: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    return gated_residual_adaln_norm_fwd(x, gate, y, shift, scale, eps)
+                 scale: torch.Tensor, eps: float,
+                 out_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    return gated_residual_adaln_norm_fwd(x, gate, y, shift, scale, eps, out_dtype)
 
 
 @_gr_adaln_op.register_fake
-def _(x, gate, y, shift, scale, eps):
-    return x.new_empty(x.shape), x.new_empty(x.shape)
+def _(x, gate, y, shift, scale, eps, out_dtype):
+    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=out_dtype)
 
 
 @torch.library.custom_op("sra_fast::gated_residual_adaln_norm_bwd", mutates_args=())
@@ -319,7 +321,7 @@ def _(dh, dout, x, gate, y, scale, eps):
 
 
 def _gra_setup(ctx, inputs, output):
-    x, gate, y, shift, scale, eps = inputs
+    x, gate, y, shift, scale, eps, _ = inputs
     ctx.save_for_backward(x, gate, y, scale)
     ctx.eps = eps
     ctx.dtypes = (gate.dtype, shift.dtype, scale.dtype)
@@ -343,10 +345,12 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
 
 
 def gated_residual_adaln_norm(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor,
-                              shift: torch.Tensor, scale: torch.Tensor,
-                              eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(h, out): h = x + gate*y, out = LayerNorm(h)*(1+scale)+shift, in one pass.
+                              shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,
+                              out_dtype: Optional[torch.dtype] = None
+                              ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(h, out): h = x + gate*y, out = LayerNorm(h)*(1+scale)+shift, in one pass; h in x's
+    dtype, out in out_dtype (default x's).
     Eager: the autograd.Function; under torch.compile: the custom op."""
     if compiling():
-        return _gr_adaln_op(x, gate, y, shift, scale, float(eps))
-    return GatedResidualAdaLNNormFn.apply(x, gate, y, shift, scale, float(eps))
+        return _gr_adaln_op(x, gate, y, shift, scale, float(eps), out_dtype or x.dtype)
+    return GatedResidualAdaLNNormFn.apply(x, gate, y, shift, scale, float(eps), out_dtype)

@@ -134,3 +134,46 @@ def test_compiled_path_is_the_custom_op_without_graph_breaks(op, kernel_device, 
     for a, b in zip(want, got):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
+
+
+# ------------------------------------------------- normalized outputs under autocast
+def _norm_case(op, gen, device):
+    N, T, D = 2, 5, 48
+
+    def r(*s):
+        return torch.randn(*s, generator=gen).to(device)
+    if op == "adaln_norm":
+        return [r(N, T, D), r(N, D), r(N, D)]
+    return [r(N, T, D), r(N, D), r(N, T, D), r(N, D), r(N, D)]
+
+
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+@pytest.mark.parametrize("op", ["adaln_norm", "gated_residual_adaln_norm"])
+def test_norm_output_in_autocast_dtype_same_bits(op, backend, kernel_device, monkeypatch):
+    """Under autocast the normalized output comes back in bf16 (one pass less than fp32 plus
+    the matmul's cast), holding exactly the bits that cast would give; the gradients that
+    flow back are the same bits too. h (the residual) stays fp32."""
+    if backend == "triton" and kernel_device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU kernels need the interpreter")
+    gen = torch.Generator().manual_seed(21)
+    ins = _norm_case(op, gen, kernel_device)
+    results = []
+    for new in (True, False):
+        if not new:   # the previous behaviour: normalized output in x's dtype
+            monkeypatch.setattr(ops, "_norm_out_dtype", lambda x: None)
+        leaves = [t.clone().requires_grad_() for t in ins]
+        with ops.use_backend(backend), torch.autocast(kernel_device, dtype=torch.bfloat16):
+            res = getattr(ops, op)(*leaves)
+            out = res if op == "adaln_norm" else res[1]
+            mm = out @ torch.ones(out.shape[-1], 3, device=kernel_device)   # the consumer
+            loss = mm.float().square().sum() + (0 if op == "adaln_norm" else res[0].sum())
+        grads = torch.autograd.grad(loss, leaves)
+        results.append((out, mm, grads, None if op == "adaln_norm" else res[0]))
+    (o_new, mm_new, g_new, h_new), (o_old, mm_old, g_old, h_old) = results
+    assert o_new.dtype == torch.bfloat16 and o_old.dtype == torch.float32
+    assert torch.equal(o_new, o_old.to(torch.bfloat16))
+    assert torch.equal(mm_new, mm_old)
+    for a, b in zip(g_new, g_old):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    if h_new is not None:
+        assert h_new.dtype == torch.float32 and torch.equal(h_new, h_old)

@@ -8,12 +8,20 @@ Backends:
 
 Models and the objective call these functions only; they never import a kernel directly.
 Select with `set_backend(name)` or `with use_backend(name): ...`.
+
+Under autocast, the normalized activation of adaln_norm (and the `out` of
+gated_residual_adaln_norm) comes back in the autocast dtype, whatever the backend: in SiT/DiT
+it only feeds a matmul, which autocast would cast it for. The values reaching that matmul are
+the same bits; what is saved is the fp32 write, its re-read and the cast's write (the
+residual stream under autocast is fp32, since pos_embed is).
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
 import os
+
+import torch
 
 from . import reference
 from .reference import ALIGN_LOSSES, LN_EPS
@@ -86,9 +94,21 @@ def _kernel(op: str, t):
     return None if mod is None else getattr(mod, op, None)
 
 
+def _norm_out_dtype(x):
+    """The dtype a normalized activation is produced in: the autocast dtype under autocast
+    (see the module docstring), else None (x's dtype)."""
+    dev = x.device.type
+    if dev not in ("cuda", "cpu"):   # meta tensors (shape checks) and devices without autocast
+        return None
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
 def adaln_norm(x, shift, scale, eps: float = LN_EPS):
     k = _kernel("adaln_norm", x)
-    return k(x, shift, scale, eps) if k else reference.adaln_norm_ref(x, shift, scale, eps)
+    out_dtype = _norm_out_dtype(x)
+    if k:
+        return k(x, shift, scale, eps, out_dtype=out_dtype)
+    return reference.adaln_norm_ref(x, shift, scale, eps, out_dtype=out_dtype)
 
 
 def gated_residual(x, gate, y):
@@ -98,9 +118,11 @@ def gated_residual(x, gate, y):
 
 def gated_residual_adaln_norm(x, gate, y, shift, scale, eps: float = LN_EPS):
     k = _kernel("gated_residual_adaln_norm", x)
+    out_dtype = _norm_out_dtype(x)
     if k:
-        return k(x, gate, y, shift, scale, eps)
-    return reference.gated_residual_adaln_norm_ref(x, gate, y, shift, scale, eps)
+        return k(x, gate, y, shift, scale, eps, out_dtype=out_dtype)
+    return reference.gated_residual_adaln_norm_ref(x, gate, y, shift, scale, eps,
+                                                   out_dtype=out_dtype)
 
 
 def projector(x, w1, b1, w2, b2):

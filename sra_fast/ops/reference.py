@@ -30,10 +30,13 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def adaln_norm_ref(x, shift, scale, eps: float = LN_EPS, upcast: bool = False):
-    """y = LayerNorm(x) * (1 + scale[n]) + shift[n]; LayerNorm without affine."""
+def adaln_norm_ref(x, shift, scale, eps: float = LN_EPS, upcast: bool = False,
+                   out_dtype=None):
+    """y = LayerNorm(x) * (1 + scale[n]) + shift[n]; LayerNorm without affine. `out_dtype`
+    (e.g. the autocast dtype; None keeps what the arithmetic gives) is y's dtype."""
     x, shift, scale = _up(upcast, x, shift, scale)
-    return modulate(F.layer_norm(x, (x.shape[-1],), eps=eps), shift, scale)
+    y = modulate(F.layer_norm(x, (x.shape[-1],), eps=eps), shift, scale)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def gated_residual_ref(x, gate, y, upcast: bool = False):
@@ -43,13 +46,14 @@ def gated_residual_ref(x, gate, y, upcast: bool = False):
 
 
 def gated_residual_adaln_norm_ref(x, gate, y, shift, scale, eps: float = LN_EPS,
-                                  upcast: bool = False):
+                                  upcast: bool = False, out_dtype=None):
     """The block's middle: h = x + gate*y, then out = LayerNorm(h)*(1+scale)+shift.
 
-    Returns (h, out): h is the new residual stream, out the next sub-layer's input.
+    Returns (h, out): h is the new residual stream, out the next sub-layer's input (in
+    out_dtype when given).
     """
     h = gated_residual_ref(x, gate, y, upcast=upcast)
-    return h, adaln_norm_ref(h, shift, scale, eps=eps, upcast=upcast)
+    return h, adaln_norm_ref(h, shift, scale, eps=eps, upcast=upcast, out_dtype=out_dtype)
 
 
 def projector_ref(x, w1, b1, w2, b2, upcast: bool = False):
