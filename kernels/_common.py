@@ -84,9 +84,9 @@ def sm_count(device) -> int:
 # ELEMS_PER_THREAD of them per thread per tensor (8 = one 16-byte bf16 vector). Register use
 # grows with the elements per thread: at 16 (4096-element tiles, 8 warps) the fused backward
 # kernels took 148-193 registers on sm_90, i.e. a single 8-warp block per SM that leaves the
-# memory pipe idle while it reduces; at 8 they take ~100-120 and every row kernel keeps >= 16
+# memory pipe idle while it reduces; at 8 they take ~90-125 and every row kernel keeps >= 16
 # resident warps per SM (benchmarks/kernel_resources.py compiles them for sm_90 and tells;
-# tests/test_kernel_resources.py holds the line). bench_ops.py --row-config times the
+# tests/test_kernel_resources.py holds the line). bench_ops.py --row-configs times the
 # alternatives on a GPU via set_row_config.
 TILE_ELEMS = 2048
 ELEMS_PER_THREAD = 8
