@@ -155,6 +155,9 @@ def test_norm_output_in_autocast_dtype_same_bits(op, backend, kernel_device, mon
     flow back are the same bits too. h (the residual) stays fp32."""
     if backend == "triton" and kernel_device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("CPU kernels need the interpreter")
+    import importlib
+    monkeypatch.setattr(importlib.import_module("sra_fast.kernels._common"), "POISON_OUTPUTS",
+                        True)   # an element the bf16-output path forgets to write stays NaN
     gen = torch.Generator().manual_seed(21)
     ins = _norm_case(op, gen, kernel_device)
     results = []
