@@ -3,7 +3,9 @@ and the Triton kernels, at the SiT-B/2 and SiT-XL/2 shapes.
 
 Question answered: does each fused op beat torch.compile, and how close is it to the card's
 copy bandwidth (element-wise ops, GB/s on the op's own bytes) or matmul rate (projector/mlp,
-TFLOP/s)? Modes fwd, bwd (backward alone, graph retained) and fwd+bwd. Prints a table last
+TFLOP/s)? Modes fwd, bwd (backward alone, graph retained), fwd+bwd, and infer (forward under
+torch.no_grad on inputs that need no gradient: the teacher's and the sampler's case, where
+the MLP takes its inference path). Prints a table last
 and appends rows to benchmarks/results/results.csv as they are measured.
 
   python benchmarks/bench_ops.py                       # all ops, both models, CUDA
@@ -44,7 +46,7 @@ from common import (append_csv, bench_ms, env_info, measure_copy_bandwidth_gbs, 
 OPS = ("adaln_norm", "gated_residual", "gated_residual_adaln_norm", "align_loss", "projector",
        "mlp")
 GEMM_OPS = ("projector", "mlp")
-MODES = ("fwd", "bwd", "fwd+bwd")
+MODES = ("fwd", "bwd", "fwd+bwd", "infer")
 TIMINGS = ("eager", "graph")
 MODELS = {"XL/2": (64, 256, 1152), "B/2": (256, 256, 768)}   # (N, T, D) per GPU batch
 QUICK_SHAPE = (2, 16, 64)
@@ -180,6 +182,13 @@ def triton_runnable(device):
 
 def make_runner(fn, inputs, grad_mask, mode):
     """A no-argument callable timing `mode` of fn on fresh leaves of `inputs`."""
+    if mode == "infer":
+        consts = [t.detach().clone() for t in inputs]
+
+        def infer():
+            with torch.no_grad():
+                return fn(*consts)
+        return infer
     leaves = [t.detach().clone().requires_grad_(m) for t, m in zip(inputs, grad_mask)]
     wrt = [t for t in leaves if t.requires_grad]
 
@@ -327,8 +336,10 @@ def main():
                                     if str(ex) else type(ex).__name__
                                 print(f"# {op} {mode} {prov} ({timing}) failed: {why}")
                                 failed[prov] = why
-                        nbytes = {"fwd": b_fwd, "bwd": b_bwd, "fwd+bwd": b_fwd + b_bwd}[mode]
-                        flops = {"fwd": fl_fwd, "bwd": 2 * fl_fwd, "fwd+bwd": 3 * fl_fwd}[mode]
+                        nbytes = {"fwd": b_fwd, "infer": b_fwd, "bwd": b_bwd,
+                                  "fwd+bwd": b_fwd + b_bwd}[mode]
+                        flops = {"fwd": fl_fwd, "infer": fl_fwd, "bwd": 2 * fl_fwd,
+                                 "fwd+bwd": 3 * fl_fwd}[mode]
                         base = {"bench": "ops", "op": op + (f"[{kind}]" if kind else ""),
                                 "model": model, "shape": f"{N}x{T}x{D}", "dtype": args.dtype,
                                 "mode": mode, "timing": timing}

@@ -7,7 +7,8 @@
 #      but the torch.compile ones, which come last: step 6),
 #   3. runs benchmarks/bench_step.py (training-step img/s, MFU, peak memory) with a budget,
 #   4. runs benchmarks/bench_ops.py (fused ops vs eager/compile, CUDA-graph timing, and the
-#      row kernels at several launch shapes: --row-configs) with a budget,
+#      row kernels at several launch shapes: --row-configs) with a budget, then its `infer`
+#      mode for the MLP (the teacher's no-grad path: cuBLASLt bias+GELU epilogue),
 #   5. runs the step and extension CUDA tests (tests/test_step_cuda.py: CUDA-graph step vs
 #      eager, attention backends; tests/test_fused_ema.py: the C++/CUDA extension, JIT-built
 #      in the background meanwhile),
@@ -16,8 +17,8 @@
 # passed there), each under `timeout` so one hang cannot eat the others' time, and writes the
 # full log (gpu_check.log), pytest's junit XML and both benchmark CSVs (rows appended as they
 # are measured) into OUT_DIR. A short summary is printed last. Part budgets (seconds) can be
-# overridden: T_TESTS, T_STEP, T_OPS, T_TESTS_STEP, T_COMPILE (defaults 70 + 230 + 100 + 60 +
-# 50 s: ~8.5 minutes with start-up).
+# overridden: T_TESTS, T_STEP, T_OPS, T_INFER, T_TESTS_STEP, T_COMPILE (defaults 70 + 230 +
+# 90 + 20 + 60 + 40 s: ~8.5 minutes with start-up).
 # GPU_CHECK_WORK=DIR keeps the parts' outputs out of OUT_DIR (then OUT_DIR holds gpu_check.log,
 # three junit XMLs and two CSVs). GPU_CHECK_DRY=1 runs both benchmarks in their --quick CPU
 # mode (to try the script here).
@@ -39,9 +40,10 @@ export PYTHONUNBUFFERED=1
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 T_TESTS="${T_TESTS:-70}"
 T_STEP="${T_STEP:-230}"
-T_OPS="${T_OPS:-100}"
+T_OPS="${T_OPS:-90}"
+T_INFER="${T_INFER:-20}"
 T_TESTS_STEP="${T_TESTS_STEP:-60}"
-T_COMPILE="${T_COMPILE:-50}"
+T_COMPILE="${T_COMPILE:-40}"
 
 exec > >(tee -a "$LOG") 2>&1
 START=$(date +%s)
@@ -143,6 +145,11 @@ if [ -f benchmarks/bench_ops.py ]; then
     OPS_ARGS+=(--budget-s $(( T_OPS - 15 )))
   fi
   part bench_ops "$T_OPS" "$PY" benchmarks/bench_ops.py "${OPS_ARGS[@]}"
+  # the teacher's MLP (no grad): ours = cuBLASLt bias+GELU epilogue, vs eager and compile
+  INFER_ARGS=(--op mlp --mode infer --providers eager,compile,triton --timing graph
+              --csv "$OUT_DIR/bench_ops.csv" --budget-s $(( T_INFER - 8 )))
+  if [ "${GPU_CHECK_DRY:-0}" = "1" ]; then INFER_ARGS+=(--quick); else INFER_ARGS+=(--model XL/2); fi
+  part bench_infer "$T_INFER" "$PY" benchmarks/bench_ops.py "${INFER_ARGS[@]}"
 fi
 
 if [ $HAVE_PYTEST = 1 ]; then
@@ -176,10 +183,11 @@ if len(bad_cases) > 25:
     print(f"    ... and {len(bad_cases) - 25} more (see the log)")
 EOF
 done
-if [ -s "$WORK/bench_ops.out" ]; then   # bench_ops' own table: from its last header on
+for part_out in "$WORK"/bench_ops.out "$WORK"/bench_infer.out; do
+  [ -s "$part_out" ] || continue   # bench_ops' own table: from its last header on
   awk '/\| torch / && !/^#/ {buf=""; keep=1} keep {buf=buf $0 "\n"} END {printf "%s", buf}' \
-      "$WORK/bench_ops.out"
-fi
+      "$part_out"
+done
 if [ -f "$OUT_DIR/bench_step.csv" ]; then
   "$PY" benchmarks/bench_step.py --summarize "$OUT_DIR/bench_step.csv"
 fi

@@ -253,15 +253,20 @@ def _use_triton_gemm(gemm, x):
     return gemm == "triton" and x.dtype in (torch.float16, torch.bfloat16)
 
 
-def linear_act_fwd(x, w1, b1, w2, b2, act, gemm):
-    """(out, a): out = act(x @ w1^T + b1) @ w2^T + b2 over the last dim of x; a = x @ w1^T
-    (2-D, no bias) is what the backward needs. Weights are used in x's dtype."""
-    D = x.shape[-1]
-    H = w1.shape[0]
+def _check_shapes(x, w1, b1, w2, b2):
+    D, H = x.shape[-1], w1.shape[0]
     if tuple(w1.shape) != (H, D) or tuple(b1.shape) != (H,) or w2.shape[1] != H \
             or tuple(b2.shape) != (w2.shape[0],):
         raise ValueError(f"linear_act: bad shapes x {tuple(x.shape)}, w1 {tuple(w1.shape)}, "
                          f"b1 {tuple(b1.shape)}, w2 {tuple(w2.shape)}, b2 {tuple(b2.shape)}")
+
+
+def linear_act_fwd(x, w1, b1, w2, b2, act, gemm):
+    """(out, a): out = act(x @ w1^T + b1) @ w2^T + b2 over the last dim of x; a = x @ w1^T
+    (2-D, no bias) is what the backward needs. Weights are used in x's dtype."""
+    _check_shapes(x, w1, b1, w2, b2)
+    D = x.shape[-1]
+    H = w1.shape[0]
     dt = x.dtype
     x2 = x.reshape(-1, D).contiguous()
     w1c, b1c = w1.to(dt).contiguous(), b1.to(dt).contiguous()
@@ -276,6 +281,26 @@ def linear_act_fwd(x, w1, b1, w2, b2, act, gemm):
         h = bias_act_fwd(a, b1c, act)
     out = torch.nn.functional.linear(h, w2c, b2c)
     return out.reshape(*x.shape[:-1], w2.shape[0]), a
+
+
+def gelu_mlp_inference(x, w1, b1, w2, b2):
+    """gelu_tanh(x @ w1^T + b1) @ w2^T + b2 when nothing needs a gradient (the teacher,
+    sampling). On CUDA, fc1, bias and GELU(tanh) are one torch._addmm_activation, which runs
+    cuBLASLt's GELU_BIAS epilogue where cuBLASLt takes the shapes: GELU applied to the fp32
+    accumulator and h written once, with no pre-activation `a` kept for a backward. That
+    saves the training path's write and re-read of `a`. Elsewhere it is addmm + tanh GELU, the
+    same traffic as the training path (CPU's _addmm_activation applies the exact erf GELU, not
+    the tanh form, so it is not used there)."""
+    _check_shapes(x, w1, b1, w2, b2)
+    D, dt = x.shape[-1], x.dtype
+    x2 = x.reshape(-1, D)
+    b1c, w1t = b1.to(dt), w1.to(dt).t()
+    if x.is_cuda and x2.shape[0] > 0:
+        h = torch._addmm_activation(b1c, x2, w1t, use_gelu=True)
+    else:
+        h = torch.nn.functional.gelu(torch.addmm(b1c, x2, w1t), approximate="tanh")
+    out = torch.nn.functional.linear(h, w2.to(dt), b2.to(dt))
+    return out.reshape(*x.shape[:-1], w2.shape[0])
 
 
 def linear_act_bwd(dout, x, w1, b1, w2, a, act, gemm):
@@ -404,6 +429,10 @@ def make_linear_act(name, act, default_gemm, fn_doc, doc, module):
         x, w1, b1, w2, b2 = autocast_inputs(x, w1, b1, w2, b2)
         if compiling():  # opaque custom op for the tracer
             return op(x, w1, b1, w2, b2, gemm)[0]
+        if (act == ACT_GELU_TANH and gemm == "cublas"
+                and not (torch.is_grad_enabled()
+                         and any(t.requires_grad for t in (x, w1, b1, w2, b2)))):
+            return gelu_mlp_inference(x, w1, b1, w2, b2)
         return fn.apply(x, w1, b1, w2, b2, gemm)  # eager: cheaper than custom-op dispatch
 
     linear_act.__name__ = linear_act.__qualname__ = name

@@ -4,6 +4,8 @@ DEFAULT_GEMM says how fc1 runs: "cublas" (torch.matmul, then one fused Triton bi
 pass) or "triton" (a Triton GEMM with the bias+GELU epilogue). cuBLAS stays the default until
 a GPU benchmark (benchmarks/bench_ops.py --op mlp) shows the Triton GEMM winning; override
 per call with gemm=..., or with SRA_FAST_MLP_GEMM=triton.
+With "cublas" and nothing needing a gradient (the teacher, sampling), fc1 + bias + GELU run
+as one GEMM with cuBLASLt's GELU epilogue on CUDA (linear_act.gelu_mlp_inference).
 """
 import os
 

@@ -142,6 +142,52 @@ def test_cuda_shapes(op, shape, dtype, gemm, assert_kernel_close):
                      assert_kernel_close, gemm, seed=5)
 
 
+MLP = OPS[1]
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 7, 1000), (1, 1, 64), (0, 3, 64)], ids=str)
+def test_mlp_inference_path_matches_reference(shape, dtype, kernel_device, assert_kernel_close,
+                                              monkeypatch):
+    """With nothing needing a gradient (the teacher, sampling) the MLP takes the inference path
+    (CUDA: cuBLASLt's bias+GELU(tanh) epilogue; CPU: addmm + tanh GELU): same function, checked
+    by the house rule. An exact-erf GELU instead of tanh fails the fp32 case (~5e-4 off)."""
+    from sra_fast.kernels import linear_act as LA
+    calls = []
+    real = LA.gelu_mlp_inference
+    monkeypatch.setattr(LA, "gelu_mlp_inference", lambda *a: calls.append(1) or real(*a))
+    *ins, _ = make_inputs(*shape, MLP.hidden, dtype, kernel_device, 7)
+    with torch.no_grad():
+        out = K.mlp(*ins)
+    assert calls, "the no-grad MLP did not take the inference path"
+    assert out.dtype == dtype and out.grad_fn is None
+    hp = MLP.ref(*[t.double() for t in ins])
+    assert_kernel_close("out", out, MLP.ref(*ins), hp)
+
+
+def test_mlp_inference_path_only_without_grad(monkeypatch):
+    """Inference path iff no input needs a gradient or grad mode is off; gemm='triton' and the
+    projector (SiLU) keep their own paths."""
+    from sra_fast.kernels import linear_act as LA
+    calls = []
+    real = LA.gelu_mlp_inference
+    monkeypatch.setattr(LA, "gelu_mlp_inference", lambda *a: calls.append(1) or real(*a))
+    *ins, dout = make_inputs(1, 3, 64, MLP.hidden, torch.float32, "cpu", 8)
+    K.mlp(*ins)                                      # grad mode on, no leaf needs grad
+    assert len(calls) == 1
+    leaves = [t.clone().requires_grad_() for t in ins]
+    out = K.mlp(*leaves)                             # training: the autograd path
+    assert len(calls) == 1 and out.grad_fn is not None
+    torch.autograd.grad(out, leaves, dout)
+    with torch.no_grad():
+        K.mlp(*leaves)                               # leaves need grad, but grad mode is off
+        assert len(calls) == 2
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            K.mlp(*ins, gemm="triton")
+            K.projector(*make_inputs(1, 3, 64, 2, torch.float32, "cpu", 8)[:5])
+            assert len(calls) == 2
+
+
 @op_param
 def test_under_autocast(op, kernel_device, assert_kernel_close):
     """fp32 master weights under torch.autocast: the GEMMs run in the autocast dtype, as
