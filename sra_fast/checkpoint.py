@@ -55,6 +55,32 @@ def state_dict_from(ckpt: dict, which: str = "ema") -> dict:
     return sd
 
 
+def _mismatch_hints(own: dict, sd: dict) -> str:
+    """What a key or shape mismatch most likely means, for the ones a setting explains."""
+    hints = []
+    has_qk = any(".attn.q_norm." in k for k in sd)
+    if has_qk != any(".attn.q_norm." in k for k in own):
+        hints.append("the checkpoint was trained with qk_norm: build the model with it "
+                     "(--qk-norm)" if has_qk else "this model has qk_norm and the checkpoint "
+                     "does not: build it without (no --qk-norm)")
+    key = "y_embedder.embedding_table.weight"
+    if key in sd and key in own and sd[key].ndim == 2 and own[key].ndim == 2:
+        rows, ours = sd[key].shape[0], own[key].shape[0]
+        if rows == ours + 1:
+            hints.append(f"the checkpoint's label table has {rows} rows, the classes plus the "
+                         "null class that label dropout uses (every released REPA/SRA/DiT "
+                         "checkpoint has it); this model was built with class dropout 0: use "
+                         "--cfg-prob > 0 (released: 0.1)")
+        elif rows + 1 == ours:
+            hints.append(f"the checkpoint's label table has {rows} rows, no null-class row "
+                         "(trained with class dropout 0): build the model with --cfg-prob 0")
+    key = "final_layer.linear.weight"
+    if key in sd and key in own and sd[key].shape[0] == 2 * own[key].shape[0]:
+        hints.append("the checkpoint predicts twice the channels (learn_sigma: an original "
+                     "SiT/DiT checkpoint), which this model does not")
+    return ("; likely: " + "; ".join(hints)) if hints else ""
+
+
 def load_model_state(model: torch.nn.Module, sd: dict, init_missing_head: bool = False) -> list:
     """Load a released state dict with strict key and shape checks.
 
@@ -75,12 +101,13 @@ def load_model_state(model: torch.nn.Module, sd: dict, init_missing_head: bool =
             f"({type(model).__name__}, depth {getattr(model, 'depth', '?')}, width "
             f"{getattr(model, 'hidden_size', '?')}): missing {other_missing[:6]}"
             f"{'...' if len(other_missing) > 6 else ''}, unexpected {unexpected[:6]}"
-            f"{'...' if len(unexpected) > 6 else ''}")
+            f"{'...' if len(unexpected) > 6 else ''}{_mismatch_hints(own, sd)}")
     bad = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
            for k, v in own.items() if k in sd and sd[k].shape != v.shape]
     if bad:
         raise CheckpointError("state dict shapes do not match this model (another model size, "
-                              "patch size, input size or class count?): " + "; ".join(bad[:4]))
+                              "patch size, input size or class count?): " + "; ".join(bad[:4])
+                              + _mismatch_hints(own, sd))
     if head_missing and not init_missing_head:
         raise CheckpointError("state dict has no SRA projector head (ap_head.*): it is a plain "
                               "SiT/DiT/REPA checkpoint. Pass init_missing_head=True "

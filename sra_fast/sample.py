@@ -80,7 +80,9 @@ def model_from_checkpoint(ck: dict, weights: str = "ema", name: str | None = Non
         k = num_classes or args.get("num_classes") or table - 1
         drop = 0.1 if table == k + 1 else 0.0
         out_ch = sd["final_layer.linear.weight"].shape[0] // (p * p)
-        kw = dict(input_size=side, in_channels=in_ch, num_classes=k, class_dropout_prob=drop)
+        kw = dict(input_size=side, in_channels=in_ch, num_classes=k, class_dropout_prob=drop,
+                  qk_norm=bool(args.get("qk_norm"))
+                  or any(".attn.q_norm." in key for key in sd))   # REPA/SRA --qk-norm runs
         if name.startswith("SiT") and out_ch == 2 * in_ch:
             kw["learn_sigma"] = True   # original SiT checkpoints
         info = {"data_kind": "moments", "latent_scale": 0.18215,

@@ -1,7 +1,9 @@
 """Training checkpoints: what they hold, how they are written, how a run finds them.
 
 File (torch.save'd dict; the released keys first, so released tooling reads ours):
-  model, ema, opt, args (the config as a plain dict), steps, epoch,
+  model, ema, opt (in the released layout: one AdamW group over model.parameters(), the
+  frozen pos_embed included with no state, so the released train.py resumes from it),
+  args (the config as a plain dict), steps, epoch,
   config (same dict), data_position, rng (per rank), scaler, nonfinite, model_config,
   sra_fast_version.
 Everything is tensors and plain containers: it loads with weights_only=True. A checkpoint
@@ -10,7 +12,9 @@ config is also written beside it as `NNNNNNN.json`.
 
 Released checkpoints ({model, ema, opt, args: Namespace, steps, epoch}) are read through
 sra_fast.checkpoint.load_checkpoint (allow-list) and can initialise or resume a run; their
-optimizer state is re-indexed to our parameter list (they include the frozen pos_embed).
+optimizer state (and ours, in the same layout) is re-indexed to our in-memory optimizer,
+which holds only the trainable parameters. Files from before that layout (our group over
+the trainable parameters only) still load as they are.
 """
 from __future__ import annotations
 
@@ -107,7 +111,8 @@ def save_training_checkpoint(run_dir, *, step, epoch, model, ema, opt, config: d
                              model_config: dict | None = None, keep: int = 0) -> Path:
     """Write checkpoint `step` atomically (rank 0 only); prune to the newest `keep`."""
     ckpt = {
-        "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+        "model": model.state_dict(), "ema": ema.state_dict(),
+        "opt": optimizer_state_released_layout(opt.state_dict(), model),
         "args": dict(config), "steps": int(step), "epoch": int(epoch),
         "config": dict(config), "data_position": dict(data_position), "rng": rng,
         "scaler": scaler.state_dict() if scaler is not None else None,
@@ -172,6 +177,25 @@ def find_resume_checkpoint(resume: str | None, run_dir) -> tuple[list[Path], str
                                   f"({', '.join(x.name for x in partial[:3])}), none complete")
         raise CheckpointError(f"--resume {p}: no checkpoint (NNNNNNN.pt) in this folder")
     raise CheckpointError(f"--resume {p}: no such file or folder")
+
+
+def optimizer_state_released_layout(opt_sd: dict, model) -> dict:
+    """Our optimizer state (one group over the trainable parameters) re-indexed the way the
+    released code's AdamW over model.parameters() numbers it: frozen parameters (pos_embed)
+    get an index and no state. A state dict of another shape is returned unchanged."""
+    groups = opt_sd.get("param_groups", [])
+    names = [n for n, _ in model.named_parameters()]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if len(groups) != 1 or len(groups[0]["params"]) != len(trainable) \
+            or len(trainable) == len(names):
+        return opt_sd
+    at = {n: i for i, n in enumerate(names)}
+    src = groups[0]["params"]
+    state = {at[n]: opt_sd["state"][pid] for pid, n in zip(src, trainable)
+             if pid in opt_sd["state"]}
+    g = {k: v for k, v in groups[0].items() if k != "params"}
+    g["params"] = list(range(len(names)))
+    return {"state": state, "param_groups": [g]}
 
 
 def adapt_released_optimizer(opt_sd: dict, ckpt_model_sd: dict, model) -> dict | None:

@@ -274,6 +274,22 @@ class Trainer:
                 if torch.is_tensor(v) and v.device != self.device:
                     st[k] = v.to(self.device)
 
+    def _own_optimizer_state(self, ck: dict, path) -> dict:
+        """Our checkpoint's optimizer state for self.opt: files are in the released layout
+        (every parameter indexed, the frozen ones without state); files written before that
+        change index the trainable parameters only and load as they are."""
+        opt = ck["opt"]
+        groups = opt.get("param_groups") or [{}]
+        n_train = sum(1 for p in self.model.parameters() if p.requires_grad)
+        if len(groups) == 1 and len(groups[0].get("params", ())) == n_train:
+            return opt
+        adapted = (adapt_released_optimizer(opt, ck["model"], self.model)
+                   if isinstance(ck.get("model"), dict) else None)
+        if adapted is None:
+            raise CheckpointError(f"{path}: its optimizer state does not match this model's "
+                                  "parameters")
+        return adapted
+
     def _restore(self, ck: dict, path):
         cfg, env = self.cfg, self.env
         self._load_weights(ck, path)
@@ -299,7 +315,7 @@ class Trainer:
         diff = _diff_keys({k: old_cfg.get(k) for k in cfg.identity()}, cfg.identity())
         if diff:
             self.warn(f"warning: resuming {path} with a config that differs in {diff[:6]}")
-        self._load_opt(ck["opt"])
+        self._load_opt(self._own_optimizer_state(ck, path))
         self.step = int(ck["steps"])
         dp = ck.get("data_position") or {}
         self.epoch = int(dp.get("epoch", ck.get("epoch", 0)))

@@ -92,3 +92,32 @@ def test_mismatched_model_errors():
 def test_ddp_prefixes_are_stripped():
     sd = {"module." + k: v for k, v in small().state_dict().items()}
     load_model_state(small(), state_dict_from({"ema": sd}))
+
+
+def test_mismatch_errors_say_which_setting_explains_them():
+    with pytest.raises(CheckpointError, match="unexpected.*q_norm.*trained with qk_norm.*--qk-norm"):
+        load_model_state(small(), small(qk_norm=True).state_dict())
+    with pytest.raises(CheckpointError, match="has qk_norm and the checkpoint does not"):
+        load_model_state(small(qk_norm=True), small().state_dict())
+    # released REPA/SRA tables always carry the null class row (11 here); ours without dropout: 10
+    with pytest.raises(CheckpointError, match="11 rows.*null class.*--cfg-prob > 0"):
+        load_model_state(small(class_dropout_prob=0.0), small().state_dict())
+    with pytest.raises(CheckpointError, match="no null-class row.*--cfg-prob 0"):
+        load_model_state(small(), small(class_dropout_prob=0.0).state_dict())
+    with pytest.raises(CheckpointError, match="learn_sigma"):
+        load_model_state(small(), small(learn_sigma=True).state_dict())
+    with pytest.raises(CheckpointError) as e:   # no hint where no setting explains it
+        load_model_state(small(), SiT_models["SiT-B/8"](input_size=16, num_classes=10).state_dict())
+    assert "likely" not in str(e.value)
+
+
+def test_sampler_builds_qk_norm_models_from_released_files(tmp_path):
+    """A released REPA/SRA run with --qk-norm: sample.py finds qk_norm in the state dict (or
+    the args) and builds the model with it."""
+    from sra_fast.sample import model_from_checkpoint
+    m = small(qk_norm=True)
+    ck = load_checkpoint(released_file(tmp_path, m))
+    model, info = model_from_checkpoint(ck)
+    assert info["qk_norm"] is True
+    for k, v in m.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k

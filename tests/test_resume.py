@@ -74,3 +74,46 @@ def test_resume_auto_with_only_partial_checkpoints_starts_fresh(tmp_path, capsys
     assert tr.step == 0
     assert "only partial checkpoints (0000002.pt.tmp-5); starting from scratch" in \
         capsys.readouterr().err
+
+
+def test_checkpoint_optimizer_resumes_in_released_code(tmp_path):
+    """The file's "opt" is in the released layout: the released train.py builds AdamW over
+    model.parameters() (the frozen pos_embed included) and calls load_state_dict on it. That
+    must load, and every trainable parameter must get its own moments back."""
+    data = make_released_latents(tmp_path / "d", n=16)
+    tr = _run(tiny_latent_config(tmp_path / "r", data, max_steps=2, ckpt_every=2))
+    ck = torch.load(tmp_path / "r" / "run" / "checkpoints" / "0000002.pt", weights_only=True)
+    model = tr.model
+    released_opt = torch.optim.AdamW(model.parameters(), lr=1e-4)   # as released
+    released_opt.load_state_dict(ck["opt"])
+    ours = dict(zip([p for p in model.parameters() if p.requires_grad],
+                    tr.opt.state_dict()["state"].values()))
+    n_checked = 0
+    for name, p in model.named_parameters():
+        st = released_opt.state.get(p, {})
+        if not p.requires_grad:
+            assert name == "pos_embed" and not st
+            continue
+        assert torch.equal(st["exp_avg"], ours[p]["exp_avg"]), name
+        assert torch.equal(st["exp_avg_sq"], ours[p]["exp_avg_sq"]), name
+        n_checked += 1
+    assert n_checked == len(ours) and len(ck["opt"]["param_groups"][0]["params"]) == \
+        len(list(model.parameters()))
+
+
+def test_resume_reads_checkpoints_with_the_older_optimizer_layout(tmp_path):
+    """Files written before the released layout index only the trainable parameters: they
+    resume bitwise as before."""
+    from sra_fast.train_state import adapt_released_optimizer
+    data = make_released_latents(tmp_path / "d", n=40)
+    kw = dict(lr=1e-3, ckpt_every=3, log_every=1)
+    ref = _state(_run(tiny_latent_config(tmp_path / "a", data, max_steps=6, **kw)))
+    tr = _run(tiny_latent_config(tmp_path / "b", data, max_steps=3, **kw))
+    path = tmp_path / "b" / "run" / "checkpoints" / "0000003.pt"
+    ck = torch.load(path, weights_only=True)
+    old = adapt_released_optimizer(ck["opt"], ck["model"], tr.model)   # trainable-only
+    assert len(old["param_groups"][0]["params"]) == len(ck["opt"]["param_groups"][0]["params"]) - 1
+    ck["opt"] = old
+    torch.save(ck, path)
+    resumed = _run(tiny_latent_config(tmp_path / "b", data, max_steps=6, resume="auto", **kw))
+    _assert_bitwise(ref, _state(resumed))
