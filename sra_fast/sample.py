@@ -30,8 +30,8 @@ from . import __version__
 from .checkpoint import CheckpointError, load_model_state, state_dict_from
 from .config import build_model, model_kind
 from .distributed import barrier, cleanup, derive_seed, init_distributed
-from .sampling import (SAMPLERS, SamplerConfig, decode_latents, image_grid, load_vae, sample,
-                       to_uint8)
+from .sampling import (SAMPLERS, SamplerConfig, SiTOriginalTime, decode_latents, image_grid,
+                       load_vae, sample, to_uint8)
 from .step import autocast_ctx
 from .train_state import is_released, read_checkpoint, released_args
 
@@ -83,17 +83,38 @@ def model_from_checkpoint(ck: dict, weights: str = "ema", name: str | None = Non
         kw = dict(input_size=side, in_channels=in_ch, num_classes=k, class_dropout_prob=drop,
                   qk_norm=bool(args.get("qk_norm"))
                   or any(".attn.q_norm." in key for key in sd))   # REPA/SRA --qk-norm runs
-        if name.startswith("SiT") and out_ch == 2 * in_ch:
-            kw["learn_sigma"] = True   # original SiT checkpoints
         info = {"data_kind": "moments", "latent_scale": 0.18215,
                 "path_type": args.get("path_type", "linear")}
+        if name.startswith("SiT") and out_ch == 2 * in_ch:
+            # an original SiT checkpoint (learned-sigma head): its own time convention
+            kw["learn_sigma"] = True
+            info["path_type"] = _original_sit_path(args)
+            info["time_convention"] = "original SiT (t=1 data), flipped to t=1 noise"
     model = build_model(name, **kw)
     try:
         load_model_state(model, sd, init_missing_head=True)
     except CheckpointError as e:
         raise CheckpointError(f"{e}") from None
     info.update(name=name, kind=model_kind(name), **kw)
-    return model.eval().requires_grad_(False), info
+    model = model.eval().requires_grad_(False)
+    if "time_convention" in info:
+        model = SiTOriginalTime(model)
+    return model, info
+
+
+def _original_sit_path(args: dict) -> str:
+    """Our path name for an original SiT run's --path-type / --prediction (Linear, velocity
+    when the file does not say: the released SiT-XL-2-256x256.pt)."""
+    path = str(args.get("path_type", "Linear"))
+    pred = str(args.get("prediction", "velocity"))
+    if pred.lower() != "velocity":
+        raise CheckpointError(f"original SiT checkpoint trained with prediction={pred!r}: "
+                              "only velocity prediction is supported")
+    ours = {"linear": "linear", "gvp": "cosine"}.get(path.lower())
+    if ours is None:
+        raise CheckpointError(f"original SiT checkpoint with path_type={path!r}: only "
+                              "Linear and GVP (our cosine path, time-flipped) are supported")
+    return ours
 
 
 def build_parser():
@@ -199,6 +220,8 @@ def _run(a, env) -> Path | None:
         "latent_scale": info["latent_scale"] if info["data_kind"] == "moments" else None,
         "num_classes": info["num_classes"], "input_size": info["input_size"],
     }
+    if "time_convention" in info:
+        settings["time_convention"] = info["time_convention"]
     if env.is_main:
         parts.mkdir(parents=True, exist_ok=True)
         meta = parts / "settings.json"

@@ -14,6 +14,7 @@ Guidance: out = uncond + s * (cond - uncond), applied when guidance_low <= t <= 
 (REPA/SRA); "first3" reproduces the original SiT/DiT code, which guides channels 0-2 only
 and takes the rest (and DiT's variance channels) from the conditional half.
 The state is carried in float64 as in the released samplers; the model runs in its dtype.
+Original SiT checkpoints (willisma/SiT: t = 1 is data) run through `SiTOriginalTime`.
 """
 from __future__ import annotations
 
@@ -92,6 +93,28 @@ class GuidedModel:
 
 
 # ---------------------------------------------------------------------------- SiT
+class SiTOriginalTime(torch.nn.Module):
+    """An original SiT network (willisma/SiT) under this package's time convention.
+
+    SiT's linear path is x_s = s * x + (1 - s) * eps (s = 1 is data), predicting the velocity
+    x - eps; REPA, SRA and these samplers use x_t = (1 - t) * x + t * eps (t = 1 is noise),
+    velocity eps - x. With s = 1 - t the two agree up to the sign of the velocity:
+    v(x, t) = -v_SiT(x, 1 - t). The same flip maps SiT's GVP path onto the cosine path.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.num_classes = getattr(model, "num_classes", 1000)
+
+    @property
+    def y_embedder(self):
+        return self.model.y_embedder
+
+    def forward(self, x, t, y):
+        return -self.model(x, 1 - t, y)
+
+
 def _path_coeffs(t: float, path: str):
     if path == "linear":
         return 1 - t, t, -1.0, 1.0

@@ -121,3 +121,39 @@ def test_sampler_builds_qk_norm_models_from_released_files(tmp_path):
     assert info["qk_norm"] is True
     for k, v in m.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("path_type,ours", [("Linear", "linear"), ("GVP", "cosine"), (None, "linear")])
+def test_original_sit_checkpoint_samples_under_our_time_convention(tmp_path, path_type, ours):
+    """willisma/SiT files (learned-sigma head, t = 1 is data): the sampler gets the network
+    wrapped so that v(x, t) = -v_SiT(x, 1 - t), and the path named in ours."""
+    from sra_fast.sample import model_from_checkpoint
+    from sra_fast.sampling import SiTOriginalTime
+    src = small(learn_sigma=True)
+    with torch.no_grad():   # a trained-looking net: the final layer starts at zero
+        for p in src.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    sd = {k: v for k, v in src.state_dict().items() if not k.startswith("ap_head.")}
+    args = argparse.Namespace(model="SiT-S/8", num_classes=10, path_type=path_type,
+                              prediction="velocity")
+    ck = {"model": sd, "ema": sd, "args": args} if path_type else sd   # bare: pretrained file
+    model, info = model_from_checkpoint(ck, name=None if path_type else "SiT-S/8",
+                                        num_classes=10)
+    assert isinstance(model, SiTOriginalTime) and info["path_type"] == ours
+    assert "t=1 data" in info["time_convention"]
+    x, y = torch.randn(2, 4, 16, 16), torch.tensor([1, 10])
+    t = torch.tensor([0.25, 0.9])
+    with torch.no_grad():
+        out = model(x, t, y)
+        assert out.abs().max() > 0.1 and torch.equal(out, -src.eval()(x, 1 - t, y))
+
+
+def test_original_sit_checkpoint_unsupported_settings_are_refused():
+    from sra_fast.sample import model_from_checkpoint
+    sd = {k: v for k, v in small(learn_sigma=True).state_dict().items()
+          if not k.startswith("ap_head.")}
+    for kw, msg in ((dict(path_type="VP"), "path_type='VP'"),
+                    (dict(path_type="Linear", prediction="noise"), "prediction='noise'")):
+        ck = {"model": sd, "ema": sd, "args": argparse.Namespace(model="SiT-S/8", **kw)}
+        with pytest.raises(CheckpointError, match=msg):
+            model_from_checkpoint(ck)

@@ -5,9 +5,9 @@ import torch
 
 from sra_fast.objective import GaussianDiffusion
 from sra_fast.objective.ddpm import linear_betas
-from sra_fast.sampling import (GuidedModel, SamplerConfig, SpacedDDPM, image_grid,
-                               sample_dit, sample_sit, score_from_velocity, space_timesteps,
-                               to_uint8)
+from sra_fast.sampling import (GuidedModel, SamplerConfig, SiTOriginalTime, SpacedDDPM,
+                               image_grid, sample_dit, sample_sit, score_from_velocity,
+                               space_timesteps, to_uint8)
 
 
 class _Embed(torch.nn.Module):
@@ -59,6 +59,35 @@ def test_ode_reaches_the_data_point(sampler):
     n_eval = 10 if sampler == "euler" else 19    # Heun skips its 2nd evaluation at the end
     assert len(m.calls) == n_eval
     assert m.calls[0][1] == 1.0
+
+
+class DeltaVelocitySiTTime(DeltaVelocity):
+    """The same point mass under the original SiT convention (s = 1 is data):
+    x_s = s c + (1-s) eps  =>  v_SiT = c - eps = (c - x_s) / (1 - s)."""
+
+    def forward(self, x, s, y):
+        self.calls.append((x.shape[0], float(s[0])))
+        return (self.c - x) / (1 - s).reshape(-1, 1, 1, 1).clamp_min(1e-12)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "sde"])
+def test_original_sit_time_convention_is_flipped(sampler):
+    """An original-SiT-convention network sampled through SiTOriginalTime gives what the same
+    field in our convention gives (same noise); the ODEs reach the data. Without the flip the
+    sampler runs away from it."""
+    c = 0.7
+    m = DeltaVelocitySiTTime(c)
+    z = torch.randn(4, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(4, dtype=torch.long)
+    cfg = SamplerConfig(sampler, steps=10)
+    x = sample_sit(SiTOriginalTime(m), z, y, cfg, generator=torch.Generator().manual_seed(1))
+    x_ours = sample_sit(DeltaVelocity(c), z, y, cfg, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(x, x_ours, rtol=1e-5, atol=1e-5)
+    if sampler != "sde":
+        assert torch.allclose(x, torch.full_like(x, c), atol=1e-4)
+    assert m.calls[0][1] == 0.0     # our t = 1 (noise) is SiT's s = 0
+    x_bad = sample_sit(m, z, y, SamplerConfig("euler", steps=10))
+    assert not torch.allclose(x_bad, torch.full_like(x_bad, c), atol=1e-2)
 
 
 def test_sde_released_schedule_and_convergence():
