@@ -65,6 +65,36 @@ def test_registry_state_dict_layout_and_shapes(name):
         assert tuple(out.shape) == (2, c_out, 32, 32)
 
 
+def test_parameter_counts_and_order_match_the_released_models():
+    """Anchors independent of the shape table above: the released models' parameter counts
+    (without SRA's ap_head, which adds 4D^2 + 3D), and the parameter ORDER, which the released
+    train.py's AdamW(model.parameters()) indexes its state by (our checkpoints' `opt` is
+    written in that order)."""
+    def count(m, head=False):
+        return sum(p.numel() for n, p in m.named_parameters()
+                   if head or not n.startswith("ap_head."))
+    with torch.device("meta"):
+        dit, sit = build_model("DiT-XL/2", input_size=32), build_model("SiT-XL/2", input_size=32)
+        b2 = build_model("SiT-B/2", input_size=32)
+    assert count(dit) == 675_129_632
+    assert count(sit) == 675_111_184
+    assert count(b2) == 130_500_112
+    assert count(sit, head=True) - count(sit) == 4 * 1152 ** 2 + 3 * 1152
+    for m in (dit, sit):
+        tops = []
+        for n, _ in m.named_parameters():
+            top = n.split(".")[0]
+            if not tops or tops[-1] != top:
+                tops.append(top)
+        assert tops == ["pos_embed", "x_embedder", "t_embedder", "y_embedder", "blocks",
+                        "ap_head", "final_layer"]
+        blocks = [n for n, _ in m.named_parameters() if n.startswith("blocks.0.")]
+        assert blocks == [f"blocks.0.{k}" for k in (
+            "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+            "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
+            "adaLN_modulation.1.weight", "adaLN_modulation.1.bias")]
+
+
 @pytest.mark.parametrize("name", ["SiT-S/2", "SiT-S/4", "SiT-S/8", "DiT-S/2", "DiT-S/8"])
 def test_small_models_run_for_real(name):
     # the released SiT-S constructors are broken (final layer built for width 768); ours run
