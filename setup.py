@@ -49,7 +49,7 @@ setup(
         "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
         "nvtx; platform_system == 'Linux'",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout", "diffusers"], "vae": ["diffusers"],
+    extras_require={"test": ["pytest", "pytest-timeout", "diffusers", "tensorboard"], "vae": ["diffusers"],
                     "log": ["tensorboard"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -108,6 +108,15 @@ def test_short_digits_run_leaves_checkpoint_metrics_and_grid(tmp_path):
     assert not torch.equal(ck["ema"]["blocks.0.attn.qkv.weight"],
                            ck["model"]["blocks.0.attn.qkv.weight"])
     assert not tr.ema.training
+    # TensorBoard (a test dependency): the same losses as metrics.jsonl, under train/
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    assert {"train/loss", "train/align_loss", "train/lr"} <= set(acc.Tags()["scalars"])
+    tb_loss = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert [s for s, _ in tb_loss] == [2, 4, 6]
+    np.testing.assert_allclose([v for _, v in tb_loss], [r["loss"] for r in recs], rtol=1e-6)
 
 
 def test_losses_are_read_only_every_log_every_steps(tmp_path, monkeypatch):
