@@ -45,6 +45,26 @@ def token_tile(n, t, t_end, T, D, cols, cmask):
 
 
 @triton.jit
+def row_program(T, D, rows_per_prog, BLOCK_D: tl.constexpr):
+    """Where program (n, c) of a row kernel's (N, C) grid works: sample n, its tokens
+    [t_begin, t_end) (chunk c), columns `cols` (masked by cmask = cols < D).
+    Returns (n, c, cols, cmask, t_begin, t_end)."""
+    n = tl.program_id(0)
+    c = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    t_begin = c * rows_per_prog
+    t_end = tl.minimum(t_begin + rows_per_prog, T)
+    return n, c, cols, cmask, t_begin, t_end
+
+
+@triton.jit
+def sample_vector(PTR, n, D, cols, cmask):
+    """Sample n's (D,) conditioning vector (shift, scale or gate) in fp32."""
+    return tl.load(PTR + n * D + cols, mask=cmask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def layer_norm_rows(x, mask, D, eps):
     """(x - mean, 1/std) per row of a masked fp32 tile: the one LayerNorm (no affine) that
     every forward and backward kernel recomputes, so they cannot drift apart."""
@@ -52,6 +72,19 @@ def layer_norm_rows(x, mask, D, eps):
     xc = tl.where(mask, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
     return xc, rstd
+
+
+@triton.jit
+def modulated_norm_bwd(v, dout, mask, D, eps, scale1):
+    """Backward of out = LayerNorm(v) * scale1 + shift over a tile (LayerNorm recomputed):
+    (dv, vhat). The token sums of dout * vhat and of dout are dscale and dshift."""
+    vc, rstd = layer_norm_rows(v, mask, D, eps)
+    vhat = vc * rstd[:, None]
+    g = dout * scale1[None, :]
+    c1 = tl.sum(g * vhat, axis=1) / D
+    c2 = tl.sum(g, axis=1) / D
+    dv = (g - vhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+    return dv, vhat
 
 
 def interpreting() -> bool:

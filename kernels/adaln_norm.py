@@ -14,8 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (cast_to, check_3d, check_nd, compiling, layer_norm_rows, new_empty,
-                      row_launch, split_cast, token_tile)
+from ._common import (cast_to, check_3d, check_nd, compiling, layer_norm_rows,
+                      modulated_norm_bwd, new_empty, row_launch, row_program, sample_vector,
+                      split_cast, token_tile)
 
 
 @triton.jit
@@ -23,14 +24,9 @@ def _adaln_norm_fwd_kernel(X, SHIFT, SCALE, Y, T, D, rows_per_prog, eps,
                            BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     # program (n, c): tokens [c*rows_per_prog, (c+1)*rows_per_prog) of sample n, so the
     # sample's shift/scale are loaded once and reused for every row.
-    n = tl.program_id(0)
-    c = tl.program_id(1)
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    shift = tl.load(SHIFT + n * D + cols, mask=cmask, other=0.0).to(tl.float32)
-    scale1 = 1.0 + tl.load(SCALE + n * D + cols, mask=cmask, other=0.0).to(tl.float32)
-    t_begin = c * rows_per_prog
-    t_end = tl.minimum(t_begin + rows_per_prog, T)
+    n, c, cols, cmask, t_begin, t_end = row_program(T, D, rows_per_prog, BLOCK_D)
+    shift = sample_vector(SHIFT, n, D, cols, cmask)
+    scale1 = 1.0 + sample_vector(SCALE, n, D, cols, cmask)
     for r0 in range(0, rows_per_prog, BLOCK_R):
         t = t_begin + r0 + tl.arange(0, BLOCK_R)
         offs, mask = token_tile(n, t, t_end, T, D, cols, cmask)
@@ -45,28 +41,18 @@ def _adaln_norm_bwd_kernel(X, SCALE, DY, DX, PART, N, T, D, C, rows_per_prog, ep
                            BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     # PART is (2, N, C, D) fp32: this program's sums over its tokens of dy*xhat (dscale) and
     # dy (dshift). Summed over C on the host: deterministic, no atomics.
-    n = tl.program_id(0)
-    c = tl.program_id(1)
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    scale1 = 1.0 + tl.load(SCALE + n * D + cols, mask=cmask, other=0.0).to(tl.float32)
+    n, c, cols, cmask, t_begin, t_end = row_program(T, D, rows_per_prog, BLOCK_D)
+    scale1 = 1.0 + sample_vector(SCALE, n, D, cols, cmask)
     acc_dscale = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_dshift = tl.zeros([BLOCK_D], dtype=tl.float32)
-    t_begin = c * rows_per_prog
-    t_end = tl.minimum(t_begin + rows_per_prog, T)
     for r0 in range(0, rows_per_prog, BLOCK_R):
         t = t_begin + r0 + tl.arange(0, BLOCK_R)
         offs, mask = token_tile(n, t, t_end, T, D, cols, cmask)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-        xc, rstd = layer_norm_rows(x, mask, D, eps)
-        xhat = xc * rstd[:, None]
+        dx, xhat = modulated_norm_bwd(x, dy, mask, D, eps, scale1)
         acc_dscale += tl.sum(dy * xhat, axis=0)
         acc_dshift += tl.sum(dy, axis=0)
-        g = dy * scale1[None, :]
-        c1 = tl.sum(g * xhat, axis=1) / D
-        c2 = tl.sum(g, axis=1) / D
-        dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
         tl.store(DX + offs, cast_to(dx, DX), mask=mask)
     p = (n * C + c) * D + cols
     tl.store(PART + p, acc_dscale, mask=cmask)

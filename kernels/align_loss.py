@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (cast_to, check_3d, compiling, new_empty, row_launch, token_chunks,
-                      token_tile)
+from ._common import (cast_to, check_3d, compiling, new_empty, row_launch, row_program,
+                      token_chunks, token_tile)
 
 # Duplicated from the reference module (kernels may not import it); a test checks they agree.
 COS_EPS = 1e-8
@@ -35,13 +35,8 @@ def _align_loss_fwd_kernel(S, TT, PART, T, D, C, rows_per_prog, inv_count, eps, 
     # Row-wise kinds (all but cos-released). PART (N, C) fp32: this program's sum over its
     # tokens of (1 - cos) for cos, or of the element losses for the others, times inv_count
     # (1/T or 1/(T*D)), so the host's sum over C is the per-sample mean.
-    n = tl.program_id(0)
-    c = tl.program_id(1)
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
+    n, c, cols, cmask, t_begin, t_end = row_program(T, D, rows_per_prog, BLOCK_D)
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    t_begin = c * rows_per_prog
-    t_end = tl.minimum(t_begin + rows_per_prog, T)
     for r0 in range(0, rows_per_prog, BLOCK_R):
         t = t_begin + r0 + tl.arange(0, BLOCK_R)
         rmask = t < t_end
@@ -69,13 +64,8 @@ def _align_loss_fwd_kernel(S, TT, PART, T, D, C, rows_per_prog, inv_count, eps, 
 @triton.jit
 def _align_loss_bwd_kernel(S, TT, G, DS, T, D, rows_per_prog, inv_count, eps, beta,
                            KIND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    n = tl.program_id(0)
-    c = tl.program_id(1)
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
+    n, c, cols, cmask, t_begin, t_end = row_program(T, D, rows_per_prog, BLOCK_D)
     coef = tl.load(G + n).to(tl.float32) * inv_count
-    t_begin = c * rows_per_prog
-    t_end = tl.minimum(t_begin + rows_per_prog, T)
     for r0 in range(0, rows_per_prog, BLOCK_R):
         t = t_begin + r0 + tl.arange(0, BLOCK_R)
         offs, mask = token_tile(n, t, t_end, T, D, cols, cmask)

@@ -15,20 +15,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (cast_to, check_3d, check_nd, compiling, layer_norm_rows, new_empty,
-                      row_launch, split_cast, token_tile)
+from ._common import (cast_to, check_3d, check_nd, compiling, layer_norm_rows,
+                      modulated_norm_bwd, new_empty, row_launch, row_program, sample_vector,
+                      split_cast, token_tile)
 
 
 @triton.jit
 def _gated_residual_fwd_kernel(X, GATE, Y, H, T, D, rows_per_prog,
                                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    n = tl.program_id(0)
-    c = tl.program_id(1)
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    gate = tl.load(GATE + n * D + cols, mask=cmask, other=0.0).to(tl.float32)
-    t_begin = c * rows_per_prog
-    t_end = tl.minimum(t_begin + rows_per_prog, T)
+    n, c, cols, cmask, t_begin, t_end = row_program(T, D, rows_per_prog, BLOCK_D)
+    gate = sample_vector(GATE, n, D, cols, cmask)
     for r0 in range(0, rows_per_prog, BLOCK_R):
         t = t_begin + r0 + tl.arange(0, BLOCK_R)
         offs, mask = token_tile(n, t, t_end, T, D, cols, cmask)
@@ -42,14 +38,9 @@ def _gated_residual_bwd_kernel(GATE, Y, DH, DY, PART, T, D, C, rows_per_prog,
                                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     # dx is dh itself (returned by the autograd glue); here dy = gate*dh and the
     # per-program partial of dgate = sum_t dh*y into PART (N, C, D) fp32.
-    n = tl.program_id(0)
-    c = tl.program_id(1)
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    gate = tl.load(GATE + n * D + cols, mask=cmask, other=0.0).to(tl.float32)
+    n, c, cols, cmask, t_begin, t_end = row_program(T, D, rows_per_prog, BLOCK_D)
+    gate = sample_vector(GATE, n, D, cols, cmask)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    t_begin = c * rows_per_prog
-    t_end = tl.minimum(t_begin + rows_per_prog, T)
     for r0 in range(0, rows_per_prog, BLOCK_R):
         t = t_begin + r0 + tl.arange(0, BLOCK_R)
         offs, mask = token_tile(n, t, t_end, T, D, cols, cmask)
@@ -63,15 +54,10 @@ def _gated_residual_bwd_kernel(GATE, Y, DH, DY, PART, T, D, C, rows_per_prog,
 @triton.jit
 def _gated_residual_adaln_norm_fwd_kernel(X, GATE, Y, SHIFT, SCALE, H, OUT, T, D, rows_per_prog,
                                           eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    n = tl.program_id(0)
-    c = tl.program_id(1)
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    gate = tl.load(GATE + n * D + cols, mask=cmask, other=0.0).to(tl.float32)
-    shift = tl.load(SHIFT + n * D + cols, mask=cmask, other=0.0).to(tl.float32)
-    scale1 = 1.0 + tl.load(SCALE + n * D + cols, mask=cmask, other=0.0).to(tl.float32)
-    t_begin = c * rows_per_prog
-    t_end = tl.minimum(t_begin + rows_per_prog, T)
+    n, c, cols, cmask, t_begin, t_end = row_program(T, D, rows_per_prog, BLOCK_D)
+    gate = sample_vector(GATE, n, D, cols, cmask)
+    shift = sample_vector(SHIFT, n, D, cols, cmask)
+    scale1 = 1.0 + sample_vector(SCALE, n, D, cols, cmask)
     for r0 in range(0, rows_per_prog, BLOCK_R):
         t = t_begin + r0 + tl.arange(0, BLOCK_R)
         offs, mask = token_tile(n, t, t_end, T, D, cols, cmask)
@@ -92,17 +78,12 @@ def _gated_residual_adaln_norm_bwd_kernel(X, GATE, Y, SCALE, DOUT, DH, DX, DY, P
                                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     # PART is (3, N, C, D) fp32: partial sums over this program's tokens of
     # dh*y (dgate), dout*hhat (dscale), dout (dshift).
-    n = tl.program_id(0)
-    c = tl.program_id(1)
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    gate = tl.load(GATE + n * D + cols, mask=cmask, other=0.0).to(tl.float32)
-    scale1 = 1.0 + tl.load(SCALE + n * D + cols, mask=cmask, other=0.0).to(tl.float32)
+    n, c, cols, cmask, t_begin, t_end = row_program(T, D, rows_per_prog, BLOCK_D)
+    gate = sample_vector(GATE, n, D, cols, cmask)
+    scale1 = 1.0 + sample_vector(SCALE, n, D, cols, cmask)
     acc_dgate = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_dscale = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_dshift = tl.zeros([BLOCK_D], dtype=tl.float32)
-    t_begin = c * rows_per_prog
-    t_end = tl.minimum(t_begin + rows_per_prog, T)
     for r0 in range(0, rows_per_prog, BLOCK_R):
         t = t_begin + r0 + tl.arange(0, BLOCK_R)
         offs, mask = token_tile(n, t, t_end, T, D, cols, cmask)
@@ -110,14 +91,9 @@ def _gated_residual_adaln_norm_bwd_kernel(X, GATE, Y, SCALE, DOUT, DH, DX, DY, P
         y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
         dout = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
         h = x + gate[None, :] * y
-        hc, rstd = layer_norm_rows(h, mask, D, eps)
-        hhat = hc * rstd[:, None]
+        dh, hhat = modulated_norm_bwd(h, dout, mask, D, eps, scale1)
         acc_dscale += tl.sum(dout * hhat, axis=0)
         acc_dshift += tl.sum(dout, axis=0)
-        g = dout * scale1[None, :]
-        c1 = tl.sum(g * hhat, axis=1) / D
-        c2 = tl.sum(g, axis=1) / D
-        dh = (g - hhat * c1[:, None] - c2[:, None]) * rstd[:, None]
         if HAS_DH:
             dh += tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
         acc_dgate += tl.sum(dh * y, axis=0)
