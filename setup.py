@@ -19,11 +19,12 @@ if os.environ.get("SRA_FAST_BUILD_EXT", "0") == "1":
     force = os.environ.get("SRA_FAST_EXT_CUDA")
     with_cuda = (force == "1") if force in ("0", "1") else (
         torch.version.cuda is not None and CUDA_HOME is not None)
-    sources = ["csrc/bindings.cpp", "csrc/fused_ema_cpu.cpp"]
+    sources = ["csrc/bindings.cpp", "csrc/fused_ema_cpu.cpp", "csrc/fused_adamw_ema_cpu.cpp"]
+    cuda_sources = ["csrc/fused_ema.cu", "csrc/fused_adamw_ema.cu"]
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         ext_modules = [CUDAExtension(
-            "sra_fast._C", sources=sources + ["csrc/fused_ema.cu"], include_dirs=["csrc"],
+            "sra_fast._C", sources=sources + cuda_sources, include_dirs=["csrc"],
             # no --use_fast_math: it implies -ftz=true; the kernel matches torch bit for bit
             extra_compile_args={"cxx": ["-O3", "-DWITH_CUDA"], "nvcc": ["-O3", "-DWITH_CUDA"]},
         )]

@@ -10,6 +10,11 @@ no allocation, no host sync, capturable in a CUDA graph when the plan is built b
 and `weight` is a 0-d float32 tensor on the device (its value is read at run time).
 `fused_ema_ref` is the definition tests compare against and the fallback without the
 extension: ema = lerp(ema, model, weight); shadow = bf16(ema) where a shadow is given.
+
+`FusedAdamWEMA(optimizer, model_params, ema_params, shadow_params=None)` runs torch's fused
+AdamW update, the EMA lerp toward the updated parameters and the bf16 shadow in ONE pass over
+the parameters (`.step(lr, found_inf, grad_scale, ema_weight)`, all device scalars); its
+definition and fallback is `fused_adamw_ema_ref`: torch._fused_adamw_, then fused_ema_ref.
 """
 from __future__ import annotations
 
@@ -22,11 +27,11 @@ from pathlib import Path
 import torch
 
 __all__ = ["available", "unavailable_reason", "load", "jit_build", "FusedEMA",
-           "fused_ema_ref"]
+           "fused_ema_ref", "FusedAdamWEMA", "fused_adamw_ema_ref"]
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-_SOURCES_CPU = ("bindings.cpp", "fused_ema_cpu.cpp")
-_SOURCES_CUDA = ("fused_ema.cu",)
+_SOURCES_CPU = ("bindings.cpp", "fused_ema_cpu.cpp", "fused_adamw_ema_cpu.cpp")
+_SOURCES_CUDA = ("fused_ema.cu", "fused_adamw_ema.cu")
 _state = {"module": None, "reason": None, "tried": False}
 _said: set[str] = set()
 
@@ -229,6 +234,164 @@ class FusedEMA:
         how = "fused" if self.fused else f"reference: {self.fallback_reason}"
         return (f"FusedEMA({len(self.ema)} tensors, {n} elements, {ns} bf16 shadows, "
                 f"{self.device}, {how})")
+
+
+@torch.no_grad()
+def fused_adamw_ema_ref(params, grads, exp_avgs, exp_avg_sqs, steps, ema_params, shadow_params,
+                        *, lr, beta1, beta2, eps, weight_decay, found_inf, grad_scale,
+                        ema_weight):
+    """The one-pass update's definition, in two passes of PyTorch ops: torch.optim's fused
+    AdamW path (steps += 1; torch._fused_adamw_ with found_inf / grad_scale; steps -=
+    found_inf) on the tensors that have optimizer state (exp_avgs[i] is not None), then the
+    EMA lerp of every tensor toward its parameter with weight ema_weight * (1 - found_inf)
+    (a skipped step leaves the EMA as it is) and the shadow copy. Lists are aligned by tensor.
+    """
+    tr = [i for i, m in enumerate(exp_avgs) if m is not None]
+    if tr:
+        sts = [steps[i] for i in tr]
+        torch._foreach_add_(sts, 1)
+        torch._fused_adamw_([params[i].detach() for i in tr], [grads[i] for i in tr],
+                            [exp_avgs[i] for i in tr], [exp_avg_sqs[i] for i in tr], [], sts,
+                            lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+                            eps=eps, amsgrad=False, maximize=False, grad_scale=grad_scale,
+                            found_inf=found_inf)
+        torch._foreach_sub_(sts, [found_inf] * len(sts))
+    fused_ema_ref(ema_params, params, ema_weight * (1.0 - found_inf), shadow_params)
+
+
+def _adamw_ema_unsupported(opt) -> str | None:
+    """Why `opt` cannot be run by the one-pass update (None when it can)."""
+    if type(opt) not in (torch.optim.AdamW, torch.optim.Adam):
+        return f"{type(opt).__name__} is not torch.optim.AdamW"
+    if len(opt.param_groups) != 1:
+        return f"{len(opt.param_groups)} parameter groups (one is supported)"
+    g = opt.param_groups[0]
+    if g.get("amsgrad") or g.get("maximize"):
+        return "amsgrad / maximize are not supported"
+    if type(opt) is torch.optim.Adam and g.get("weight_decay", 0) != 0:
+        return "Adam's coupled weight decay is not supported (use AdamW)"
+    if any(p.dtype != torch.float32 for p in g["params"]):
+        return "parameters must be float32"
+    return None
+
+
+class FusedAdamWEMA:
+    """torch AdamW (`optimizer`, one parameter group) + EMA (+ bf16 shadow) in one pass.
+
+    model_params / ema_params / shadow_params (None entries allowed) are aligned lists over
+    ALL model parameters; the ones not in the optimizer (frozen, e.g. pos_embed) get the EMA
+    lerp only. The optimizer's own state tensors (exp_avg, exp_avg_sq, step) are updated in
+    place, so its state_dict and checkpoints are unchanged. `.step(lr, found_inf, grad_scale,
+    ema_weight)`: 0-d float32 device tensors (grad_scale may be None); found_inf = 1 skips the
+    step entirely (torch's step counters are rolled back, as torch's fused path does).
+    Capturable: build it before capture, and call `.commit()` right after the capture (the
+    gradients of a captured backward have addresses the pointer array learns only then).
+    Without the extension (or for inputs it does not take) `.step` runs fused_adamw_ema_ref.
+    """
+
+    def __init__(self, optimizer, model_params, ema_params, shadow_params=None):
+        self.opt = optimizer
+        self.model = list(model_params)
+        self.ema = list(ema_params)
+        self.shadow = list(shadow_params) if shadow_params is not None else [None] * len(self.ema)
+        if not (len(self.model) == len(self.ema) == len(self.shadow)):
+            raise ValueError(f"{len(self.model)} model, {len(self.ema)} EMA and "
+                             f"{len(self.shadow)} shadow entries: the lists must be aligned")
+        for i, (p, e) in enumerate(zip(self.model, self.ema)):
+            if p.shape != e.shape:
+                raise ValueError(f"tensor {i}: EMA shape {tuple(e.shape)} != model shape "
+                                 f"{tuple(p.shape)}")
+        why = _adamw_ema_unsupported(optimizer)
+        if why:
+            raise ValueError(f"FusedAdamWEMA: {why}")
+        group = optimizer.param_groups[0]
+        in_opt = {id(p) for p in group["params"]}
+        missing = len(in_opt - {id(p) for p in self.model})
+        if missing:
+            raise ValueError(f"FusedAdamWEMA: {missing} optimizer parameters are not among "
+                             "model_params")
+        self.trained = [id(p) in in_opt for p in self.model]
+        self.device = self.model[0].device if self.model else torch.device("cpu")
+        self.hyper = dict(beta1=float(group["betas"][0]), beta2=float(group["betas"][1]),
+                          eps=float(group["eps"]), weight_decay=float(group["weight_decay"]))
+        self._plan, self._plan_state = None, None
+        mod = load()
+        if mod is None:
+            self.fallback_reason = unavailable_reason()
+        else:
+            self.fallback_reason = _unsupported(self.ema, self.model, self.shadow, mod)
+        if self.fallback_reason is None:
+            self._build_plan()
+        else:
+            _say_once(f"FusedAdamWEMA: using the PyTorch reference ({self.fallback_reason})")
+
+    def _build_plan(self):
+        """(Re)build the extension's plan over the optimizer state as it is now."""
+        self._init_state()
+        m, v, st = self._state_lists()
+        self._plan = load().FusedAdamWEMAPlan(self.model, m, v, st, self.ema, self.shadow,
+                                              **self.hyper)
+        self._plan_state = [id(t) for t in m + v + st]
+
+    def _init_state(self):
+        """Create missing AdamW state the way torch's fused, capturable AdamW does (0-d fp32
+        step on the device, zero moments), and move a CPU step counter to the device."""
+        for p, t in zip(self.model, self.trained):
+            if not t:
+                continue
+            st = self.opt.state[p]
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif st["step"].device != p.device or st["step"].dtype != torch.float32:
+                st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
+
+    def _state_lists(self):
+        m, v, st = [], [], []
+        for p, t in zip(self.model, self.trained):
+            s = self.opt.state[p] if t else None
+            m.append(s["exp_avg"] if t else None)
+            v.append(s["exp_avg_sq"] if t else None)
+            st.append(s["step"] if t else None)
+        return m, v, st
+
+    @property
+    def fused(self) -> bool:
+        return self._plan is not None
+
+    def step(self, lr, found_inf, grad_scale, ema_weight):
+        grads = [p.grad if t else None for p, t in zip(self.model, self.trained)]
+        if self._plan is None:
+            self._init_state()
+            m, v, st = self._state_lists()
+            fused_adamw_ema_ref(self.model, grads, m, v, st, self.ema, self.shadow, lr=lr,
+                                found_inf=found_inf, grad_scale=grad_scale,
+                                ema_weight=ema_weight, **self.hyper)
+            return
+        m, v, st = self._state_lists()
+        if [id(t) for t in m + v + st] != self._plan_state:
+            # optimizer.load_state_dict (a resume) brought new state tensors
+            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("FusedAdamWEMA: the optimizer state was replaced; step "
+                                   "once outside CUDA-graph capture first")
+            self._build_plan()
+            m, v, st = self._state_lists()
+        sts = [s for s in st if s is not None]
+        if sts:
+            torch._foreach_add_(sts, 1)
+        self._plan.step(grads, lr, found_inf, grad_scale, ema_weight)
+        if sts:
+            torch._foreach_sub_(sts, [found_inf] * len(sts))
+
+    def commit(self) -> bool:
+        """After a CUDA-graph capture: upload the captured gradients' addresses."""
+        return self._plan.commit() if self._plan is not None else False
+
+    def __repr__(self):
+        how = "fused" if self.fused else f"reference: {self.fallback_reason}"
+        return (f"FusedAdamWEMA({len(self.model)} tensors, {sum(self.trained)} trained, "
+                f"{sum(s is not None for s in self.shadow)} bf16 shadows, {self.device}, {how})")
 
 
 if __name__ == "__main__":  # python -m sra_fast.ext : report what is available
