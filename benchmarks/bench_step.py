@@ -13,6 +13,7 @@ fused AdamW, EMA; bf16 autocast; synthetic random latents, never zeros):
   ours-graph      ours, the whole step captured in one CUDA graph
   ours-graph-t16  ours-graph + bf16 teacher shadow
   ours-graph-fema ours-graph-t16 with ema_impl="fused": EMA lerp + shadow in one pass
+  ours-graph-1p   ours-graph-t16 with ema_impl="adamw": AdamW + EMA + shadow in one pass
                   (sra_fast.ext.FusedEMA: the CUDA extension if built, else one foreach lerp)
 MFU = (analytic SRA FLOPs per image with the teacher stopped, sra_fast.flops) x img/s /
 (bf16 matmul rate measured in the same run): the same useful work for every provider, so MFU
@@ -67,6 +68,8 @@ PROVIDERS = {
     "ours-graph-t16": dict(ops="auto", attn="auto", graph=True, teacher_bf16=True),
     "ours-graph-fema": dict(ops="auto", attn="auto", graph=True, teacher_bf16=True,
                             ema_impl="fused"),
+    "ours-graph-1p": dict(ops="auto", attn="auto", graph=True, teacher_bf16=True,
+                          ema_impl="adamw"),
 }
 DEFAULT_PROVIDERS = "eager-ref,ours,ours-graph,ours-graph-t16,compile,compile-ro"
 DEFAULT_MODELS = "SiT-XL/2,SiT-B/2,DiT-XL/2"
@@ -293,7 +296,8 @@ def main(argv=None):
                     help="stop starting new configurations after this many seconds (0: none)")
     ap.add_argument("--compile-reserve-s", type=float, default=150.0,
                     help="with a budget, skip compile providers when less than this is left")
-    ap.add_argument("--csv", default=None, help=f"CSV to append to (default {DEFAULT_CSV})")
+    ap.add_argument("--csv", default=None, help=f"CSV to append to (default {DEFAULT_CSV}; "
+                    "--quick writes none unless given)")
     ap.add_argument("--no-csv", action="store_true")
     ap.add_argument("--quick", action="store_true",
                     help="CPU smoke test: tiny SiT and DiT, batch 8, 3 steps")
@@ -335,7 +339,8 @@ def main(argv=None):
     print(f"device {info['card']}, torch {info['torch']}, triton {info['triton']}; "
           f"bf16 matmul {peak:.1f} TFLOP/s", flush=True)
     run_id = f"{info['date']}-{os.getpid()}"
-    csv_path = None if args.no_csv else (args.csv or DEFAULT_CSV)
+    # --quick (a CPU smoke test) writes no results unless --csv says where
+    csv_path = None if args.no_csv else (args.csv or (None if args.quick else DEFAULT_CSV))
     if args.plan:
         plan = []
         for entry in args.plan.split(";"):

@@ -121,7 +121,7 @@ STEP_ARGS=()
 # headline ratio (ours with CUDA graph vs torch.compile reduce-overhead, the off-the-shelf
 # best), then the rest of SiT-XL/2, then SiT-B/2's ratio, then the others.
 PLAN="SiT-XL/2@64=ours-graph,compile-ro"
-PLAN+=";SiT-XL/2@64=eager-ref,ours-graph-t16,ours-graph-fema,ours"
+PLAN+=";SiT-XL/2@64=eager-ref,ours-graph-t16,ours-graph-fema,ours-graph-1p,ours"
 PLAN+=";SiT-B/2@256=ours-graph,compile-ro"
 PLAN+=";SiT-B/2@256=eager-ref,ours"
 PLAN+=";DiT-XL/2@64=ours-graph,ours"

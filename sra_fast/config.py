@@ -145,6 +145,10 @@ class TrainConfig:
                           runtime=True)
     teacher_bf16: bool = _f(False, "keep bf16 copies of the EMA teacher's weights for its "
                             "forward (bf16 precision only)", runtime=True)
+    ema_impl: str = _f("foreach", "how the optimizer + EMA update runs: foreach (fused AdamW, "
+                       "then a lerp of every EMA tensor), fused (EMA + teacher shadow in one "
+                       "pass), adamw (AdamW + EMA + shadow in one pass; C++/CUDA extension)",
+                       choices=("foreach", "fused", "adamw"), runtime=True)
     # ---------------------------------------------------------------- run
     out_dir: str = _f("runs", "folder that holds run folders", aliases=("--output-dir",),
                       runtime=True)

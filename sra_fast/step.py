@@ -94,6 +94,13 @@ class TrainStep:
                    or "fused": sra_fast.ext.FusedEMA, one pass that lerps the EMA and writes
                    the shadow (the C++/CUDA extension when built, else the same lerps and
                    copy), saving the copy's re-read of the EMA. Same bits either way.
+                   Or "adamw": sra_fast.ext.FusedAdamWEMA, torch's fused-AdamW update, the
+                   EMA lerp and the shadow in ONE pass over the parameters (the extension
+                   when built, else fused_adamw_ema_ref: the same two passes as "foreach"),
+                   saving the EMA's re-read of every parameter and AdamW's write-back of the
+                   unscaled gradient (12 bytes per parameter). Needs torch's fused AdamW with
+                   one parameter group and bf16/fp32 precision. Same AdamW arithmetic as
+                   torch's CUDA kernel (to fp32 rounding; the EMA/shadow as "foreach").
     """
 
     STATS = ("loss", "denoise", "align", "grad_norm", "nonfinite", "steps")
@@ -145,10 +152,27 @@ class TrainStep:
         tmod = self.shadow.module if self.shadow is not None else ema
         self._teacher = TeacherView(tmod, full=True) if teacher_full else tmod
         self._teacher_nvtx = TeacherView(tmod, full=teacher_full)
-        if ema_impl not in ("foreach", "fused"):
-            raise ValueError(f"ema_impl must be 'foreach' or 'fused', got {ema_impl!r}")
+        if ema_impl not in ("foreach", "fused", "adamw"):
+            raise ValueError(f"ema_impl must be 'foreach', 'fused' or 'adamw', got "
+                             f"{ema_impl!r}")
         self.ema_impl = ema_impl
         self._fused_ema = None
+        self._adamw_ema = None
+        if ema_impl == "adamw":
+            if self.scaler is not None or not self._opt_fused:
+                raise ValueError("ema_impl='adamw' runs torch's fused AdamW arithmetic: it "
+                                 "needs an AdamW with fused=True and bf16 or fp32 precision "
+                                 "(no GradScaler)")
+            from .ext import FusedAdamWEMA
+            e_params = list(ema.parameters())
+            shadow = None
+            if self.shadow is not None:
+                dst = {id(p): q for p, q in zip(self.shadow.src, self.shadow.dst)}
+                shadow = [dst.get(id(p)) for p in e_params]
+            self._adamw_ema = FusedAdamWEMA(optimizer, list(model.parameters()), e_params,
+                                            shadow)
+            self._ema_w = torch.full((), 1.0 - ema_decay, device=self.device)
+            self._lr32 = torch.zeros((), dtype=torch.float32, device=self.device)
         if ema_impl == "fused":
             from .ext import FusedEMA
             e_params = list(ema.parameters())
@@ -215,6 +239,20 @@ class TrainStep:
             self.opt.found_inf = None
             self.opt.grad_scale = None
 
+    def _adamw_ema_step(self):
+        """AdamW + EMA (+ shadow) in one pass (ema_impl="adamw"); found_inf skips it all."""
+        with nvtx_range("optimizer+EMA"):
+            lr = self.opt.param_groups[0]["lr"]   # a device scalar while capturing
+            if torch.is_tensor(lr):
+                self._lr32.copy_(lr)
+            else:
+                self._lr32.fill_(float(lr))
+            self._adamw_ema.step(self._lr32, self._found_inf,
+                                 self._grad_scale if self._clip_mode == "optimizer" else None,
+                                 self._ema_w)
+        if self.shadow is not None:
+            self.shadow.mark_synced()
+
     def _ema(self, finite=None):
         """EMA update (and bf16 shadow refresh); skipped (weight 0) where `finite` is False."""
         with nvtx_range("EMA"):
@@ -263,6 +301,8 @@ class TrainStep:
             if self.scaler:
                 self.scaler.step(self.opt)   # skips on inf/nan grads itself (fp16 path)
                 self.scaler.update()
+            elif self._adamw_ema is not None:
+                self._found_inf.copy_((~finite).float())
             elif self._opt_fused:
                 self._found_inf.copy_((~finite).float())
                 self._fused_opt_step()
@@ -270,8 +310,12 @@ class TrainStep:
                 # a non-fused optimizer has no device-side skip: this path syncs the host once
                 # per step (graph mode refuses such optimizers)
                 self.opt.step()
+        if self._adamw_ema is not None:
+            self._adamw_ema_step()
             self.opt.zero_grad(set_to_none=True)
-        self._ema(None if self.scaler else finite)
+        else:
+            self.opt.zero_grad(set_to_none=True)
+            self._ema(None if self.scaler else finite)
         self._stats += torch.cat([torch.where(finite, tot, torch.zeros_like(tot)),
                                   torch.where(finite, gnorm.float(), gnorm.new_zeros(())).reshape(1),
                                   (~finite).float().reshape(1), torch.ones(1, device=self.device)])
@@ -370,8 +414,12 @@ class TrainStep:
             gnorm = self._grad_norm_and_clip()
             finite = torch.isfinite(tot[0]) & torch.isfinite(gnorm) & (self._skip == 0)
             self._found_inf.copy_((~finite).float())
-            self._fused_opt_step()
-        self._ema(finite)
+            if self._adamw_ema is None:
+                self._fused_opt_step()
+        if self._adamw_ema is not None:
+            self._adamw_ema_step()
+        else:
+            self._ema(finite)
         self._stats += torch.cat([torch.where(finite, tot, torch.zeros_like(tot)),
                                   torch.where(finite, gnorm.float(), gnorm.new_zeros(())).reshape(1),
                                   (~finite).float().reshape(1), torch.ones(1, device=self.device)])
@@ -434,6 +482,8 @@ class TrainStep:
                 # threads (data loader pinning) may keep using CUDA meanwhile
                 with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
                     self._graph_body()
+                if self._adamw_ema is not None:   # the captured gradients' addresses
+                    self._adamw_ema.commit()
                 torch.cuda.synchronize(self.device)
         finally:
             for g, lr in zip(self.opt.param_groups, groups_lr):

@@ -150,7 +150,8 @@ class Trainer:
                                     student=self.student, precision=cfg.precision,
                                     grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay,
                                     grad_accum=cfg.grad_accum, generator=self.generator,
-                                    cuda_graph=cfg.cuda_graph, teacher_bf16=cfg.teacher_bf16)
+                                    cuda_graph=cfg.cuda_graph, teacher_bf16=cfg.teacher_bf16,
+                                    ema_impl=cfg.ema_impl)
         if self._scaler_state is not None and self.train_step.scaler is not None:
             self.train_step.scaler.load_state_dict(self._scaler_state)
         # consecutive non-finite steps, tracked on the device (no per-step sync)

@@ -309,6 +309,57 @@ def test_fused_ema_option():
         build(ema_impl="cuda")
 
 
+def close_snapshots(a, b, rtol=2e-6, atol=1e-7):
+    return len(a) == len(b) and all(torch.allclose(x.float(), y.float(), rtol=rtol, atol=atol)
+                                    for x, y in zip(a, b))
+
+
+def test_adamw_ema_one_pass_option():
+    """ema_impl="adamw" (AdamW + EMA + shadow in one pass of the C++ extension, JIT-built
+    here): in fp32, the default's weights, EMA and Adam state to fp32 rounding (torch's CUDA
+    AdamW arithmetic vs its CPU kernel) through a non-finite step and an lr change; in bf16
+    with the teacher shadow, the captured code path is bitwise its eager path and the shadow
+    is bf16(EMA); after a resume (new optimizer state tensors) the step is bitwise the one
+    without the reload."""
+    import copy
+
+    from sra_fast import ext
+    if ext.load(jit=True) is None:
+        pytest.skip(f"extension unavailable: {ext.unavailable_reason()}")
+
+    def run(impl, mode=False, reload=False, **kw):
+        m, ema, opt, step = build(ema_impl=impl, mode=mode, **kw)
+        for i, (x, y) in enumerate(batches(5, bad=1)):
+            if i == 3:
+                opt.param_groups[0]["lr"] = 3e-4
+                if reload:   # a resume: new state tensors with the same values
+                    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+            step(x, y, 0.5)
+        return snapshot(m, ema, opt), step.read_stats(), step, opt
+
+    ref, st_ref, _, _ = run("foreach", precision="fp32")
+    one, st_one, step, opt = run("adamw", precision="fp32")
+    assert step._adamw_ema.fused
+    assert st_ref["nonfinite"] == st_one["nonfinite"] == 1
+    assert close_snapshots(ref, one)
+    assert all(int(st["step"]) == 4 for st in opt.state.values())   # 5 steps, one skipped
+    untrained = [p.detach().clone() for p in build(precision="fp32")[0].parameters()]
+    assert not close_snapshots(one[:len(untrained)], untrained)   # it did train
+
+    eager, st_e, s_e, _ = run("adamw", teacher_bf16=True)
+    graph, st_g, s_g, _ = run("adamw", mode="emulate", teacher_bf16=True)
+    reloaded, _, _, _ = run("adamw", teacher_bf16=True, reload=True)
+    assert s_g.graph_mode and st_e == st_g
+    assert same(eager, graph) and same(eager, reloaded)
+    for src, dst in zip(s_e.shadow.src, s_e.shadow.dst):
+        assert torch.equal(dst, src.detach().bfloat16())
+    assert not s_e.shadow.refresh_if_stale()
+    with pytest.raises(ValueError, match="fused=True"):
+        build(precision="fp16", ema_impl="adamw")
+    with pytest.raises(ValueError, match="not torch.optim.AdamW"):
+        build(opt="sgd", ema_impl="adamw")
+
+
 def test_full_teacher_gives_the_same_step():
     runs = []
     for full in (False, True):

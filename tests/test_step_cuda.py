@@ -163,8 +163,11 @@ def test_bf16_teacher_shadow_matches_plain_teacher(mode):
 
 
 @pytest.mark.parametrize("mode", [False, "strict"])
-def test_step_has_no_host_sync(mode):
-    m, ema, opt, step = build(mode=mode)
+@pytest.mark.parametrize("ema_impl", ["foreach", "adamw"])
+def test_step_has_no_host_sync(mode, ema_impl):
+    if ema_impl == "adamw":
+        _need_extension()
+    m, ema, opt, step = build(mode=mode, ema_impl=ema_impl)
     data = batches(3)
     step(*data[0], 0.5)                 # first call: lazy init / capture may sync
     w = torch.tensor(0.5, device=DEV)   # (creating it copies from the host: outside)
@@ -176,6 +179,59 @@ def test_step_has_no_host_sync(mode):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert step.read_stats()["steps"] == 3
+
+
+def _need_extension():
+    from sra_fast import ext
+    if ext.load(jit=True) is None:
+        pytest.fail(f"the C++/CUDA extension did not build: {ext.unavailable_reason()}")
+
+
+@pytest.mark.parametrize("mode", [False, "strict"])
+def test_adamw_ema_one_pass_matches_the_default_step(mode):
+    """ema_impl="adamw": the CUDA one-pass kernel, eager and captured (gradients allocated
+    by the captured backward, committed after capture), through a non-finite step, against
+    fused AdamW + EMA lerp: the same updates to bf16 run-to-run noise, the same skip, the
+    shadow = bf16(EMA)."""
+    _need_extension()
+    data = batches(4, bad=1)
+    out = []
+    for impl in ("foreach", "adamw"):
+        m, ema, opt, step = build(mode=mode, teacher_bf16=True, ema_impl=impl)
+        p0 = params(m, ema)
+        run(step, data)
+        out.append((params(m, ema), step.read_stats(), step, opt))
+    (pa, sa, _, oa), (pb, sb, sf, ob) = out
+    assert sf._adamw_ema.fused
+    assert sa["nonfinite"] == sb["nonfinite"] == 1 and sa["steps"] == sb["steps"] == 4
+    assert sb["loss"] == pytest.approx(sa["loss"], rel=2e-2)
+    assert rel_update_diff(p0, pa, pb) < 5e-2
+    assert [float(s["step"]) for s in oa.state.values()] == \
+        [float(s["step"]) for s in ob.state.values()]
+    for src, dst in zip(sf.shadow.src, sf.shadow.dst):
+        assert torch.equal(dst, src.detach().bfloat16())
+
+
+def test_adamw_ema_one_pass_first_update_is_tight_in_fp32():
+    """One fp32 step: the one-pass kernel against torch's fused AdamW + lerp (the kernel
+    itself is compared with identical gradients in tests/test_fused_adamw_ema.py; here the
+    backward's atomic reductions may differ run to run, which Adam's first step amplifies
+    where a gradient is ~eps)."""
+    _need_extension()
+    data = batches(1)
+    out = []
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with ops.use_backend("ref"), A.use_attention_backend("math"):
+            for impl in ("foreach", "adamw"):
+                m, ema, opt, step = build(precision="fp32", ema_impl=impl)
+                p0 = params(m, ema)
+                run(step, data)
+                out.append(params(m, ema))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    assert rel_update_diff(p0, out[0], out[1]) < 1e-2
 
 
 def test_graph_refuses_fp16_on_cuda():

@@ -262,3 +262,23 @@ def test_mfu_is_logged_when_flops_and_peak_are_known(tmp_path):
     if tr._flops is None:
         pytest.skip("sra_fast.flops is not available")
     assert 0 < recs[-1]["mfu"] < 1
+
+
+def test_one_pass_adamw_ema_from_the_command_line(tmp_path):
+    """--ema-impl adamw reaches the step; a short digits run matches the default update to
+    fp32 rounding (the extension's AdamW arithmetic is torch's CUDA kernel's)."""
+    from sra_fast import ext
+    assert parse_config(["--ema-impl", "adamw"]).ema_impl == "adamw"
+    with pytest.raises(SystemExit):
+        parse_config(["--ema-impl", "sgd"])
+    if ext.load(jit=True) is None:
+        pytest.skip(f"extension unavailable: {ext.unavailable_reason()}")
+    out = []
+    for impl in ("foreach", "adamw"):
+        tr = Trainer(digits_cfg(tmp_path / impl, ema_impl=impl, max_steps=3), quiet=True,
+                     dataset=SmallDigits(48))
+        tr.train()
+        assert tr.train_step.ema_impl == impl
+        out.append([p.detach().clone() for p in list(tr.model.parameters())
+                    + list(tr.ema.parameters())])
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(*out))
