@@ -171,6 +171,15 @@ def _unsupported(ema, model, shadow, mod) -> str | None:
     return None
 
 
+def _extension_for(ema, model, shadow):
+    """(extension module, None) when it can run on these tensors, else (None, why not)."""
+    mod = load()
+    if mod is None:
+        return None, unavailable_reason()
+    why = _unsupported(ema, model, shadow, mod)
+    return (None, why) if why else (mod, None)
+
+
 class FusedEMA:
     """One-launch EMA update of `ema_params` toward `model_params` (and bf16 `shadow_params`,
     a list aligned with ema_params, None where a tensor has no shadow).
@@ -202,13 +211,9 @@ class FusedEMA:
                                  f"{tuple(e.shape)}")
         self.device = self.ema[0].device if self.ema else torch.device("cpu")
         self._plan = None
-        mod = load()
-        if mod is None:
-            self.fallback_reason = unavailable_reason()
-        else:
-            self.fallback_reason = _unsupported(self.ema, self.model, self.shadow, mod)
-            if self.fallback_reason is None:
-                self._plan = mod.FusedEMAPlan(self.ema, self.model, self.shadow)
+        mod, self.fallback_reason = _extension_for(self.ema, self.model, self.shadow)
+        if mod is not None:
+            self._plan = mod.FusedEMAPlan(self.ema, self.model, self.shadow)
         if self._plan is None:
             _say_once(f"FusedEMA: using the PyTorch reference ({self.fallback_reason})")
 
@@ -315,11 +320,7 @@ class FusedAdamWEMA:
         self.hyper = dict(beta1=float(group["betas"][0]), beta2=float(group["betas"][1]),
                           eps=float(group["eps"]), weight_decay=float(group["weight_decay"]))
         self._plan, self._plan_state = None, None
-        mod = load()
-        if mod is None:
-            self.fallback_reason = unavailable_reason()
-        else:
-            self.fallback_reason = _unsupported(self.ema, self.model, self.shadow, mod)
+        _, self.fallback_reason = _extension_for(self.ema, self.model, self.shadow)
         if self.fallback_reason is None:
             self._build_plan()
         else:

@@ -3,6 +3,7 @@ benchmarks/gpu_check.sh): the CUDA-graph step against the eager step for the sam
 with gradient accumulation, non-finite skip, re-capture, lr changes and the bf16 teacher
 shadow; no host sync in either step; every attention backend that runs agrees with fp32 math
 (head_dim 64 and DiT-XL's 72)."""
+import contextlib
 import copy
 
 import pytest
@@ -57,6 +58,18 @@ def rel_update_diff(p0, pa, pb):
     return float(num / den)
 
 
+@contextlib.contextmanager
+def exact_fp32():
+    """No TF32, reference ops and math attention: fp32 steps comparable to rounding."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with ops.use_backend("ref"), A.use_attention_backend("math"):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
 def run(steps, data, weight=0.5):
     for x, y in data:
         steps(x, y, weight)
@@ -85,17 +98,12 @@ def test_graph_step_matches_eager(cls, accum, gen):
 def test_graph_step_first_update_is_tight_in_fp32():
     data = batches(1)
     out = []
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        with ops.use_backend("ref"), A.use_attention_backend("math"):
-            for mode in (False, "strict"):
-                m, ema, opt, step = build(precision="fp32", mode=mode, grad_accum=2)
-                p0 = params(m, ema)
-                run(step, data)
-                out.append((params(m, ema), step.read_stats()))
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    with exact_fp32():
+        for mode in (False, "strict"):
+            m, ema, opt, step = build(precision="fp32", mode=mode, grad_accum=2)
+            p0 = params(m, ema)
+            run(step, data)
+            out.append((params(m, ema), step.read_stats()))
     (pe, se), (pg, sg) = out
     for k in ("loss", "denoise_loss", "align_loss"):
         assert sg[k] == pytest.approx(se[k], rel=1e-5), k
@@ -220,17 +228,12 @@ def test_adamw_ema_one_pass_first_update_is_tight_in_fp32():
     _need_extension()
     data = batches(1)
     out = []
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        with ops.use_backend("ref"), A.use_attention_backend("math"):
-            for impl in ("foreach", "adamw"):
-                m, ema, opt, step = build(precision="fp32", ema_impl=impl)
-                p0 = params(m, ema)
-                run(step, data)
-                out.append(params(m, ema))
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    with exact_fp32():
+        for impl in ("foreach", "adamw"):
+            m, ema, opt, step = build(precision="fp32", ema_impl=impl)
+            p0 = params(m, ema)
+            run(step, data)
+            out.append(params(m, ema))
     assert rel_update_diff(p0, out[0], out[1]) < 1e-2
 
 
