@@ -8,7 +8,8 @@
 #   3. runs benchmarks/bench_step.py (training-step img/s, MFU, peak memory) with a budget,
 #   4. runs benchmarks/bench_ops.py (fused ops vs eager/compile, CUDA-graph timing, and the
 #      row kernels at several launch shapes: --row-configs) with a budget, then its `infer`
-#      mode for the MLP (the teacher's no-grad path: cuBLASLt bias+GELU epilogue),
+#      mode for the MLP (the teacher's no-grad path: cuBLASLt bias+GELU epilogue), then
+#      benchmarks/bench_update.py (AdamW + EMA: torch + EMA pass vs the one-pass extension),
 #   5. runs the step and extension CUDA tests (tests/test_step_cuda.py: CUDA-graph step vs
 #      eager, attention backends; tests/test_fused_ema.py: the C++/CUDA extension, JIT-built
 #      in the background meanwhile),
@@ -17,8 +18,8 @@
 # passed there), each under `timeout` so one hang cannot eat the others' time, and writes the
 # full log (gpu_check.log), pytest's junit XML and both benchmark CSVs (rows appended as they
 # are measured) into OUT_DIR. A short summary is printed last. Part budgets (seconds) can be
-# overridden: T_TESTS, T_STEP, T_OPS, T_INFER, T_TESTS_STEP, T_COMPILE (defaults 70 + 230 +
-# 90 + 20 + 60 + 40 s: ~8.5 minutes with start-up).
+# overridden: T_TESTS, T_STEP, T_OPS, T_INFER, T_UPDATE, T_TESTS_STEP, T_COMPILE (defaults
+# 70 + 230 + 80 + 20 + 15 + 60 + 40 s: ~8.7 minutes with start-up).
 # GPU_CHECK_WORK=DIR keeps the parts' outputs out of OUT_DIR (then OUT_DIR holds gpu_check.log,
 # three junit XMLs and two CSVs). GPU_CHECK_DRY=1 runs both benchmarks in their --quick CPU
 # mode (to try the script here).
@@ -40,8 +41,9 @@ export PYTHONUNBUFFERED=1
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 T_TESTS="${T_TESTS:-70}"
 T_STEP="${T_STEP:-230}"
-T_OPS="${T_OPS:-90}"
+T_OPS="${T_OPS:-80}"
 T_INFER="${T_INFER:-20}"
+T_UPDATE="${T_UPDATE:-15}"
 T_TESTS_STEP="${T_TESTS_STEP:-60}"
 T_COMPILE="${T_COMPILE:-40}"
 
@@ -151,6 +153,10 @@ if [ -f benchmarks/bench_ops.py ]; then
   if [ "${GPU_CHECK_DRY:-0}" = "1" ]; then INFER_ARGS+=(--quick); else INFER_ARGS+=(--model XL/2); fi
   part bench_infer "$T_INFER" "$PY" benchmarks/bench_ops.py "${INFER_ARGS[@]}"
 fi
+# the parameter update alone (SiT-XL/2's 675M parameters; extension built in the background)
+UPDATE_ARGS=(--csv "$OUT_DIR/bench_ops.csv")
+if [ "${GPU_CHECK_DRY:-0}" = "1" ]; then UPDATE_ARGS+=(--quick); else UPDATE_ARGS+=(--model SiT-XL/2); fi
+part bench_update "$T_UPDATE" "$PY" benchmarks/bench_update.py "${UPDATE_ARGS[@]}"
 
 if [ $HAVE_PYTEST = 1 ]; then
   part tests_step "$T_TESTS_STEP" "$PY" -m pytest -q -m cuda tests/test_step_cuda.py \
@@ -188,6 +194,10 @@ for part_out in "$WORK"/bench_ops.out "$WORK"/bench_infer.out; do
   awk '/\| torch / && !/^#/ {buf=""; keep=1} keep {buf=buf $0 "\n"} END {printf "%s", buf}' \
       "$part_out"
 done
+if [ -s "$WORK/bench_update.out" ]; then   # its table: from the line naming the update on
+  awk '/\| update of / {buf=""; keep=1} keep {buf=buf $0 "\n"} END {printf "%s", buf}' \
+      "$WORK/bench_update.out"
+fi
 if [ -f "$OUT_DIR/bench_step.csv" ]; then
   "$PY" benchmarks/bench_step.py --summarize "$OUT_DIR/bench_step.csv"
 fi
