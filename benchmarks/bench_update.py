@@ -40,10 +40,10 @@ def make_state(model_name, device, quick):
     with torch.device("meta"):
         m = (SiT(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=2,
                  num_classes=10) if quick else build_model(model_name, input_size=32))
-    g = torch.Generator(device="cpu").manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)   # drawn on the device: 675M values
     params, ema, shadows = [], [], []
     for name, p in m.named_parameters():
-        t = torch.nn.Parameter(torch.randn(p.shape, generator=g).to(device) * 0.02,
+        t = torch.nn.Parameter(torch.randn(p.shape, generator=g, device=device) * 0.02,
                                requires_grad=p.requires_grad)
         params.append(t)
         ema.append(t.detach().clone())
@@ -51,7 +51,7 @@ def make_state(model_name, device, quick):
                        if p.dim() == 2 else None)
     for t in params:
         if t.requires_grad:
-            t.grad = torch.randn(t.shape, generator=g).to(device) * 1e-3
+            t.grad = torch.randn(t.shape, generator=g, device=device) * 1e-3
     opt = torch.optim.AdamW([t for t in params if t.requires_grad], lr=1e-4, fused=True,
                             capturable=device.type == "cuda")
     return params, ema, shadows, opt

@@ -19,7 +19,7 @@
 # full log (gpu_check.log), pytest's junit XML and both benchmark CSVs (rows appended as they
 # are measured) into OUT_DIR. A short summary is printed last. Part budgets (seconds) can be
 # overridden: T_TESTS, T_STEP, T_OPS, T_INFER, T_UPDATE, T_TESTS_STEP, T_COMPILE (defaults
-# 70 + 230 + 80 + 20 + 15 + 60 + 40 s: ~8.7 minutes with start-up).
+# 70 + 230 + 80 + 20 + 20 + 60 + 35 s: ~8.7 minutes with start-up).
 # GPU_CHECK_WORK=DIR keeps the parts' outputs out of OUT_DIR (then OUT_DIR holds gpu_check.log,
 # three junit XMLs and two CSVs). GPU_CHECK_DRY=1 runs both benchmarks in their --quick CPU
 # mode (to try the script here).
@@ -43,9 +43,9 @@ T_TESTS="${T_TESTS:-70}"
 T_STEP="${T_STEP:-230}"
 T_OPS="${T_OPS:-80}"
 T_INFER="${T_INFER:-20}"
-T_UPDATE="${T_UPDATE:-15}"
+T_UPDATE="${T_UPDATE:-20}"
 T_TESTS_STEP="${T_TESTS_STEP:-60}"
-T_COMPILE="${T_COMPILE:-40}"
+T_COMPILE="${T_COMPILE:-35}"
 
 exec > >(tee -a "$LOG") 2>&1
 START=$(date +%s)
