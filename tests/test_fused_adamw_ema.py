@@ -30,10 +30,19 @@ def ext_mod():
     return mod
 
 
-def make_state(device, wd, seed=0):
-    """(params, emas, shadows, optimizer): the last tensor is frozen (not in the optimizer)."""
+def make_state(device, wd, seed=0, offset=0):
+    """(params, emas, shadows, optimizer): the last tensor is frozen (not in the optimizer).
+    offset > 0: parameters are views `offset` elements into a buffer (not 16-byte aligned:
+    the CUDA kernel's scalar path instead of its 4-wide one)."""
     g = torch.Generator().manual_seed(seed)
-    ps = [torch.nn.Parameter(torch.randn(*s, generator=g).to(device)) for s in SHAPES]
+
+    def param(shape):
+        t = torch.randn(*shape, generator=g)
+        buf = torch.empty(t.numel() + offset, device=device)
+        view = buf[offset:].view(shape)
+        view.copy_(t)
+        return torch.nn.Parameter(view)
+    ps = [param(s) for s in SHAPES]
     ps[-1].requires_grad_(False)
     emas = [(p.detach().cpu() + 0.01 * torch.randn(p.shape, generator=g)).to(device)
             for p in ps]
@@ -57,9 +66,9 @@ def state_lists(ps, opt):
     return out
 
 
-def run_steps(device, wd, steps=5, skip_at=2):
+def run_steps(device, wd, steps=5, skip_at=2, offset=0):
     """Fused vs reference over `steps` steps; returns both states."""
-    A, B = make_state(device, wd), make_state(device, wd)
+    A, B = make_state(device, wd, offset=offset), make_state(device, wd)
     fused = ext.FusedAdamWEMA(A[3], A[0], A[1], A[2])
     for k in range(steps):
         g = torch.Generator().manual_seed(100 + k)
@@ -167,12 +176,14 @@ def test_refuses_what_it_cannot_run(ext_mod):
 # ----------------------------------------------------------------------------- CUDA
 @pytest.mark.cuda
 @pytest.mark.parametrize("wd", [0.0, 0.1])
-def test_cuda_matches_torch_fused_adamw(ext_mod, wd):
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])
+def test_cuda_matches_torch_fused_adamw(ext_mod, wd, offset):
     """The kernel uses torch's CUDA fused-AdamW arithmetic: the same values to the last ulp
-    is expected; allowed: 1 ulp-level relative difference (different fma contraction)."""
+    is expected; allowed: ulp-level relative differences (fma contraction may differ). Both
+    the 4-wide (aligned) and the scalar (unaligned) paths, sizes with tails."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    A, B, fused = run_steps("cuda", wd)
+    A, B, fused = run_steps("cuda", wd, offset=offset)
     assert fused.fused, fused
     compare(A, B, exact_adamw=False)
 
