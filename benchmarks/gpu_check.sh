@@ -11,15 +11,15 @@
 #      mode for the MLP (the teacher's no-grad path: cuBLASLt bias+GELU epilogue), then
 #      benchmarks/bench_update.py (AdamW + EMA: torch + EMA pass vs the one-pass extension),
 #   5. runs the step and extension CUDA tests (tests/test_step_cuda.py: CUDA-graph step vs
-#      eager, attention backends; tests/test_fused_ema.py: the C++/CUDA extension, JIT-built
-#      in the background meanwhile),
+#      eager, attention backends; tests/test_fused_ema.py, tests/test_fused_adamw_ema.py: the
+#      C++/CUDA extension, JIT-built in the background meanwhile),
 #   6. runs the kernels' torch.compile CUDA tests (no graph break around our custom ops),
 # in that order (most needed first: kernels changed since the last GPU run; the step tests
 # passed there), each under `timeout` so one hang cannot eat the others' time, and writes the
 # full log (gpu_check.log), pytest's junit XML and both benchmark CSVs (rows appended as they
 # are measured) into OUT_DIR. A short summary is printed last. Part budgets (seconds) can be
 # overridden: T_TESTS, T_STEP, T_OPS, T_INFER, T_UPDATE, T_TESTS_STEP, T_COMPILE (defaults
-# 70 + 230 + 80 + 20 + 20 + 60 + 35 s: ~8.7 minutes with start-up).
+# 70 + 215 + 80 + 20 + 20 + 75 + 35 s: ~8.7 minutes with start-up).
 # GPU_CHECK_WORK=DIR keeps the parts' outputs out of OUT_DIR (then OUT_DIR holds gpu_check.log,
 # three junit XMLs and two CSVs). GPU_CHECK_DRY=1 runs both benchmarks in their --quick CPU
 # mode (to try the script here).
@@ -40,11 +40,11 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 T_TESTS="${T_TESTS:-70}"
-T_STEP="${T_STEP:-230}"
+T_STEP="${T_STEP:-215}"
 T_OPS="${T_OPS:-80}"
 T_INFER="${T_INFER:-20}"
 T_UPDATE="${T_UPDATE:-20}"
-T_TESTS_STEP="${T_TESTS_STEP:-60}"
+T_TESTS_STEP="${T_TESTS_STEP:-75}"
 T_COMPILE="${T_COMPILE:-35}"
 
 exec > >(tee -a "$LOG") 2>&1
@@ -108,7 +108,8 @@ if [ $HAVE_PYTEST = 1 ]; then
   # still building in the background)
   # (their torch.compile instances, ~5-15 s each, run last: tests_compile)
   part tests_kernels "$T_TESTS" "$PY" -m pytest -q -m cuda tests/ -k "not compile" \
-       --ignore=tests/test_step_cuda.py --ignore=tests/test_fused_ema.py -p no:cacheprovider \
+       --ignore=tests/test_step_cuda.py --ignore=tests/test_fused_ema.py \
+       --ignore=tests/test_fused_adamw_ema.py -p no:cacheprovider \
        -rfEs --continue-on-collection-errors --junitxml="$OUT_DIR/pytest_cuda_kernels.xml"
 else
   echo "pytest is not installed: CUDA tests skipped"; SUMMARY+=("tests      NOT RUN (no pytest)")
@@ -160,10 +161,12 @@ part bench_update "$T_UPDATE" "$PY" benchmarks/bench_update.py "${UPDATE_ARGS[@]
 
 if [ $HAVE_PYTEST = 1 ]; then
   part tests_step "$T_TESTS_STEP" "$PY" -m pytest -q -m cuda tests/test_step_cuda.py \
-       tests/test_fused_ema.py -p no:cacheprovider -rfEs --continue-on-collection-errors \
+       tests/test_fused_ema.py tests/test_fused_adamw_ema.py -p no:cacheprovider -rfEs \
+       --continue-on-collection-errors \
        --junitxml="$OUT_DIR/pytest_cuda_step.xml"
   part tests_compile "$T_COMPILE" "$PY" -m pytest -q -m cuda tests/ -k "compile" \
-       --ignore=tests/test_step_cuda.py --ignore=tests/test_fused_ema.py -p no:cacheprovider \
+       --ignore=tests/test_step_cuda.py --ignore=tests/test_fused_ema.py \
+       --ignore=tests/test_fused_adamw_ema.py -p no:cacheprovider \
        -rfEs --continue-on-collection-errors --junitxml="$OUT_DIR/pytest_cuda_compile.xml"
 fi
 
