@@ -32,12 +32,19 @@ def _assert_bitwise(a, b):
             assert torch.equal(v, b["opt"][i][k]), f"opt state {i}.{k} differs"
 
 
-def test_resume_is_bitwise(tmp_path):
+@pytest.mark.parametrize("ema_impl", ["foreach", "adamw"])
+def test_resume_is_bitwise(tmp_path, ema_impl):
     # 40 latents, batch 8: 5 steps per epoch, so the resumed half starts mid-epoch and
     # crosses an epoch boundary; warm-up makes the learning rate step-dependent; grad
-    # accumulation and label dropout (cfg_prob 0.1) are on; latents are posterior samples
+    # accumulation and label dropout (cfg_prob 0.1) are on; latents are posterior samples.
+    # ema_impl="adamw": the one-pass update (its plan is built over the resumed state)
+    if ema_impl == "adamw":
+        from sra_fast import ext
+        if ext.load(jit=True) is None:
+            pytest.skip(f"extension unavailable: {ext.unavailable_reason()}")
     data = make_released_latents(tmp_path / "d", n=40)
-    kw = dict(lr=1e-3, lr_warmup_steps=4, grad_accum=2, ckpt_every=3, log_every=1)
+    kw = dict(lr=1e-3, lr_warmup_steps=4, grad_accum=2, ckpt_every=3, log_every=1,
+              ema_impl=ema_impl)
     ref = _state(_run(tiny_latent_config(tmp_path / "a", data, max_steps=6, **kw)))
     _run(tiny_latent_config(tmp_path / "b", data, max_steps=3, **kw))
     resumed = _run(tiny_latent_config(tmp_path / "b", data, max_steps=6, resume="auto", **kw))
