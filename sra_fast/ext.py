@@ -273,7 +273,8 @@ def _adamw_ema_unsupported(opt) -> str | None:
     g = opt.param_groups[0]
     if g.get("amsgrad") or g.get("maximize"):
         return "amsgrad / maximize are not supported"
-    if type(opt) is torch.optim.Adam and g.get("weight_decay", 0) != 0:
+    if type(opt) is torch.optim.Adam and g.get("weight_decay", 0) != 0 \
+            and not g.get("decoupled_weight_decay", False):
         return "Adam's coupled weight decay is not supported (use AdamW)"
     if any(p.dtype != torch.float32 for p in g["params"]):
         return "parameters must be float32"
