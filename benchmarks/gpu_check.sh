@@ -15,7 +15,8 @@
 #      C++/CUDA extension, JIT-built in the background meanwhile),
 #   6. runs the kernels' torch.compile CUDA tests (no graph break around our custom ops),
 # in that order (most needed first: kernels changed since the last GPU run; the step tests
-# passed there), each under `timeout` so one hang cannot eat the others' time, and writes the
+# passed there), each under `timeout` (SIGINT, so pytest still reports what ran; then SIGKILL)
+# so one hang cannot eat the others' time, and writes the
 # full log (gpu_check.log), pytest's junit XML and both benchmark CSVs (rows appended as they
 # are measured) into OUT_DIR. A short summary is printed last. Part budgets (seconds) can be
 # overridden: T_TESTS, T_STEP, T_OPS, T_INFER, T_UPDATE, T_TESTS_STEP, T_COMPILE (defaults
@@ -58,7 +59,9 @@ part() {  # part NAME TIMEOUT_S CMD...: run under timeout, record rc and duratio
   echo "=================== $name (limit ${limit}s) ==================="
   echo "+ $*"
   t0=$(date +%s)
-  timeout -k 15 "$limit" "$@" 2>&1 | tee "$WORK/$name.out"
+  # SIGINT first: pytest then still writes its junit XML and summary for the tests that ran,
+  # and the benchmarks have written their CSV rows as measured; SIGKILL 15 s later
+  timeout -s INT -k 15 "$limit" "$@" 2>&1 | tee "$WORK/$name.out"
   rc=${PIPESTATUS[0]}
   local dt=$(( $(date +%s) - t0 ))
   local what="ok"
