@@ -110,9 +110,12 @@ if [ $HAVE_PYTEST = 1 ]; then
   # the Triton kernels' CUDA tests; the extension's and the step's come last (the extension is
   # still building in the background)
   # (their torch.compile instances, ~5-15 s each, run last: tests_compile)
-  part tests_kernels "$T_TESTS" "$PY" -m pytest -q -m cuda tests/ -k "not compile" \
-       --ignore=tests/test_step_cuda.py --ignore=tests/test_fused_ema.py \
-       --ignore=tests/test_fused_adamw_ema.py -p no:cacheprovider \
+  # every test file but the step/extension ones, the Triton-GEMM autotuning ones
+  # (test_linear_act.py) last so a cut-off part loses them first
+  KERNEL_TEST_FILES=$(ls tests/test_*.py | grep -v -e test_step_cuda -e test_fused_ema \
+                      -e test_fused_adamw_ema -e test_linear_act)
+  part tests_kernels "$T_TESTS" "$PY" -m pytest -q -m cuda $KERNEL_TEST_FILES \
+       tests/test_linear_act.py -k "not compile" -p no:cacheprovider \
        -rfEs --continue-on-collection-errors --junitxml="$OUT_DIR/pytest_cuda_kernels.xml"
 else
   echo "pytest is not installed: CUDA tests skipped"; SUMMARY+=("tests      NOT RUN (no pytest)")
