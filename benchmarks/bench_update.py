@@ -93,10 +93,9 @@ def update_bytes(provider, params, shadows):
     n_tr = sum(p.numel() for p in params if p.requires_grad)
     n_all = sum(p.numel() for p in params)
     n_sh = sum(s.numel() for s in shadows if s is not None)
-    adamw = 4 * (4 + 4) * n_tr        # reads p g m v, writes p m v and the unscaled g
-    if provider == "one-pass":
-        return 4 * 5 * n_tr + 4 * 2 * (n_all - n_tr) + 4 * 4 * n_tr + 4 * (n_all - n_tr) \
-            + 2 * n_sh
+    if provider == "one-pass":   # trained: reads p g m v ema, writes p m v ema; frozen: lerp
+        return 36 * n_tr + 12 * (n_all - n_tr) + 2 * n_sh
+    adamw = 32 * n_tr                 # reads p g m v, writes p m v and the unscaled g
     # the EMA pass: 12 per tensor element, and the shadow written by it (2) or by a copy that
     # re-reads the EMA (6)
     return adamw + 12 * n_all + (6 if provider == "adamw+lerp" else 2) * n_sh

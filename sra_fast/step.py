@@ -158,29 +158,23 @@ class TrainStep:
         self.ema_impl = ema_impl
         self._fused_ema = None
         self._adamw_ema = None
-        if ema_impl == "adamw":
-            if self.scaler is not None or not self._opt_fused:
-                raise ValueError("ema_impl='adamw' runs torch's fused AdamW arithmetic: it "
-                                 "needs an AdamW with fused=True and bf16 or fp32 precision "
-                                 "(no GradScaler)")
-            from .ext import FusedAdamWEMA
+        if ema_impl == "adamw" and (self.scaler is not None or not self._opt_fused):
+            raise ValueError("ema_impl='adamw' runs torch's fused AdamW arithmetic: it needs "
+                             "an AdamW with fused=True and bf16 or fp32 precision (no "
+                             "GradScaler)")
+        if ema_impl in ("fused", "adamw"):
+            from .ext import FusedAdamWEMA, FusedEMA
             e_params = list(ema.parameters())
-            shadow = None
+            shadow = None   # aligned with e_params: the bf16 copy of each, where there is one
             if self.shadow is not None:
                 dst = {id(p): q for p, q in zip(self.shadow.src, self.shadow.dst)}
                 shadow = [dst.get(id(p)) for p in e_params]
-            self._adamw_ema = FusedAdamWEMA(optimizer, list(model.parameters()), e_params,
-                                            shadow)
-            self._ema_w = torch.full((), 1.0 - ema_decay, device=self.device)
-            self._lr32 = torch.zeros((), dtype=torch.float32, device=self.device)
-        if ema_impl == "fused":
-            from .ext import FusedEMA
-            e_params = list(ema.parameters())
-            shadow = None
-            if self.shadow is not None:
-                dst = {id(p): q for p, q in zip(self.shadow.src, self.shadow.dst)}
-                shadow = [dst.get(id(p)) for p in e_params]
-            self._fused_ema = FusedEMA(e_params, list(model.parameters()), shadow)
+            if ema_impl == "adamw":
+                self._adamw_ema = FusedAdamWEMA(optimizer, list(model.parameters()), e_params,
+                                                shadow)
+                self._lr32 = torch.zeros((), dtype=torch.float32, device=self.device)
+            else:
+                self._fused_ema = FusedEMA(e_params, list(model.parameters()), shadow)
             self._ema_w = torch.full((), 1.0 - ema_decay, device=self.device)
 
         # CUDA graph
