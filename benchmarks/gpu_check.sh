@@ -21,6 +21,7 @@
 # are measured) into OUT_DIR. A short summary is printed last. Part budgets (seconds) can be
 # overridden: T_TESTS, T_STEP, T_OPS, T_INFER, T_UPDATE, T_TESTS_STEP, T_COMPILE (defaults
 # 70 + 215 + 80 + 20 + 20 + 75 + 35 s: ~8.7 minutes with start-up).
+# GPU_CHECK_BUDGET_S fits the whole run into that many seconds (see below).
 # GPU_CHECK_WORK=DIR keeps the parts' outputs out of OUT_DIR (then OUT_DIR holds gpu_check.log,
 # three junit XMLs and two CSVs). GPU_CHECK_DRY=1 runs both benchmarks in their --quick CPU
 # mode (to try the script here).
@@ -48,13 +49,59 @@ T_UPDATE="${T_UPDATE:-20}"
 T_TESTS_STEP="${T_TESTS_STEP:-75}"
 T_COMPILE="${T_COMPILE:-35}"
 
+# GPU_CHECK_BUDGET_S: the seconds this whole script may take (the device time left once the
+# machine is up, less a margin). Unset: the part budgets above, ~8.7 minutes. Set and short:
+# each part gets its floor in order of need (step figures, kernel tests, step tests, ops,
+# update, infer, compile tests; a part whose floor no longer fits is skipped), the rest of the
+# time tops parts up towards their budgets in that same order; the run order is unchanged,
+# and a part never runs past the deadline (a part that overran shrinks the later ones).
+BUDGET_S="${GPU_CHECK_BUDGET_S:-0}"
+FIXED_S=35   # environment report + summary + slack
+PRIORITY=(STEP TESTS TESTS_STEP OPS UPDATE INFER COMPILE)
+declare -A FLOOR=([STEP]=150 [TESTS]=45 [TESTS_STEP]=45 [OPS]=45 [UPDATE]=15 [INFER]=15 [COMPILE]=25)
+if [ "$BUDGET_S" -gt 0 ]; then
+  declare -A WANT=([STEP]=$T_STEP [TESTS]=$T_TESTS [TESTS_STEP]=$T_TESTS_STEP [OPS]=$T_OPS
+                   [UPDATE]=$T_UPDATE [INFER]=$T_INFER [COMPILE]=$T_COMPILE)
+  declare -A GIVE=()
+  left=$(( BUDGET_S - FIXED_S ))
+  for k in "${PRIORITY[@]}"; do
+    f=${FLOOR[$k]}; [ "${WANT[$k]}" -lt "$f" ] && f=${WANT[$k]}
+    if [ "$left" -ge "$f" ]; then GIVE[$k]=$f; left=$(( left - f )); else GIVE[$k]=0; fi
+  done
+  for k in "${PRIORITY[@]}"; do
+    [ "${GIVE[$k]}" -gt 0 ] || continue
+    more=$(( WANT[$k] - GIVE[$k] )); [ "$more" -gt "$left" ] && more=$left
+    GIVE[$k]=$(( GIVE[$k] + more )); left=$(( left - more ))
+  done
+  T_STEP=${GIVE[STEP]}; T_TESTS=${GIVE[TESTS]}; T_TESTS_STEP=${GIVE[TESTS_STEP]}
+  T_OPS=${GIVE[OPS]}; T_UPDATE=${GIVE[UPDATE]}; T_INFER=${GIVE[INFER]}; T_COMPILE=${GIVE[COMPILE]}
+fi
+
 exec > >(tee -a "$LOG") 2>&1
 START=$(date +%s)
 declare -a SUMMARY=()
+[ "$BUDGET_S" -gt 0 ] && echo "budget ${BUDGET_S}s: tests_kernels ${T_TESTS}, bench_step ${T_STEP}," \
+  "bench_ops ${T_OPS}, bench_infer ${T_INFER}, bench_update ${T_UPDATE}," \
+  "tests_step ${T_TESTS_STEP}, tests_compile ${T_COMPILE} (0: skipped)"
+
+upto_deadline() {  # upto_deadline T: T, or less when the budget's deadline is nearer
+  local t="$1"
+  if [ "$BUDGET_S" -gt 0 ]; then
+    local until_deadline=$(( START + BUDGET_S - 20 - $(date +%s) ))
+    [ "$t" -gt "$until_deadline" ] && t=$until_deadline
+  fi
+  echo "$t"
+}
 
 part() {  # part NAME TIMEOUT_S CMD...: run under timeout, record rc and duration
   local name="$1" limit="$2"; shift 2
   local t0 rc
+  limit=$(upto_deadline "$limit")   # never past the deadline (summary time kept)
+  if [ "$limit" -lt 10 ]; then
+    echo; echo "=================== $name: SKIPPED (budget) ==================="
+    SUMMARY+=("$(printf '%-13s %-16s %4ss' "$name" "SKIPPED (budget)" 0)")
+    return 0
+  fi
   echo
   echo "=================== $name (limit ${limit}s) ==================="
   echo "+ $*"
@@ -68,7 +115,7 @@ part() {  # part NAME TIMEOUT_S CMD...: run under timeout, record rc and duratio
   [ $rc -eq 124 ] || [ $rc -eq 137 ] && what="TIMED OUT"
   [ $rc -eq 5 ] && [[ " $* " == *" pytest "* ]] && what="NO TESTS"   # pytest: none selected
   [ $rc -ne 0 ] && [ "$what" = "ok" ] && what="FAILED (rc $rc)"
-  SUMMARY+=("$(printf '%-10s %-16s %4ss' "$name" "$what" "$dt")")
+  SUMMARY+=("$(printf '%-13s %-16s %4ss' "$name" "$what" "$dt")")
   return 0
 }
 
@@ -137,8 +184,9 @@ PLAN+=";DiT-XL/2@64=ours-graph,ours"
 PLAN+=";SiT-XL/2@32@512=ours-graph,eager-ref"
 PLAN+=";SiT-XL/2@64=compile"
 [ "${GPU_CHECK_DRY:-0}" = "1" ] && PLAN="tiny-SiT@8=eager-ref,ours,ours-graph;tiny-DiT@8=ours-graph"
-part bench_step "$T_STEP" "$PY" benchmarks/bench_step.py "${STEP_ARGS[@]}" --plan "$PLAN" \
-     --steps 12 --warmup 3 --budget-s $(( T_STEP - 25 )) --compile-reserve-s 100 \
+L=$(upto_deadline "$T_STEP")
+part bench_step "$L" "$PY" benchmarks/bench_step.py "${STEP_ARGS[@]}" --plan "$PLAN" \
+     --steps 12 --warmup 3 --budget-s $(( L - 25 )) --compile-reserve-s 100 \
      --csv "$OUT_DIR/bench_step.csv"
 
 # XL/2 shapes only: bench_ops compiles each op for its `compile` provider; its CSV rows are
@@ -151,12 +199,12 @@ OPS_ARGS=(--mode fwd+bwd --timing graph --csv "$OUT_DIR/bench_ops.csv"
 [ "${GPU_CHECK_DRY:-0}" = "1" ] && OPS_ARGS+=(--quick)
 if [ -f benchmarks/bench_ops.py ]; then
   if "$PY" benchmarks/bench_ops.py --help 2>/dev/null | grep -q -- "--budget-s"; then
-    OPS_ARGS+=(--budget-s $(( T_OPS - 15 )))
+    L=$(upto_deadline "$T_OPS"); OPS_ARGS+=(--budget-s $(( L - 15 )))
   fi
-  part bench_ops "$T_OPS" "$PY" benchmarks/bench_ops.py "${OPS_ARGS[@]}"
+  part bench_ops "$(upto_deadline "$T_OPS")" "$PY" benchmarks/bench_ops.py "${OPS_ARGS[@]}"
   # the teacher's MLP (no grad): ours = cuBLASLt bias+GELU epilogue, vs eager and compile
   INFER_ARGS=(--op mlp --mode infer --providers eager,compile,triton --timing graph
-              --csv "$OUT_DIR/bench_ops.csv" --budget-s $(( T_INFER - 8 )))
+              --csv "$OUT_DIR/bench_ops.csv" --budget-s $(( $(upto_deadline "$T_INFER") - 8 )))
   if [ "${GPU_CHECK_DRY:-0}" = "1" ]; then INFER_ARGS+=(--quick); else INFER_ARGS+=(--model XL/2); fi
   part bench_infer "$T_INFER" "$PY" benchmarks/bench_ops.py "${INFER_ARGS[@]}"
 fi
