@@ -21,7 +21,8 @@
 # are measured) into OUT_DIR. A short summary is printed last. Part budgets (seconds) can be
 # overridden: T_TESTS, T_STEP, T_OPS, T_INFER, T_UPDATE, T_TESTS_STEP, T_COMPILE (defaults
 # 70 + 215 + 80 + 20 + 20 + 75 + 35 s: ~8.7 minutes with start-up).
-# GPU_CHECK_BUDGET_S fits the whole run into that many seconds (see below).
+# GPU_CHECK_BUDGET_S fits the whole run into that many seconds, GPU_CHECK_DEADLINE (unix
+# seconds) into the time until then (see below).
 # GPU_CHECK_WORK=DIR keeps the parts' outputs out of OUT_DIR (then OUT_DIR holds gpu_check.log,
 # three junit XMLs and two CSVs). GPU_CHECK_DRY=1 runs both benchmarks in their --quick CPU
 # mode (to try the script here).
@@ -55,7 +56,17 @@ T_COMPILE="${T_COMPILE:-35}"
 # update, infer, compile tests; a part whose floor no longer fits is skipped), the rest of the
 # time tops parts up towards their budgets in that same order; the run order is unchanged,
 # and a part never runs past the deadline (a part that overran shrinks the later ones).
+# GPU_CHECK_DEADLINE (unix seconds, the caller's clock) sets it to the time until then: the
+# caller knows when its device time runs out (its clock at the call + the time left then), not
+# how much of it the machine's start will take.
 BUDGET_S="${GPU_CHECK_BUDGET_S:-0}"
+if [ "$BUDGET_S" -le 0 ] && [ -n "${GPU_CHECK_DEADLINE:-}" ]; then
+  BUDGET_S=$(( GPU_CHECK_DEADLINE - $(date +%s) ))
+  if [ "$BUDGET_S" -lt 60 ]; then
+    BUDGET_NOTE="GPU_CHECK_DEADLINE is ${BUDGET_S}s away (clock skew, or no time left): running
+the shortest check (60 s)"; BUDGET_S=60
+  fi
+fi
 FIXED_S=35   # environment report + summary + slack
 PRIORITY=(STEP TESTS TESTS_STEP OPS UPDATE INFER COMPILE)
 declare -A FLOOR=([STEP]=150 [TESTS]=45 [TESTS_STEP]=45 [OPS]=45 [UPDATE]=15 [INFER]=15 [COMPILE]=25)
@@ -77,9 +88,16 @@ if [ "$BUDGET_S" -gt 0 ]; then
   T_OPS=${GIVE[OPS]}; T_UPDATE=${GIVE[UPDATE]}; T_INFER=${GIVE[INFER]}; T_COMPILE=${GIVE[COMPILE]}
 fi
 
+if [ "${GPU_CHECK_PLAN_ONLY:-0}" = "1" ]; then   # print the part budgets and stop (tests)
+  echo "budget ${BUDGET_S} tests_kernels ${T_TESTS} bench_step ${T_STEP} bench_ops ${T_OPS}" \
+       "bench_infer ${T_INFER} bench_update ${T_UPDATE} tests_step ${T_TESTS_STEP}" \
+       "tests_compile ${T_COMPILE}"
+  exit 0
+fi
 exec > >(tee -a "$LOG") 2>&1
 START=$(date +%s)
 declare -a SUMMARY=()
+[ -n "${BUDGET_NOTE:-}" ] && echo "$BUDGET_NOTE"
 [ "$BUDGET_S" -gt 0 ] && echo "budget ${BUDGET_S}s: tests_kernels ${T_TESTS}, bench_step ${T_STEP}," \
   "bench_ops ${T_OPS}, bench_infer ${T_INFER}, bench_update ${T_UPDATE}," \
   "tests_step ${T_TESTS_STEP}, tests_compile ${T_COMPILE} (0: skipped)"

@@ -1,0 +1,62 @@
+"""benchmarks/gpu_check.sh's time plan: the part budgets it gives for a device-time budget.
+
+The lent GPU's device time is short and its start takes an unknown part of it, so the check
+must fit what is left: floors in order of need, top-ups in the same order, nothing past the
+deadline. These run the script's planning only (GPU_CHECK_PLAN_ONLY=1), no part.
+"""
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+DEFAULTS = {"tests_kernels": 70, "bench_step": 215, "bench_ops": 80, "bench_infer": 20,
+            "bench_update": 20, "tests_step": 75, "tests_compile": 35}
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+
+def plan(tmp_path, **env):
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_CHECK", "T_"))}
+    e.update({k: str(v) for k, v in env.items()}, GPU_CHECK_PLAN_ONLY="1")
+    out = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out")], env=e, check=True,
+                         capture_output=True, text=True, timeout=60).stdout.split()
+    vals = dict(zip(out[0::2], (int(v) for v in out[1::2])))
+    return vals.pop("budget"), vals
+
+
+def test_no_budget_keeps_the_default_part_budgets(tmp_path):
+    budget, parts = plan(tmp_path)
+    assert budget == 0 and parts == DEFAULTS
+
+
+def test_a_budget_above_the_full_check_changes_nothing(tmp_path):
+    assert plan(tmp_path, GPU_CHECK_BUDGET_S=2000)[1] == DEFAULTS
+
+
+def test_a_short_budget_gives_floors_by_need_then_tops_up(tmp_path):
+    # 240 s: 35 s fixed; step floor 150 + kernel tests 45 = 195; the step tests' floor (45)
+    # no longer fits, so every later part is skipped and the 10 s left go to the step
+    _, parts = plan(tmp_path, GPU_CHECK_BUDGET_S=240)
+    assert parts == {**{k: 0 for k in DEFAULTS}, "bench_step": 160, "tests_kernels": 45}
+    # 400 s: every floor fits (340), the 25 s left top up the step benchmark first
+    _, parts = plan(tmp_path, GPU_CHECK_BUDGET_S=400)
+    assert parts == {"tests_kernels": 45, "bench_step": 175, "bench_ops": 45, "bench_infer": 15,
+                     "bench_update": 15, "tests_step": 45, "tests_compile": 25}
+
+
+@pytest.mark.parametrize("budget", [120, 240, 333, 400, 480, 560, 600])
+def test_the_plan_never_exceeds_the_budget(tmp_path, budget):
+    _, parts = plan(tmp_path, GPU_CHECK_BUDGET_S=budget)
+    assert sum(parts.values()) <= budget - 35
+    assert all(0 <= parts[k] <= DEFAULTS[k] for k in DEFAULTS)
+
+
+def test_a_deadline_sets_the_budget_from_the_clock(tmp_path):
+    budget, _ = plan(tmp_path, GPU_CHECK_DEADLINE=int(time.time()) + 300)
+    assert 295 <= budget <= 300
+    budget, _ = plan(tmp_path, GPU_CHECK_DEADLINE=int(time.time()) - 50)   # already past
+    assert budget == 60
