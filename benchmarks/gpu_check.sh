@@ -164,8 +164,10 @@ print("flash_attn builds importable:", [c[0] for c in A._fa_candidates()] or "no
 EOF
 
 # JIT-build the C++/CUDA extension in the background while the kernel tests run, so that
-# tests/test_fused_ema.py and the fused-EMA bench provider find it built (same cache dir)
-( SRA_FAST_JIT_EXT=1 MAX_JOBS=8 timeout 300 "$PY" -c \
+# tests/test_fused_ema.py and the fused-EMA bench provider find it built (same cache dir);
+# SIGINT at the limit, so torch's build releases its lock file (SIGTERM would leave it, and
+# every later load would wait on it)
+( SRA_FAST_JIT_EXT=1 MAX_JOBS=8 timeout -s INT -k 15 300 "$PY" -c \
     "from sra_fast import ext; ext.load(jit=True); print('[ext] built:', ext.available(), ext.unavailable_reason())" \
     > "$WORK/ext_build.out" 2>&1 & )
 

@@ -287,7 +287,9 @@ class SRA_FAST_HIDDEN FusedAdamWEMAPlan {
     if (descs_.empty()) return;
     if (device_.is_cuda()) {
 #ifdef WITH_CUDA
-      if (now != grads_) {
+      // also when a capture left the table pending and commit() never ran (the capture
+      // failed): the eager gradients may sit at the capture-time addresses, the table not
+      if (now != grads_ || pending_) {
         grads_ = now;
         if (!adamw_ema_capturing(device_)) {
           upload_grads();
@@ -329,10 +331,11 @@ class SRA_FAST_HIDDEN FusedAdamWEMAPlan {
   bool pending() const { return pending_; }
 
  private:
-  static void scalar(const at::Tensor& t, const char* what) {
-    TORCH_CHECK(t.numel() == 1 && t.scalar_type() == at::kFloat,
-                "FusedAdamWEMAPlan.step: ", what, " must be a one-element float32 tensor, got ",
-                t.sizes(), " ", t.scalar_type());
+  // read in the kernel through its pointer: a CPU scalar for a CUDA plan would fault there
+  void scalar(const at::Tensor& t, const char* what) const {
+    TORCH_CHECK(t.numel() == 1 && t.scalar_type() == at::kFloat && t.device() == device_,
+                "FusedAdamWEMAPlan.step: ", what, " must be a one-element float32 tensor on ",
+                device_, ", got ", t.sizes(), " ", t.scalar_type(), " on ", t.device());
   }
 
 #ifdef WITH_CUDA

@@ -19,11 +19,46 @@
 #include <c10/util/BFloat16.h>
 #include <cuda_runtime.h>
 
+#if __has_include(<torch/headeronly/version.h>)
+#include <torch/headeronly/version.h>
+#else
+#include <torch/version.h>
+#endif
+
+// Which of torch's CUDA AdamW arithmetics to copy (fused_adamw_ema.h): fp32 since 2.11.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 11)
+#define SRA_FAST_ADAMW_F32 1
+#else
+#define SRA_FAST_ADAMW_F32 0
+#endif
+
 namespace sra_fast {
 
 namespace {
 
 constexpr int kThreads = 256;
+
+#if SRA_FAST_ADAMW_F32
+using OpMath = float;   // lr and grad_scale as torch's kernel reads them
+using StepScalars = AdamWStepScalarsF32;
+__device__ __forceinline__ StepScalars step_scalars(OpMath lr, const AdamWHyper& h, float step) {
+  return adamw_step_scalars_f32(lr, h, step);
+}
+__device__ __forceinline__ void adamw(float& p, float g, float& m, float& v, const AdamWHyper&,
+                                      const StepScalars& s) {
+  adamw_element_f32(p, g, m, v, s);
+}
+#else
+using OpMath = double;
+using StepScalars = AdamWStepScalars;
+__device__ __forceinline__ StepScalars step_scalars(OpMath lr, const AdamWHyper& h, float step) {
+  return adamw_step_scalars(lr, h, step);
+}
+__device__ __forceinline__ void adamw(float& p, float g, float& m, float& v, const AdamWHyper& h,
+                                      const StepScalars& s) {
+  adamw_element(p, g, m, v, h, s);
+}
+#endif
 
 __global__ void __launch_bounds__(kThreads)
 fused_adamw_ema_kernel(const AdamWEmaTensorDesc* __restrict__ descs,
@@ -36,9 +71,9 @@ fused_adamw_ema_kernel(const AdamWEmaTensorDesc* __restrict__ descs,
   const float w = *weight_ptr;
   const bool small = fabsf(w) < 0.5f;
   const float coeff = small ? w : w - 1.0f;
-  const double lr = static_cast<double>(*lr_ptr);
+  const OpMath lr = static_cast<OpMath>(*lr_ptr);
   const bool scaled = grad_scale_ptr != nullptr;
-  const double grad_scale = scaled ? static_cast<double>(*grad_scale_ptr) : 1.0;
+  const OpMath grad_scale = scaled ? static_cast<OpMath>(*grad_scale_ptr) : OpMath(1);
 
   for (int64_t c = blockIdx.x; c < n_chunks; c += gridDim.x) {
     const int64_t entry = chunks[c];
@@ -47,7 +82,7 @@ fused_adamw_ema_kernel(const AdamWEmaTensorDesc* __restrict__ descs,
     const int64_t start = (entry & 0xffffffffLL) * kAdamWChunk;
     const int64_t len = min(kAdamWChunk, d.numel - start);
     const bool train = d.m != nullptr;
-    const AdamWStepScalars s = adamw_step_scalars(lr, h, train ? *d.step : 1.0f);
+    const StepScalars s = step_scalars(lr, h, train ? *d.step : 1.0f);
     float* __restrict__ p = d.p + start;
     float* __restrict__ ema = d.ema + start;
     uint16_t* __restrict__ sh = d.shadow ? d.shadow + start : nullptr;
@@ -79,7 +114,7 @@ fused_adamw_ema_kernel(const AdamWEmaTensorDesc* __restrict__ descs,
           for (int k = 0; k < 4; ++k) {
             float gk = gs[k];
             if (scaled) gk = static_cast<float>(gk / grad_scale);
-            adamw_element(*ps[k], gk, *ms[k], *vs[k], h, s);
+            adamw(*ps[k], gk, *ms[k], *vs[k], h, s);
             *es[k] = lerp_like_torch(*es[k], *ps[k], coeff, small);
           }
           reinterpret_cast<float4*>(p)[i] = p4;
@@ -100,7 +135,7 @@ fused_adamw_ema_kernel(const AdamWEmaTensorDesc* __restrict__ descs,
         float gi = g[i];
         if (scaled) gi = static_cast<float>(gi / grad_scale);
         float pi = p[i], mi = m[i], vi = v[i];
-        adamw_element(pi, gi, mi, vi, h, s);
+        adamw(pi, gi, mi, vi, h, s);
         p[i] = pi;
         m[i] = mi;
         v[i] = vi;

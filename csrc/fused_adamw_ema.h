@@ -1,13 +1,18 @@
 // One pass over the parameters for the whole update: AdamW, then the EMA lerp toward the new
 // parameter, then the EMA's bf16 shadow. Shared by the CPU loops and the CUDA kernel.
 //
-// Per element of a trainable tensor (torch's fused AdamW arithmetic, fused_adam_utils.cuh:
-// hyperparameters in double, state in fp32, the same roundings):
-//   g  = grad / grad_scale                           (double divide; grad_scale optional)
-//   p -= lr * weight_decay * p                       (decoupled decay, double; if wd != 0)
-//   m  = beta1 * m + (1 - beta1) * g                 (double, rounded to fp32)
+// Per element of a trainable tensor, torch's own fused AdamW arithmetic for the device at
+// hand, the same expressions so the same roundings:
+//   g  = grad / grad_scale                           (grad_scale optional)
+//   p -= lr * weight_decay * p                       (decoupled decay; if wd != 0)
+//   m  = beta1 * m + (1 - beta1) * g
 //   v  = beta2 * v + (1 - beta2) * g * g
 //   p -= (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps)    bc = 1 - beta^step, step read per tensor
+// CPU (torch's CPU fused Adam, every version) and CUDA with torch < 2.11: hyperparameters in
+// double (adamw_element). CUDA with torch >= 2.11 (fused_adam_utils.cuh since pytorch#173224):
+// everything in fp32, the moments in fma form, bias corrections by powf (adamw_element_f32).
+// The two differ by ~1e-5 relative in v (1 - 0.999f is not 1 - 0.999), which cancels in the
+// update; a test against torch's fused AdamW sees it, so each device copies its own torch.
 // then for every tensor (frozen ones too, e.g. pos_embed, which has no optimizer state):
 //   ema = lerp(ema, p, w) (torch.lerp's two single-rounding forms), shadow = bf16(ema).
 // A found_inf != 0 skips everything (parameters, moments, EMA, shadow), as torch's fused AdamW
@@ -80,6 +85,35 @@ SRA_FAST_HD void adamw_element(float& p, float g, float& m, float& v, const Adam
   v = static_cast<float>(h.beta2 * v + (1 - h.beta2) * g * g);
   const float denom = static_cast<float>(static_cast<double>(sqrtf(v) / s.bc2_sqrt) + h.eps);
   p -= s.step_size * m / denom;
+}
+
+// torch >= 2.11's CUDA FusedAdamMathFunctor / adam_math (opmath_t = float): every
+// hyperparameter cast to float, lr read as float, g /= float(grad_scale) by the caller.
+struct AdamWStepScalarsF32 {
+  float lr, beta1, beta2, weight_decay, eps, bc1, bc2_sqrt;
+};
+
+SRA_FAST_HD AdamWStepScalarsF32 adamw_step_scalars_f32(float lr, const AdamWHyper& h,
+                                                       float step) {
+  AdamWStepScalarsF32 s;
+  s.lr = lr;
+  s.beta1 = static_cast<float>(h.beta1);
+  s.beta2 = static_cast<float>(h.beta2);
+  s.weight_decay = static_cast<float>(h.weight_decay);
+  s.eps = static_cast<float>(h.eps);
+  s.bc1 = 1 - powf(s.beta1, step);
+  s.bc2_sqrt = sqrtf(1 - powf(s.beta2, step));
+  return s;
+}
+
+SRA_FAST_HD void adamw_element_f32(float& param, float grad, float& exp_avg, float& exp_avg_sq,
+                                   const AdamWStepScalarsF32& s) {
+  if (s.weight_decay != 0) param -= s.lr * s.weight_decay * param;
+  exp_avg = fmaf(s.beta1, exp_avg, fmaf(-s.beta1, grad, grad));
+  exp_avg_sq = fmaf(s.beta2, exp_avg_sq, fmaf(-s.beta2, grad * grad, grad * grad));
+  const float step_size = s.lr / s.bc1;
+  const float denom = (sqrtf(exp_avg_sq) / s.bc2_sqrt) + s.eps;
+  param -= step_size * exp_avg / denom;
 }
 
 // torch.lerp(e, q, w) in fp32: the single-rounding form for |w| < 0.5, the other otherwise.

@@ -318,14 +318,20 @@ class FusedAdamWEMA:
                              "model_params")
         self.trained = [id(p) in in_opt for p in self.model]
         self.device = self.model[0].device if self.model else torch.device("cpu")
-        self.hyper = dict(beta1=float(group["betas"][0]), beta2=float(group["betas"][1]),
-                          eps=float(group["eps"]), weight_decay=float(group["weight_decay"]))
+        self.hyper = self._group_hyper()
         self._plan, self._plan_state = None, None
         _, self.fallback_reason = _extension_for(self.ema, self.model, self.shadow)
         if self.fallback_reason is None:
             self._build_plan()
         else:
             _say_once(f"FusedAdamWEMA: using the PyTorch reference ({self.fallback_reason})")
+
+    def _group_hyper(self) -> dict:
+        """betas, eps and weight decay as the parameter group says now (a resume's
+        optimizer.load_state_dict, or the user, may change them; lr comes with each step)."""
+        g = self.opt.param_groups[0]
+        return dict(beta1=float(g["betas"][0]), beta2=float(g["betas"][1]), eps=float(g["eps"]),
+                    weight_decay=float(g["weight_decay"]))
 
     def _build_plan(self):
         """(Re)build the extension's plan over the optimizer state as it is now."""
@@ -364,6 +370,9 @@ class FusedAdamWEMA:
 
     def step(self, lr, found_inf, grad_scale, ema_weight):
         grads = [p.grad if t else None for p, t in zip(self.model, self.trained)]
+        hyper = self._group_hyper()
+        changed = hyper != self.hyper
+        self.hyper = hyper
         if self._plan is None:
             self._init_state()
             m, v, st = self._state_lists()
@@ -372,11 +381,12 @@ class FusedAdamWEMA:
                                 ema_weight=ema_weight, **self.hyper)
             return
         m, v, st = self._state_lists()
-        if [id(t) for t in m + v + st] != self._plan_state:
-            # optimizer.load_state_dict (a resume) brought new state tensors
+        if changed or [id(t) for t in m + v + st] != self._plan_state:
+            # optimizer.load_state_dict (a resume) brought new state tensors or hyperparameters
             if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("FusedAdamWEMA: the optimizer state was replaced; step "
-                                   "once outside CUDA-graph capture first")
+                raise RuntimeError("FusedAdamWEMA: the optimizer state or its betas / eps / "
+                                   "weight decay changed; step once outside CUDA-graph capture "
+                                   "first")
             self._build_plan()
             m, v, st = self._state_lists()
         sts = [s for s in st if s is not None]

@@ -100,7 +100,8 @@ class TrainStep:
                    saving the EMA's re-read of every parameter and AdamW's write-back of the
                    unscaled gradient (12 bytes per parameter). Needs torch's fused AdamW with
                    one parameter group and bf16/fp32 precision. Same AdamW arithmetic as
-                   torch's CUDA kernel (to fp32 rounding; the EMA/shadow as "foreach").
+                   the installed torch's fused AdamW on the device (to fp32 rounding; the
+                   EMA/shadow as "foreach").
     """
 
     STATS = ("loss", "denoise", "align", "grad_norm", "nonfinite", "steps")

@@ -3,9 +3,12 @@ against its definition fused_adamw_ema_ref (torch._fused_adamw_, then the EMA le
 
 CPU: the extension is JIT-built (cached) and compared over several steps with moving
 gradients, a skipped (found_inf) step, grad_scale on and off, weight decay on and off, frozen
-tensors (EMA only) and NaN-poisoned shadows. The AdamW arithmetic is torch's CUDA kernel's
-(hyperparameters in double); torch's CPU kernel rounds differently, so parameters and moments
-agree to fp32 rounding there (a few ulps), not bit for bit. Step counters, skipped steps,
+tensors (EMA only) and NaN-poisoned shadows. The CPU loops use torch's double-coefficient
+AdamW arithmetic (that of torch's CUDA kernel before 2.11); torch's CPU kernel rounds
+differently, so parameters and moments agree to fp32 rounding there (a few ulps), not bit for
+bit. The CUDA kernel copies the installed torch's CUDA arithmetic (all fp32 with fma moments
+since torch 2.11: 1 - 0.999f differs from 1 - 0.999 by ~1e-5 relative, which a tight
+exp_avg_sq comparison sees; csrc/fused_adamw_ema.h). Step counters, skipped steps,
 frozen tensors' EMA and the shadow = bf16(EMA) relation are exact.
 CUDA (marker `cuda`): against torch's own CUDA fused AdamW, inside a captured CUDA graph too.
 """
@@ -153,6 +156,45 @@ def test_new_optimizer_state_is_picked_up(ext_mod):
             assert torch.allclose(A[3].state[x]["exp_avg"], B[3].state[y]["exp_avg"],
                                   rtol=1e-6, atol=1e-8)
             assert A[3].state[x]["step"].item() == B[3].state[y]["step"].item() == 3.0
+
+
+def test_changed_hyperparameters_are_picked_up(ext_mod):
+    """betas / eps / weight decay changed in the parameter group after the plan was built (a
+    resume's load_state_dict with other values, or the user): the next step uses them."""
+    A, B = make_state("cpu", 0.0), make_state("cpu", 0.0)
+    fused = ext.FusedAdamWEMA(A[3], A[0], A[1], A[2])
+    args = dict(lr=torch.tensor(1e-2), found_inf=torch.tensor(0.0), grad_scale=None,
+                ema_weight=torch.tensor(0.1))
+    new = dict(beta1=0.5, beta2=0.9, eps=1e-3, weight_decay=0.3)
+    for k in range(2):
+        if k == 1:
+            for opt in (A[3], B[3]):
+                opt.param_groups[0].update(betas=(new["beta1"], new["beta2"]), eps=new["eps"],
+                                           weight_decay=new["weight_decay"])
+        for ps in (A[0], B[0]):
+            for p in ps:
+                p.grad = torch.full_like(p, 0.5) if p.requires_grad else None
+        fused.step(**args)
+        m, v, st = state_lists(B[0], B[3])
+        hyper = new if k == 1 else dict(HYPER, weight_decay=0.0)
+        ext.fused_adamw_ema_ref(B[0], [p.grad for p in B[0]], m, v, st, B[1], B[2], **hyper,
+                                **args)
+    assert fused.hyper == new
+    compare(A, B, exact_adamw=False)
+
+
+def test_scalars_on_another_device_are_refused(ext_mod):
+    """lr / found_inf / grad_scale / ema_weight are read through their pointers by the
+    kernel: the plan checks their device (a CPU scalar for a CUDA plan would fault there)."""
+    A = make_state("cpu", 0.0)
+    fused = ext.FusedAdamWEMA(A[3], A[0], A[1], A[2])
+    if not fused.fused:
+        pytest.skip(fused.fallback_reason)
+    for p in A[0]:
+        p.grad = torch.randn_like(p) if p.requires_grad else None
+    bad = torch.tensor(1e-3, device="meta")
+    with pytest.raises(RuntimeError, match="lr must be a one-element float32 tensor on cpu"):
+        fused.step(bad, torch.tensor(0.0), None, torch.tensor(0.1))
 
 
 def test_refuses_what_it_cannot_run(ext_mod):
