@@ -173,6 +173,13 @@ EOF
 
 HAVE_PYTEST=0
 "$PY" -c "import pytest" 2>/dev/null && HAVE_PYTEST=1
+# pytest-xdist (in the lent machine's image): the CUDA tests are mostly Triton compiles and
+# fp64 references, so GPU_CHECK_WORKERS processes (default 8 of its 16 cores) share the part's
+# time; `timeout` signals its whole process group, workers included
+XDIST=()
+if [ "${GPU_CHECK_WORKERS:-8}" -gt 1 ] && "$PY" -c "import xdist" 2>/dev/null; then
+  XDIST=(-n "${GPU_CHECK_WORKERS:-8}")
+fi
 if [ $HAVE_PYTEST = 1 ]; then
   # the Triton kernels' CUDA tests; the extension's and the step's come last (the extension is
   # still building in the background)
@@ -181,7 +188,7 @@ if [ $HAVE_PYTEST = 1 ]; then
   # (test_linear_act.py) last so a cut-off part loses them first
   KERNEL_TEST_FILES=$(ls tests/test_*.py | grep -v -e test_step_cuda -e test_fused_ema \
                       -e test_fused_adamw_ema -e test_linear_act)
-  part tests_kernels "$T_TESTS" "$PY" -m pytest -q -m cuda $KERNEL_TEST_FILES \
+  part tests_kernels "$T_TESTS" "$PY" -m pytest -q "${XDIST[@]}" -m cuda $KERNEL_TEST_FILES \
        tests/test_linear_act.py -k "not compile" -p no:cacheprovider \
        -rfEs --continue-on-collection-errors --junitxml="$OUT_DIR/pytest_cuda_kernels.xml"
 else
@@ -234,11 +241,11 @@ if [ "${GPU_CHECK_DRY:-0}" = "1" ]; then UPDATE_ARGS+=(--quick); else UPDATE_ARG
 part bench_update "$T_UPDATE" "$PY" benchmarks/bench_update.py "${UPDATE_ARGS[@]}"
 
 if [ $HAVE_PYTEST = 1 ]; then
-  part tests_step "$T_TESTS_STEP" "$PY" -m pytest -q -m cuda tests/test_step_cuda.py \
+  part tests_step "$T_TESTS_STEP" "$PY" -m pytest -q "${XDIST[@]}" -m cuda tests/test_step_cuda.py \
        tests/test_fused_ema.py tests/test_fused_adamw_ema.py -p no:cacheprovider -rfEs \
        --continue-on-collection-errors \
        --junitxml="$OUT_DIR/pytest_cuda_step.xml"
-  part tests_compile "$T_COMPILE" "$PY" -m pytest -q -m cuda tests/ -k "compile" \
+  part tests_compile "$T_COMPILE" "$PY" -m pytest -q "${XDIST[@]}" -m cuda tests/ -k "compile" \
        --ignore=tests/test_step_cuda.py --ignore=tests/test_fused_ema.py \
        --ignore=tests/test_fused_adamw_ema.py -p no:cacheprovider \
        -rfEs --continue-on-collection-errors --junitxml="$OUT_DIR/pytest_cuda_compile.xml"

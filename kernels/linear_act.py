@@ -130,7 +130,9 @@ def _matmul_act_kernel(A, B, BIAS, ZIN, OUT0, OUT1, PART, M, N, K,
             # are exact in fp32, so upcasting there computes what the GPU's bf16 dot does.
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc += tl.dot(a, b)
+            acc += tl.dot(a, b, input_precision="ieee")   # a GPU's default would be TF32
+        else:
+            acc += tl.dot(a, b)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
@@ -184,6 +186,9 @@ _matmul_act_autotuned = {
 def _launch_matmul_act(a, b, bias, zin, out0, out1, part, M, N, K, mode, act):
     """a (M,K) row-major; b given as a (K,N) view (any strides). Returns the BLOCK_M used: in
     MODE 1 rows [0, cdiv(M, BLOCK_M)) of part (N columns) hold the column-sum partials."""
+    if a.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"Triton GEMM: bf16/fp16 operands only, got {a.dtype} (fp32 takes "
+                         "cuBLAS: on a GPU tl.dot would round fp32 operands to TF32)")
     args = (a, b, bias, zin, out0, out1, part, M, N, K, a.stride(0), a.stride(1),
             b.stride(0), b.stride(1))
     if interpreting() or a.device.type != "cuda":
@@ -285,17 +290,18 @@ def linear_act_fwd(x, w1, b1, w2, b2, act, gemm):
 
 def gelu_mlp_inference(x, w1, b1, w2, b2):
     """gelu_tanh(x @ w1^T + b1) @ w2^T + b2 when nothing needs a gradient (the teacher,
-    sampling). On CUDA, fc1, bias and GELU(tanh) are one torch._addmm_activation, which runs
-    cuBLASLt's GELU_BIAS epilogue where cuBLASLt takes the shapes: GELU applied to the fp32
-    accumulator and h written once, with no pre-activation `a` kept for a backward. That
-    saves the training path's write and re-read of `a`. Elsewhere it is addmm + tanh GELU, the
-    same traffic as the training path (CPU's _addmm_activation applies the exact erf GELU, not
-    the tanh form, so it is not used there)."""
+    sampling). On CUDA in bf16/fp16, fc1, bias and GELU(tanh) are one
+    torch._addmm_activation, which runs cuBLASLt's GELU_BIAS epilogue where cuBLASLt takes the
+    shapes: GELU applied to the fp32 accumulator and h written once, with no pre-activation `a`
+    kept for a backward. That saves the training path's write and re-read of `a`. Elsewhere it
+    is addmm + tanh GELU, the same traffic as the training path: in fp32 the epilogue's tanh
+    approximation (~1e-5..1e-4 relative, PyTorch's own test allows 1e-4) is coarser than fp32
+    asks for, and CPU's _addmm_activation applies the exact erf GELU, not the tanh form."""
     _check_shapes(x, w1, b1, w2, b2)
     D, dt = x.shape[-1], x.dtype
     x2 = x.reshape(-1, D)
     b1c, w1t = b1.to(dt), w1.to(dt).t()
-    if x.is_cuda and x2.shape[0] > 0:
+    if x.is_cuda and dt in (torch.bfloat16, torch.float16) and x2.shape[0] > 0:
         h = torch._addmm_activation(b1c, x2, w1t, use_gelu=True)
     else:
         h = torch.nn.functional.gelu(torch.addmm(b1c, x2, w1t), approximate="tanh")

@@ -35,6 +35,15 @@ def pytest_configure(config):
 
 
 @pytest.fixture(autouse=True)
+def _restore_tf32():
+    """A Trainer (setup_backends, cfg.tf32) turns TF32 on process-wide; on a GPU every later
+    fp32 reference would then be TF32. Each test gets the flags back as it found them."""
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+@pytest.fixture(autouse=True)
 def _scope_triton_interpret(request, monkeypatch):
     if _INTERPRET_SET_HERE and "kernel_device" not in request.fixturenames \
             and request.node.get_closest_marker("triton_interpret") is None:

@@ -91,6 +91,17 @@ def test_default_gemm_is_cublas(op):
                    gemm="cutlass")
 
 
+def test_triton_gemm_refuses_fp32_operands():
+    """fp32 never reaches the Triton GEMM (gemm='triton' sends it to cuBLAS): on a GPU tl.dot
+    would round fp32 operands to TF32, which the CPU interpreter cannot show. The launcher
+    refuses them rather than compute in TF32 silently."""
+    from sra_fast.kernels import linear_act as LA
+    a, w = torch.randn(4, 8), torch.randn(8, 16)
+    out = torch.empty(4, 16)
+    with pytest.raises(ValueError, match="bf16/fp16 operands only"):
+        LA._launch_matmul_act(a, w, torch.zeros(16), out, out, out, out, 4, 16, 8, 0, 0)
+
+
 @op_param
 def test_fn_same_as_custom_op(op, kernel_device):
     *ins, dout = make_inputs(2, 7, 64, op.hidden, torch.bfloat16, kernel_device, 2)
@@ -132,10 +143,14 @@ def test_compiles_without_graph_break(op, kernel_device):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+# fp32 with gemm="triton" runs cuBLAS (the Triton GEMM takes bf16/fp16 only): not repeated
+CUDA_GEMM_DTYPES = [("cublas", torch.float32), ("cublas", torch.bfloat16),
+                    ("triton", torch.bfloat16)]
+
+
 @pytest.mark.cuda
 @op_param
-@pytest.mark.parametrize("gemm", ["cublas", "triton"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("gemm,dtype", CUDA_GEMM_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", CUDA_SHAPES, ids=str)
 def test_cuda_shapes(op, shape, dtype, gemm, assert_kernel_close):
     check_linear_act(kernel(op), op.ref, op.hidden, *shape, dtype, "cuda",
@@ -150,8 +165,9 @@ MLP = OPS[1]
 def test_mlp_inference_path_matches_reference(shape, dtype, kernel_device, assert_kernel_close,
                                               monkeypatch):
     """With nothing needing a gradient (the teacher, sampling) the MLP takes the inference path
-    (CUDA: cuBLASLt's bias+GELU(tanh) epilogue; CPU: addmm + tanh GELU): same function, checked
-    by the house rule. An exact-erf GELU instead of tanh fails the fp32 case (~5e-4 off)."""
+    (CUDA bf16/fp16: cuBLASLt's bias+GELU(tanh) epilogue; fp32 and CPU: addmm + tanh GELU):
+    same function, checked by the house rule. An exact-erf GELU instead of tanh fails the fp32
+    case (~5e-4 off)."""
     from sra_fast.kernels import linear_act as LA
     calls = []
     real = LA.gelu_mlp_inference

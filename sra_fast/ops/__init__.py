@@ -12,7 +12,8 @@ Select with `set_backend(name)` or `with use_backend(name): ...`.
 Under autocast, the normalized activation of adaln_norm (and the `out` of
 gated_residual_adaln_norm) comes back in the autocast dtype, whatever the backend: in SiT/DiT
 it only feeds a matmul, which autocast would cast it for. The values reaching that matmul are
-the same bits; what is saved is the fp32 write, its re-read and the cast's write (the
+the same (the reference: the same bits; a Triton kernel may sum its fp32 row statistics in
+another order when it stores bf16, so to fp32 rounding); what is saved is the fp32 write, its re-read and the cast's write (the
 residual stream under autocast is fp32, since pos_embed is).
 """
 from __future__ import annotations
@@ -57,6 +58,13 @@ def triton_available() -> bool:
     return _load_kernels() is not None
 
 
+def _load_kernels_for_cuda():
+    # Load the kernels now rather than at the first op call on a CUDA tensor: that call may
+    # come while torch.compile traces a model, and an import there is a graph break.
+    if torch.cuda.is_available():
+        _load_kernels()
+
+
 def set_backend(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r}; choose one of {BACKENDS}")
@@ -64,6 +72,8 @@ def set_backend(name: str) -> None:
         raise RuntimeError("kernel backend 'triton' needs the Triton kernels, which failed to "
                            f"import ({_kernels['error']}); install triton or use --kernels ref")
     _state["backend"] = name
+    if name == "auto":
+        _load_kernels_for_cuda()
 
 
 def get_backend() -> str:
@@ -145,3 +155,6 @@ def align_loss(h_s, h_t, kind: str = "cos"):
 __all__ = ["BACKENDS", "ALIGN_LOSSES", "set_backend", "get_backend", "use_backend",
            "triton_available", "adaln_norm", "gated_residual", "gated_residual_adaln_norm",
            "projector", "mlp", "align_loss", "reference"]
+
+
+_load_kernels_for_cuda()   # the default backend is "auto"
