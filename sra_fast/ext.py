@@ -278,6 +278,9 @@ def _adamw_ema_unsupported(opt) -> str | None:
         return "Adam's coupled weight decay is not supported (use AdamW)"
     if any(p.dtype != torch.float32 for p in g["params"]):
         return "parameters must be float32"
+    if any(torch.is_tensor(v) for v in (*g["betas"], g["eps"], g["weight_decay"])):
+        # read on the host as kernel arguments: a tensor would sync every step
+        return "tensor betas / eps / weight_decay are not supported (use floats)"
     return None
 
 

@@ -388,11 +388,11 @@ class TrainStep:
     def _sync_lr(self):
         for i, g in enumerate(self.opt.param_groups):
             lr = g["lr"]
-            if lr is not self._lr_host[i]:
-                if torch.is_tensor(lr):
-                    self._lr_dev[i].copy_(lr)
-                else:
-                    self._lr_dev[i].fill_(float(lr))
+            if torch.is_tensor(lr):   # schedulers update a tensor lr in place: always copy
+                self._lr_dev[i].copy_(lr)
+                self._lr_host[i] = lr
+            elif lr is not self._lr_host[i]:
+                self._lr_dev[i].fill_(float(lr))
                 self._lr_host[i] = lr
 
     def _graph_body(self):
@@ -494,24 +494,35 @@ class TrainStep:
             self.shadow.mark_synced()
 
     def _state_fingerprint(self):
-        """Host-side identity of the tensors the graph baked in: parameters' storage and the
-        optimizer's state tensors (first and last parameter). A trainer that replaces them
-        (optimizer.load_state_dict, load_state_dict(assign=True)) forces a re-capture."""
+        """Host-side identity of what the graph baked in: parameters' storage and the
+        optimizer's state tensors (first and last parameter), and the settings captured as
+        launch arguments (betas, eps, weight decay..., grad_clip, ema_decay; lr is not one: it
+        is a device scalar refreshed every step). A trainer that replaces the tensors
+        (optimizer.load_state_dict, load_state_dict(assign=True)) or changes a setting forces
+        a re-capture; eager steps see such changes at once, so must the graph."""
         ps = [self.params[0], self.params[-1]]
         e = list(self.ema.parameters())
         fp = [p.data_ptr() for p in ps] + [e[0].data_ptr(), e[-1].data_ptr()]
         for p in ps:
             fp += [id(v) for v in self.opt.state.get(p, {}).values()]
-        return tuple(fp)
+        settings = [self.grad_clip, self.ema_decay]
+        for g in self.opt.param_groups:   # tensors by identity: reading them would sync
+            settings += [(k, id(v) if torch.is_tensor(v) else repr(v))
+                         for k, v in sorted(g.items()) if k not in ("params", "lr")]
+        return tuple(fp), tuple(settings)
 
     def _graph_call(self, x0, y, weight):
         key = (tuple(x0.shape), x0.dtype, tuple(y.shape), y.dtype)
         self.model.train()
-        stale = self._graph is not None and self._state_fingerprint() != self._graph_state
+        now = self._state_fingerprint() if self._graph is not None else None
+        stale = now is not None and now != self._graph_state
         if self._graph is None or key != self._graph_key or stale:
-            if stale:
+            if stale and now[0] != self._graph_state[0]:
                 print("sra_fast step: parameters or optimizer state were replaced (a "
                       "checkpoint load?); re-capturing the CUDA graph", flush=True)
+            elif stale:
+                print("sra_fast step: optimizer settings, grad_clip or ema_decay changed; "
+                      "re-capturing the CUDA graph", flush=True)
             elif self._graph is not None:
                 print(f"sra_fast step: batch shape changed {self._graph_key} -> {key}; "
                       "re-capturing the CUDA graph", flush=True)

@@ -203,6 +203,8 @@ def test_refuses_what_it_cannot_run(ext_mod):
     for opt, msg in ((torch.optim.SGD([p], lr=0.1), "not torch.optim.AdamW"),
                      (torch.optim.Adam([p], weight_decay=0.1), "coupled weight decay"),
                      (torch.optim.AdamW([p], amsgrad=True), "amsgrad"),
+                     (torch.optim.AdamW([p], betas=(torch.tensor(0.9), torch.tensor(0.99))),
+                      "tensor betas"),
                      (torch.optim.AdamW([{"params": [p]}, {"params": [torch.nn.Parameter(
                          torch.randn(2))]}]), "parameter groups")):
         with pytest.raises(ValueError, match=msg):

@@ -238,6 +238,29 @@ def test_replaced_optimizer_state_forces_recapture_and_stays_exact():
     assert same(runs[0][0], runs[1][0])
 
 
+def test_changed_settings_force_recapture_and_stay_exact():
+    """betas / weight decay / grad_clip / ema_decay are launch arguments of a captured step:
+    changing one re-captures (an eager step sees it at once, so must the graph); lr is a
+    device scalar and does not."""
+    runs = []
+    for mode in (False, "emulate"):
+        m, ema, opt, step = build(mode=mode)
+        data = batches(5)
+        step(*data[0], 0.5)
+        opt.param_groups[0]["lr"] = 2e-4                 # no re-capture
+        step(*data[1], 0.5)
+        opt.param_groups[0]["weight_decay"] = 0.05
+        opt.param_groups[0]["betas"] = (0.8, 0.99)
+        step(*data[2], 0.5)
+        step.grad_clip = 0.5
+        step(*data[3], 0.5)
+        step.ema_decay = 0.9
+        step(*data[4], 0.5)
+        runs.append((snapshot(m, ema, opt), step))
+    assert runs[1][1].captures == 4
+    assert same(runs[0][0], runs[1][0])
+
+
 def test_emulated_warmup_changes_nothing():
     m, ema, opt, step = build(mode="emulate", graph_warmup=3)
     before = snapshot(m, ema, opt)

@@ -178,6 +178,8 @@ def test_step_has_no_host_sync(mode, ema_impl):
     m, ema, opt, step = build(mode=mode, ema_impl=ema_impl)
     data = batches(3)
     step(*data[0], 0.5)                 # first call: lazy init / capture may sync
+    if ema_impl == "adamw":
+        assert step._adamw_ema.fused, step._adamw_ema
     w = torch.tensor(0.5, device=DEV)   # (creating it copies from the host: outside)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -190,9 +192,16 @@ def test_step_has_no_host_sync(mode, ema_impl):
 
 
 def _need_extension():
+    """The CUDA build of the extension, or a failure that says why (a CPU-only build, e.g.
+    without nvcc, would otherwise send these tests through the PyTorch fallback)."""
+    from torch.utils import cpp_extension
+
     from sra_fast import ext
-    if ext.load(jit=True) is None:
-        pytest.fail(f"the C++/CUDA extension did not build: {ext.unavailable_reason()}")
+    mod = ext.load(jit=True)
+    if mod is None or not mod.with_cuda:
+        why = ext.unavailable_reason() if mod is None else "it was built without CUDA"
+        pytest.fail(f"the C++/CUDA extension is not available with CUDA: {why} "
+                    f"(CUDA_HOME={cpp_extension.CUDA_HOME})")
 
 
 @pytest.mark.parametrize("mode", [False, "strict"])
@@ -234,6 +243,8 @@ def test_adamw_ema_one_pass_first_update_is_tight_in_fp32():
             p0 = params(m, ema)
             run(step, data)
             out.append(params(m, ema))
+            if impl == "adamw":
+                assert step._adamw_ema.fused, step._adamw_ema
     assert rel_update_diff(p0, out[0], out[1]) < 1e-2
 
 
@@ -286,7 +297,7 @@ def test_auto_attention_prefers_cudnn_on_hopper():
     assert A.resolve_backend(fp32) == "sdpa"
 
 
-@pytest.mark.parametrize("mode", [False, True], ids=["eager", "graph"])
+@pytest.mark.parametrize("mode", [False, "strict"], ids=["eager", "graph"])
 def test_clip_folded_into_fused_adamw_equals_clip_grad_norm_cuda(mode):
     """CUDA's fused AdamW with the clip as grad_scale (the default) updates as clip_grad_norm_
     + AdamW, eagerly and captured; clip 1e-3 so the clip is active every step."""
@@ -296,6 +307,7 @@ def test_clip_folded_into_fused_adamw_equals_clip_grad_norm_cuda(mode):
         assert step._clip_mode == "optimizer"
         step._clip_mode = clip_mode
         run(step, batches(3))
+        assert step.graph_mode == bool(mode) and step.captures == (1 if mode else 0)
         finals.append(params(m, ema) + [v.detach().clone() for st in opt.state.values()
                                         for k, v in st.items() if k != "step"])
         assert step.read_stats()["grad_norm"] > 1e-2
