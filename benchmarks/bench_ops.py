@@ -32,6 +32,8 @@ import math
 import os
 import sys
 import time
+
+_T_PROCESS = time.monotonic()   # --budget-s counts from here: start-up is part of the budget
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -285,7 +287,7 @@ def main():
           f"CUDA {env['cuda']} | git {env['git']} | {env['date']}")
     print(f"# copy {copy_gbs:.1f} GB/s (read+write), {args.dtype} matmul {mm_tflops:.1f} TFLOP/s")
 
-    rows, t_start, skipped = [], time.monotonic(), []
+    rows, t_start, skipped = [], _T_PROCESS, []
     write_csv = not args.no_csv and (args.csv or not args.quick)
     stamp = {**env, "copy_gbs": copy_gbs, "matmul_tflops": mm_tflops}
     n_written, csv_path = 0, None
@@ -293,75 +295,82 @@ def main():
     def over_budget():
         return args.budget_s is not None and time.monotonic() - t_start > args.budget_s
 
-    for model in models:
-        N, T, D = QUICK_SHAPE if model == "quick" else MODELS[model]
-        for op in ops:
-            for kind in (kinds if op == "align_loss" else [None]):
-                ref, kern, ins, mask, b_fwd, b_bwd, fl_fwd = make_case(op, N, T, D, dtype,
-                                                                       device, kind)
-                fns = {}
-                for prov in providers:
-                    if prov == "eager":
-                        fns[prov] = ref
-                    elif prov == "compile":
-                        torch._dynamo.reset()
-                        fns[prov] = torch.compile(ref)
-                    elif prov.startswith("triton"):
-                        if prov == "triton-gemm" and op not in GEMM_OPS:
-                            continue
-                        if not triton_runnable(device):
-                            print(f"# skip {prov}: CPU tensors need TRITON_INTERPRET=1")
-                            continue
-                        fn = kern("triton" if prov == "triton-gemm" else None)
-                        if prov == "triton" and row_configs:  # (projector/mlp: bias+act)
-                            for cfg in row_configs:
-                                fns[f"triton@{cfg[0]}x{cfg[1]}"] = fn
-                        else:
-                            fns[prov] = fn
-                for mode in modes:
-                    for timing in timings:
-                        times, failed = {}, {}
-                        for prov, fn in fns.items():
-                            if over_budget():
-                                skipped.append(f"{op}{f'[{kind}]' if kind else ''}/{model}/"
-                                               f"{mode}/{prov}/{timing}")
+    interrupted = False
+    try:   # SIGINT (gpu_check's time limit): keep what was measured and print the table
+        for model in models:
+            N, T, D = QUICK_SHAPE if model == "quick" else MODELS[model]
+            for op in ops:
+                for kind in (kinds if op == "align_loss" else [None]):
+                    ref, kern, ins, mask, b_fwd, b_bwd, fl_fwd = make_case(op, N, T, D, dtype,
+                                                                           device, kind)
+                    fns = {}
+                    for prov in providers:
+                        if prov == "eager":
+                            fns[prov] = ref
+                        elif prov == "compile":
+                            torch._dynamo.reset()
+                            fns[prov] = torch.compile(ref)
+                        elif prov.startswith("triton"):
+                            if prov == "triton-gemm" and op not in GEMM_OPS:
                                 continue
-                            try:
-                                set_row_config(tuple(int(v) for v in prov.split("@")[1]
-                                                     .split("x")) if "@" in prov else None)
-                                times[prov] = time_one(fn, ins, mask, mode, timing, device,
-                                                       warmup, rep)
-                            except Exception as ex:  # keep the other providers' numbers
-                                why = f"{type(ex).__name__}: {str(ex).splitlines()[0][:160]}" \
-                                    if str(ex) else type(ex).__name__
-                                print(f"# {op} {mode} {prov} ({timing}) failed: {why}")
-                                failed[prov] = why
-                        nbytes = {"fwd": b_fwd, "infer": b_fwd, "bwd": b_bwd,
-                                  "fwd+bwd": b_fwd + b_bwd}[mode]
-                        flops = {"fwd": fl_fwd, "infer": fl_fwd, "bwd": 2 * fl_fwd,
-                                 "fwd+bwd": 3 * fl_fwd}[mode]
-                        base = {"bench": "ops", "op": op + (f"[{kind}]" if kind else ""),
-                                "model": model, "shape": f"{N}x{T}x{D}", "dtype": args.dtype,
-                                "mode": mode, "timing": timing}
-                        for prov, ms in times.items():
-                            row = {**base, "provider": prov, "ms": ms}
-                            if flops:
-                                tf = flops / (ms * 1e-3) / 1e12
-                                row.update(tflops=tf, pct_matmul=100 * tf / mm_tflops)
+                            if not triton_runnable(device):
+                                print(f"# skip {prov}: CPU tensors need TRITON_INTERPRET=1")
+                                continue
+                            fn = kern("triton" if prov == "triton-gemm" else None)
+                            if prov == "triton" and row_configs:  # (projector/mlp: bias+act)
+                                for cfg in row_configs:
+                                    fns[f"triton@{cfg[0]}x{cfg[1]}"] = fn
                             else:
-                                gbs = nbytes / (ms * 1e-3) / 1e9
-                                row.update(gbs=gbs, pct_copy=100 * gbs / copy_gbs)
-                            row["vs_compile"] = (times["compile"] / ms) if "compile" in times \
-                                else math.nan
-                            rows.append(row)
-                        for prov, why in failed.items():
-                            rows.append({**base, "provider": prov, "ms": "n/a", "note": why})
-                        # written as measured, so a run killed by its time limit keeps them
-                        new_rows, n_written = rows[n_written:], len(rows)
-                        if new_rows and write_csv:
-                            csv_path = append_csv(args.csv, [{**stamp, **r} for r in new_rows])
+                                fns[prov] = fn
+                    for mode in modes:
+                        for timing in timings:
+                            nbytes = {"fwd": b_fwd, "infer": b_fwd, "bwd": b_bwd,
+                                      "fwd+bwd": b_fwd + b_bwd}[mode]
+                            flops = {"fwd": fl_fwd, "infer": fl_fwd, "bwd": 2 * fl_fwd,
+                                     "fwd+bwd": 3 * fl_fwd}[mode]
+                            base = {"bench": "ops", "op": op + (f"[{kind}]" if kind else ""),
+                                    "model": model, "shape": f"{N}x{T}x{D}", "dtype": args.dtype,
+                                    "mode": mode, "timing": timing}
+                            times, group = {}, []
+                            for prov, fn in fns.items():
+                                if over_budget():
+                                    skipped.append(f"{op}{f'[{kind}]' if kind else ''}/{model}/"
+                                                   f"{mode}/{prov}/{timing}")
+                                    continue
+                                try:
+                                    set_row_config(tuple(int(v) for v in prov.split("@")[1]
+                                                         .split("x")) if "@" in prov else None)
+                                    ms = times[prov] = time_one(fn, ins, mask, mode, timing,
+                                                                device, warmup, rep)
+                                    row = {**base, "provider": prov, "ms": ms}
+                                    if flops:
+                                        tf = flops / (ms * 1e-3) / 1e12
+                                        row.update(tflops=tf, pct_matmul=100 * tf / mm_tflops)
+                                    else:
+                                        gbs = nbytes / (ms * 1e-3) / 1e9
+                                        row.update(gbs=gbs, pct_copy=100 * gbs / copy_gbs)
+                                except Exception as ex:  # keep the other providers' numbers
+                                    why = f"{type(ex).__name__}: {str(ex).splitlines()[0][:160]}" \
+                                        if str(ex) else type(ex).__name__
+                                    print(f"# {op} {mode} {prov} ({timing}) failed: {why}")
+                                    row = {**base, "provider": prov, "ms": "n/a", "note": why}
+                                # vs_compile where compile is timed already (else in the table only)
+                                row["vs_compile"] = (times["compile"] / row["ms"]) \
+                                    if "compile" in times and prov in times else math.nan
+                                rows.append(row)
+                                group.append(row)
+                                # written as measured, so a run killed by its time limit keeps them
+                                if write_csv:
+                                    csv_path = append_csv(args.csv, [{**stamp, **row}])
+                                    n_written += 1
+                            for row in group:   # the table's ratio, once compile is timed
+                                if "compile" in times and row["provider"] in times:
+                                    row["vs_compile"] = times["compile"] / row["ms"]
+    except KeyboardInterrupt:
+        interrupted = True
+        print("# interrupted: the table below holds what was measured before")
 
-    if skipped:
+    if skipped and not interrupted:
         print(f"# budget of {args.budget_s:.0f} s spent: skipped {len(skipped)} measurements "
               f"({', '.join(skipped[:6])}{', ...' if len(skipped) > 6 else ''})")
     if csv_path is not None:

@@ -35,6 +35,7 @@ import csv
 import gc
 import math
 import os
+import signal
 import sys
 import time
 import traceback
@@ -206,13 +207,18 @@ def _run_one(row, model_name, batch, provider, args, device, peak_tflops, res):
             head_dim = model.hidden_size // model.num_heads
             q = torch.empty(1, 1, 1, head_dim, device=device, dtype=torch.bfloat16)
             notes = [f"attn={resolve_backend(q)}", f"kernels={kernels}"]
-            if step._fused_ema is not None:
-                notes.append("ema=" + ("fused-ext" if step._fused_ema.fused else "foreach-lerp"))
+            # a provider named for the extension that ran its PyTorch fallback measured
+            # something else: said in the status (then no ratio), not only in the notes
+            ext_user = step._fused_ema if step._fused_ema is not None else step._adamw_ema
+            if ext_user is not None:
+                notes.append("ema=" + ("extension" if ext_user.fused else "pytorch-fallback"))
             row["notes"] = " ".join(notes)
             if stats["nonfinite"] or not math.isfinite(stats["loss"]):
                 row["status"] = f"NONFINITE ({stats['nonfinite']} of {stats['steps']} steps)"
             elif spec.get("graph") and not step.graph_mode:
                 row["status"] = f"eager fallback: {step.graph_refusal}"[:160]
+            elif ext_user is not None and not ext_user.fused:
+                row["status"] = f"no extension: {ext_user.fallback_reason}"[:160]
     except torch.cuda.OutOfMemoryError:
         row["status"] = "OOM"
     except Exception as e:  # one failing configuration must not end the benchmark
@@ -221,6 +227,19 @@ def _run_one(row, model_name, batch, provider, args, device, peak_tflops, res):
         else:
             traceback.print_exc()
             row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:140]}"
+
+
+class OutOfBudget(BaseException):
+    """Raised by the budget alarm inside a configuration that outlived --budget-s (a
+    BaseException: run_one's per-configuration `except Exception` must not swallow it)."""
+
+
+_IN_CONFIG = {"on": False}   # the alarm interrupts a configuration, nothing else
+
+
+def _budget_alarm(signum, frame):
+    if _IN_CONFIG["on"]:
+        raise OutOfBudget()
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -366,14 +385,31 @@ def main(argv=None):
     if bad:
         ap.error(f"unknown providers {bad}; choose from {list(PROVIDERS)}")
     rows = []
+    # The budget also ends a configuration still running at its end (a cold torch.compile
+    # can take minutes): an alarm raises OutOfBudget there, and SIGINT (gpu_check's time
+    # limit) ends it the same way; either way the rows so far and the table come out.
+    if args.budget_s > 0 and hasattr(signal, "setitimer"):
+        signal.signal(signal.SIGALRM, _budget_alarm)
+        signal.setitimer(signal.ITIMER_REAL, max(args.budget_s - (time.time() - t_start), 0.01))
+    stopped = None
     for name, batch, prov, res in plan:
         left = args.budget_s - (time.time() - t_start) if args.budget_s > 0 else math.inf
-        if left <= 0 or (PROVIDERS[prov].get("compile") and left < args.compile_reserve_s):
+        if stopped or left <= 0 or (PROVIDERS[prov].get("compile")
+                                    and left < args.compile_reserve_s):
             row = {"model": name, "res": res, "batch": batch, "provider": prov,
-                   "status": f"skipped (budget, {max(left, 0):.0f}s left)"}
+                   "status": stopped or f"skipped (budget, {max(left, 0):.0f}s left)"}
         else:
             print(f"-- {name} {res}px batch {batch}: {prov}", flush=True)
-            row = run_one(name, batch, prov, args, device, peak, res)
+            try:
+                _IN_CONFIG["on"] = True
+                row = run_one(name, batch, prov, args, device, peak, res)
+            except (OutOfBudget, KeyboardInterrupt) as e:
+                why = "budget" if isinstance(e, OutOfBudget) else "interrupted"
+                row = {"model": name, "res": res, "batch": batch, "provider": prov,
+                       "status": f"stopped ({why}) after {time.time() - t_start:.0f}s"}
+                stopped = f"not run ({why})"
+            finally:
+                _IN_CONFIG["on"] = False
             print(f"   {row.get('status')}: " + (f"{row['ms']:.2f} ms/step, "
                   f"{row['img_s']:.1f} img/s, peak {row['peak_gib']:.2f} GiB, MFU "
                   f"{row['mfu_pct']:.1f}%, first step {row['first_step_s']:.1f}s"
@@ -383,6 +419,8 @@ def main(argv=None):
         rows.append(row)
         if csv_path:
             append_csv(csv_path, [row])
+    if args.budget_s > 0 and hasattr(signal, "setitimer"):
+        signal.setitimer(signal.ITIMER_REAL, 0)
     print_summary(rows, info, peak)
     if csv_path:
         print(f"rows appended to {csv_path}")

@@ -134,37 +134,42 @@ def main(argv=None):
     if bad:
         ap.error(f"unknown providers {bad}; choose from {PROVIDERS}")
     from sra_fast import ext
-    ext.load(jit=True)   # the providers after the first need the C++/CUDA extension
     env = env_info(device)
     copy_gbs = measure_copy_bandwidth_gbs(device, nbytes=(1 << 24) if args.quick else (1 << 30))
     print(f"# {env['card']} | torch {env['torch']} | git {env['git']} | copy {copy_gbs:.1f} GB/s")
-    rows = []
-    for prov in providers:
-        params, ema, shadows, opt = make_state(args.model, device, args.quick)
-        base = {"bench": "update", "model": "quick" if args.quick else args.model,
-                "provider": prov, "params_m": sum(p.numel() for p in params) / 1e6}
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                fn, commit = make_update(prov, params, ema, shadows, opt, device)
-                ms = time_update(fn, device, args.quick, commit)
-        except Exception as e:   # keep the other providers' numbers
-            rows.append({**base, "ms": "n/a", "note": f"{type(e).__name__}: {e}"[:160]})
-            continue
-        nbytes = update_bytes(prov, params, shadows)
-        gbs = nbytes / (ms * 1e-3) / 1e9
-        rows.append({**base, "ms": ms, "gb": nbytes / 1e9, "gbs": gbs,
-                     "pct_copy": 100 * gbs / copy_gbs})
-        del params, ema, shadows, opt, fn, commit
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    ref = next((r["ms"] for r in rows if r["provider"] == "adamw+lerp"
-                and not isinstance(r["ms"], str)), None)
-    for r in rows:
-        if ref and not isinstance(r["ms"], str):
-            r["vs_adamw_lerp"] = ref / r["ms"]
-    if args.csv or not args.quick:
-        path = append_csv(args.csv, [{**env, "copy_gbs": copy_gbs, **r} for r in rows])
+    rows, ref, path = [], None, None
+    write_csv = args.csv or not args.quick
+    try:   # SIGINT (gpu_check's time limit): keep the rows measured and print the table
+        for prov in providers:
+            if prov != "adamw+lerp":   # the extension, built on first need (adamw+lerp first)
+                ext.load(jit=True)
+            params, ema, shadows, opt = make_state(args.model, device, args.quick)
+            base = {"bench": "update", "model": "quick" if args.quick else args.model,
+                    "provider": prov, "params_m": sum(p.numel() for p in params) / 1e6}
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    fn, commit = make_update(prov, params, ema, shadows, opt, device)
+                    ms = time_update(fn, device, args.quick, commit)
+                nbytes = update_bytes(prov, params, shadows)
+                gbs = nbytes / (ms * 1e-3) / 1e9
+                row = {**base, "ms": ms, "gb": nbytes / 1e9, "gbs": gbs,
+                       "pct_copy": 100 * gbs / copy_gbs}
+                ref = ms if prov == "adamw+lerp" else ref
+                if ref:
+                    row["vs_adamw_lerp"] = ref / ms
+                del fn, commit
+            except Exception as e:   # keep the other providers' numbers
+                row = {**base, "ms": "n/a", "note": f"{type(e).__name__}: {e}"[:160]}
+            rows.append(row)
+            if write_csv:   # as measured: a run killed by its time limit keeps them
+                path = append_csv(args.csv, [{**env, "copy_gbs": copy_gbs, **row}])
+            del params, ema, shadows, opt
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    except KeyboardInterrupt:
+        print("# interrupted: the table below holds what was measured before")
+    if path is not None:
         print(f"# appended {len(rows)} rows to {path}")
     print(f"\n{env['card']} | update of {args.model if not args.quick else 'a tiny SiT (quick)'}"
           f" | timing: {'CUDA-graph replay' if device.type == 'cuda' else 'eager (CPU)'}")

@@ -152,12 +152,14 @@ def append_csv(path=None, rows: list[dict] | None = None) -> Path:
         for k in r:
             if k not in cols:
                 cols.append(k)
-    if cols != header:
-        with path.open("w", newline="") as f:
+    if cols != header:   # rewritten beside it and renamed: a kill mid-write loses nothing
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=cols, restval="")
             w.writeheader()
             w.writerows(old_rows)
             w.writerows(rows)
+        os.replace(tmp, path)
     else:
         with path.open("a", newline="") as f:
             w = csv.DictWriter(f, fieldnames=cols, restval="")

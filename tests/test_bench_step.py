@@ -39,3 +39,22 @@ def test_plan_entry_errors_name_the_entry(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--plan", "tiny-SiT@big=ours", "--no-csv"])
     assert "tiny-SiT@big=ours" in capsys.readouterr().err
+
+
+def test_budget_stops_a_configuration_that_outlives_it(tmp_path, capsys, monkeypatch):
+    """--budget-s also ends the configuration running at its end (a cold torch.compile can
+    take minutes): its row says so, later ones are not run, the rows and table still come
+    out (gpu_check's next parts get the time)."""
+    import time
+    bench = load_bench()
+    monkeypatch.setattr(bench, "run_one", lambda *a, **k: time.sleep(30))
+    monkeypatch.setattr(bench, "measure_matmul_tflops", lambda *a, **k: 1.0)
+    out = tmp_path / "bench_step.csv"
+    t0 = time.time()
+    assert bench.main(["--quick", "--plan", "tiny-SiT@4=compile;tiny-DiT@4=ours",
+                       "--budget-s", "1.5", "--compile-reserve-s", "0", "--csv", str(out)]) == 0
+    assert time.time() - t0 < 20
+    rows = list(csv.DictReader(out.open()))
+    assert rows[0]["status"].startswith("stopped (budget)")
+    assert rows[1]["status"] == "not run (budget)"
+    assert "x_eager_ref" in capsys.readouterr().out

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
-DEFAULTS = {"tests_kernels": 70, "bench_step": 215, "bench_ops": 80, "bench_infer": 20,
-            "bench_update": 20, "tests_step": 75, "tests_compile": 35}
+DEFAULTS = {"tests_kernels": 70, "bench_step": 215, "bench_ops": 90, "bench_infer": 30,
+            "bench_update": 30, "tests_step": 75, "tests_compile": 35}
+FIXED = 35   # environment report, summary, slack
+CAP = 570    # GPU_CHECK_MAX_S: one device command runs 600 s at most
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
@@ -28,13 +30,17 @@ def plan(tmp_path, **env):
     return vals.pop("budget"), vals
 
 
-def test_no_budget_keeps_the_default_part_budgets(tmp_path):
+def test_without_a_budget_the_check_fits_one_device_command(tmp_path):
+    # the defaults (545 s + 35) exceed 570: the last top-up (compile tests) gives way
     budget, parts = plan(tmp_path)
-    assert budget == 0 and parts == DEFAULTS
+    assert budget == CAP and sum(parts.values()) == CAP - FIXED
+    assert parts == {**DEFAULTS, "tests_compile": DEFAULTS["tests_compile"] - 10}
+    assert plan(tmp_path, GPU_CHECK_BUDGET_S=2000) == (budget, parts)
 
 
-def test_a_budget_above_the_full_check_changes_nothing(tmp_path):
-    assert plan(tmp_path, GPU_CHECK_BUDGET_S=2000)[1] == DEFAULTS
+def test_without_the_cap_a_long_budget_keeps_the_defaults(tmp_path):
+    assert plan(tmp_path, GPU_CHECK_MAX_S=0)[1] == DEFAULTS
+    assert plan(tmp_path, GPU_CHECK_MAX_S=0, GPU_CHECK_BUDGET_S=2000)[1] == DEFAULTS
 
 
 def test_a_short_budget_gives_floors_by_need_then_tops_up(tmp_path):
@@ -46,12 +52,16 @@ def test_a_short_budget_gives_floors_by_need_then_tops_up(tmp_path):
     _, parts = plan(tmp_path, GPU_CHECK_BUDGET_S=400)
     assert parts == {"tests_kernels": 45, "bench_step": 175, "bench_ops": 45, "bench_infer": 15,
                      "bench_update": 15, "tests_step": 45, "tests_compile": 25}
+    # 500 s: floors 340, then step +65 (to 215), kernel tests +25, step tests +30, ops +5
+    _, parts = plan(tmp_path, GPU_CHECK_BUDGET_S=500)
+    assert parts == {"tests_kernels": 70, "bench_step": 215, "bench_ops": 50, "bench_infer": 15,
+                     "bench_update": 15, "tests_step": 75, "tests_compile": 25}
 
 
-@pytest.mark.parametrize("budget", [120, 240, 333, 400, 480, 560, 600])
+@pytest.mark.parametrize("budget", [120, 240, 333, 400, 480, 560, 600, 900])
 def test_the_plan_never_exceeds_the_budget(tmp_path, budget):
     _, parts = plan(tmp_path, GPU_CHECK_BUDGET_S=budget)
-    assert sum(parts.values()) <= budget - 35
+    assert sum(parts.values()) <= min(budget, CAP) - FIXED
     assert all(0 <= parts[k] <= DEFAULTS[k] for k in DEFAULTS)
 
 
