@@ -244,6 +244,7 @@ def time_one(fn, ins, mask, mode, timing, device, warmup, rep):
     """Median ms of one provider/mode under one timing method."""
     if timing == "eager":
         return bench_ms(make_runner(fn, ins, mask, mode), warmup=warmup, rep=rep, device=device)
+    caller_stream = torch.cuda.current_stream(device)
     try:
         replay, graph = make_graph_runner(fn, ins, mask, mode, device)
     except Exception:
@@ -251,6 +252,8 @@ def time_one(fn, ins, mask, mode, timing, device, warmup, rep):
             torch.cuda.synchronize(device)
         except Exception:
             pass
+        # a capture that failed in capture_end leaves its stream current
+        torch.cuda.set_stream(caller_stream)
         raise
     try:
         return bench_ms(replay, warmup=max(1, warmup // 5), rep=rep, device=device)

@@ -226,7 +226,7 @@ PLAN+=";SiT-XL/2@64=compile"
 [ "${GPU_CHECK_DRY:-0}" = "1" ] && PLAN="tiny-SiT@8=eager-ref,ours,ours-graph;tiny-DiT@8=ours-graph"
 L=$(upto_deadline "$T_STEP")
 part bench_step "$L" "$PY" benchmarks/bench_step.py "${STEP_ARGS[@]}" --plan "$PLAN" \
-     --steps 12 --warmup 3 --budget-s $(( L - 25 )) --compile-reserve-s 100 \
+     --steps 12 --warmup 3 --budget-s $(( L > 35 ? L - 25 : 10 )) --compile-reserve-s 100 \
      --csv "$OUT_DIR/bench_step.csv"
 
 # XL/2 shapes only: bench_ops compiles each op for its `compile` provider; its CSV rows are
@@ -241,12 +241,12 @@ OPS_ARGS=(--mode fwd+bwd --timing graph --csv "$OUT_DIR/bench_ops.csv"
 [ "${GPU_CHECK_DRY:-0}" = "1" ] && OPS_ARGS+=(--quick)
 if [ -f benchmarks/bench_ops.py ]; then
   if "$PY" benchmarks/bench_ops.py --help 2>/dev/null | grep -q -- "--budget-s"; then
-    L=$(upto_deadline "$T_OPS"); OPS_ARGS+=(--budget-s $(( L - 15 )))
+    L=$(upto_deadline "$T_OPS"); OPS_ARGS+=(--budget-s $(( L > 25 ? L - 15 : 10 )))
   fi
   part bench_ops "$(upto_deadline "$T_OPS")" "$PY" benchmarks/bench_ops.py "${OPS_ARGS[@]}"
   # the teacher's MLP (no grad): ours = cuBLASLt bias+GELU epilogue, vs eager and compile
   INFER_ARGS=(--op mlp --mode infer --providers eager,triton,compile --timing graph
-              --csv "$OUT_DIR/bench_ops.csv" --budget-s $(( $(upto_deadline "$T_INFER") - 8 )))
+              --csv "$OUT_DIR/bench_ops.csv" --budget-s $(( $(upto_deadline "$T_INFER") > 18 ? $(upto_deadline "$T_INFER") - 8 : 10 )))
   if [ "${GPU_CHECK_DRY:-0}" = "1" ]; then INFER_ARGS+=(--quick); else INFER_ARGS+=(--model XL/2); fi
   part bench_infer "$T_INFER" "$PY" benchmarks/bench_ops.py "${INFER_ARGS[@]}"
 fi

@@ -19,7 +19,8 @@
 // skips its update; the step counters are torch's (incremented and rolled back around the
 // call by the Python side, exactly as torch.optim's fused path does).
 // What it saves against fused AdamW + a separate EMA pass: the EMA pass's re-read of p and
-// AdamW's write-back of the unscaled gradient (12 bytes per parameter).
+// AdamW's write-back of the unscaled gradient (8 bytes per trained parameter), and the
+// shadow copy's re-read of the EMA (4 bytes per shadowed parameter).
 #pragma once
 
 #include <cmath>

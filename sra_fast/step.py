@@ -98,7 +98,8 @@ class TrainStep:
                    EMA lerp and the shadow in ONE pass over the parameters (the extension
                    when built, else fused_adamw_ema_ref: the same two passes as "foreach"),
                    saving the EMA's re-read of every parameter and AdamW's write-back of the
-                   unscaled gradient (12 bytes per parameter). Needs torch's fused AdamW with
+                   unscaled gradient (8 bytes per trained parameter; the shadow's re-read
+                   of the EMA too, 4 more per shadowed one). Needs torch's fused AdamW with
                    one parameter group and bf16/fp32 precision. Same AdamW arithmetic as
                    the installed torch's fused AdamW on the device (to fp32 rounding; the
                    EMA/shadow as "foreach").
@@ -455,6 +456,7 @@ class TrainStep:
         rng, stats = self._rng_get(), self._stats.clone()
         groups_lr = [g["lr"] for g in self.opt.param_groups]
         graph = "emulated"
+        caller_stream = torch.cuda.current_stream(self.device) if cuda else None
         try:
             for g, lr in zip(self.opt.param_groups, self._lr_dev):
                 g["lr"] = lr
@@ -481,6 +483,10 @@ class TrainStep:
                     self._adamw_ema.commit()
                 torch.cuda.synchronize(self.device)
         finally:
+            # a capture that failed in capture_end leaves its stream current (torch.cuda.graph
+            # restores the stream only after capture_end succeeds)
+            if cuda and torch.cuda.current_stream(self.device) != caller_stream:
+                torch.cuda.set_stream(caller_stream)
             for g, lr in zip(self.opt.param_groups, groups_lr):
                 g["lr"] = lr
             self._skip.fill_(0.0)
