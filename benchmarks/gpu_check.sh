@@ -14,13 +14,16 @@
 #      eager, attention backends; tests/test_fused_ema.py, tests/test_fused_adamw_ema.py: the
 #      C++/CUDA extension, JIT-built in the background meanwhile),
 #   6. runs the kernels' torch.compile CUDA tests (no graph break around our custom ops),
-# in that order (most needed first: kernels changed since the last GPU run; the step tests
-# passed there), each under `timeout` (SIGINT, so pytest still reports what ran; then SIGKILL)
+#   7. runs train.py on the GPU for 60 steps (the main job's path: data, the captured bf16
+#      step, a checkpoint, a sample grid),
+# in that order (kernels changed since the last GPU run; the step tests passed there; the
+# test parts in parallel processes when pytest-xdist is there), each under `timeout` (SIGINT, so pytest still reports what ran; then SIGKILL)
 # so one hang cannot eat the others' time, and writes the
 # full log (gpu_check.log), pytest's junit XML and both benchmark CSVs (rows appended as they
 # are measured) into OUT_DIR. A short summary is printed last. Part budgets (seconds) can be
-# overridden: T_TESTS, T_STEP, T_OPS, T_INFER, T_UPDATE, T_TESTS_STEP, T_COMPILE (defaults
-# 70 + 215 + 90 + 30 + 30 + 75 + 35 s, fitted into 570 s with start-up: see GPU_CHECK_MAX_S).
+# overridden: T_TESTS, T_STEP, T_OPS, T_INFER, T_UPDATE, T_TESTS_STEP, T_COMPILE, T_TRAIN
+# (defaults 60 + 215 + 90 + 30 + 30 + 60 + 35 + 45 s, fitted into 570 s with start-up: see
+# GPU_CHECK_MAX_S).
 # GPU_CHECK_BUDGET_S fits the whole run into that many seconds, GPU_CHECK_DEADLINE (unix
 # seconds) into the time until then (see below).
 # GPU_CHECK_WORK=DIR keeps the parts' outputs out of OUT_DIR (then OUT_DIR holds gpu_check.log,
@@ -42,20 +45,23 @@ mkdir -p "$WORK"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-$(command -v python || command -v python3)}"
-T_TESTS="${T_TESTS:-70}"
+T_TESTS="${T_TESTS:-60}"
 T_STEP="${T_STEP:-215}"
 T_OPS="${T_OPS:-90}"
 T_INFER="${T_INFER:-30}"
 T_UPDATE="${T_UPDATE:-30}"
-T_TESTS_STEP="${T_TESTS_STEP:-75}"
+T_TESTS_STEP="${T_TESTS_STEP:-60}"
 T_COMPILE="${T_COMPILE:-35}"
+T_TRAIN="${T_TRAIN:-45}"
 
 # GPU_CHECK_BUDGET_S: the seconds this whole script may take (the device time left once the
 # machine is up, less a margin). Unset: the part budgets above, ~8.7 minutes. Set and short:
 # each part gets its floor in order of need (step figures, kernel tests, step tests, ops,
-# update, infer, compile tests; a part whose floor no longer fits is skipped), the rest of the
-# time tops parts up towards their budgets in that same order; the run order is unchanged,
-# and a part never runs past the deadline (a part that overran shrinks the later ones).
+# update, infer, compile tests, train smoke; a part whose floor no longer fits is skipped), the
+# rest of the time tops parts up towards their budgets in that same order. The run order is
+# unchanged; when a part starts it may take up to its own budget from what is left after the
+# later parts' planned time (a part that ends early passes its time on), never past the
+# deadline.
 # GPU_CHECK_DEADLINE (unix seconds, the caller's clock) sets it to the time until then: the
 # caller knows when its device time runs out (its clock at the call + the time left then), not
 # how much of it the machine's start will take.
@@ -73,12 +79,15 @@ if [ "$MAX_S" -gt 0 ] && { [ "$BUDGET_S" -le 0 ] || [ "$BUDGET_S" -gt "$MAX_S" ]
   BUDGET_S=$MAX_S
 fi
 FIXED_S=35   # environment report + summary + slack
-PRIORITY=(STEP TESTS TESTS_STEP OPS UPDATE INFER COMPILE)
-declare -A FLOOR=([STEP]=150 [TESTS]=45 [TESTS_STEP]=45 [OPS]=45 [UPDATE]=15 [INFER]=15 [COMPILE]=25)
+PRIORITY=(STEP TESTS TESTS_STEP OPS UPDATE INFER COMPILE TRAIN)
+declare -A FLOOR=([STEP]=150 [TESTS]=45 [TESTS_STEP]=45 [OPS]=45 [UPDATE]=15 [INFER]=15 [COMPILE]=25
+                  [TRAIN]=30)
+ORDER=(TESTS STEP OPS INFER UPDATE TESTS_STEP COMPILE TRAIN)   # the order they run in
+declare -A WANT=([STEP]=$T_STEP [TESTS]=$T_TESTS [TESTS_STEP]=$T_TESTS_STEP [OPS]=$T_OPS
+                 [UPDATE]=$T_UPDATE [INFER]=$T_INFER [COMPILE]=$T_COMPILE [TRAIN]=$T_TRAIN)
+declare -A GIVE=()
+for k in "${PRIORITY[@]}"; do GIVE[$k]=${WANT[$k]}; done
 if [ "$BUDGET_S" -gt 0 ]; then
-  declare -A WANT=([STEP]=$T_STEP [TESTS]=$T_TESTS [TESTS_STEP]=$T_TESTS_STEP [OPS]=$T_OPS
-                   [UPDATE]=$T_UPDATE [INFER]=$T_INFER [COMPILE]=$T_COMPILE)
-  declare -A GIVE=()
   left=$(( BUDGET_S - FIXED_S ))
   for k in "${PRIORITY[@]}"; do
     f=${FLOOR[$k]}; [ "${WANT[$k]}" -lt "$f" ] && f=${WANT[$k]}
@@ -91,12 +100,13 @@ if [ "$BUDGET_S" -gt 0 ]; then
   done
   T_STEP=${GIVE[STEP]}; T_TESTS=${GIVE[TESTS]}; T_TESTS_STEP=${GIVE[TESTS_STEP]}
   T_OPS=${GIVE[OPS]}; T_UPDATE=${GIVE[UPDATE]}; T_INFER=${GIVE[INFER]}; T_COMPILE=${GIVE[COMPILE]}
+  T_TRAIN=${GIVE[TRAIN]}
 fi
 
 if [ "${GPU_CHECK_PLAN_ONLY:-0}" = "1" ]; then   # print the part budgets and stop (tests)
   echo "budget ${BUDGET_S} tests_kernels ${T_TESTS} bench_step ${T_STEP} bench_ops ${T_OPS}" \
        "bench_infer ${T_INFER} bench_update ${T_UPDATE} tests_step ${T_TESTS_STEP}" \
-       "tests_compile ${T_COMPILE}"
+       "tests_compile ${T_COMPILE} train_smoke ${T_TRAIN}"
   exit 0
 fi
 exec > >(tee -a "$LOG") 2>&1
@@ -105,7 +115,23 @@ declare -a SUMMARY=()
 [ -n "${BUDGET_NOTE:-}" ] && echo "$BUDGET_NOTE"
 [ "$BUDGET_S" -gt 0 ] && echo "budget ${BUDGET_S}s: tests_kernels ${T_TESTS}, bench_step ${T_STEP}," \
   "bench_ops ${T_OPS}, bench_infer ${T_INFER}, bench_update ${T_UPDATE}," \
-  "tests_step ${T_TESTS_STEP}, tests_compile ${T_COMPILE} (0: skipped)"
+  "tests_step ${T_TESTS_STEP}, tests_compile ${T_COMPILE}, train_smoke ${T_TRAIN} (0: skipped)"
+
+limit_for() {  # limit_for KEY: the seconds part KEY may take now (0: skip it)
+  local key="$1" t="${WANT[$1]}" reserve=0 after=0 j
+  if [ "$BUDGET_S" -gt 0 ]; then
+    for j in "${ORDER[@]}"; do   # the later parts' planned time stays theirs
+      [ "$after" = 1 ] && reserve=$(( reserve + GIVE[$j] ))
+      [ "$j" = "$key" ] && after=1
+    done
+    local avail=$(( START + BUDGET_S - 20 - $(date +%s) - reserve ))
+    [ "$t" -gt "$avail" ] && t=$avail
+    # a part planned out runs only if time freed since covers its floor
+    if [ "${GIVE[$key]}" -eq 0 ] && [ "$t" -lt "${FLOOR[$key]}" ]; then t=0; fi
+  fi
+  [ "$t" -lt 0 ] && t=0
+  echo "$t"
+}
 
 upto_deadline() {  # upto_deadline T: T, or less when the budget's deadline is nearer
   local t="$1"
@@ -194,7 +220,7 @@ if [ $HAVE_PYTEST = 1 ]; then
   # (test_linear_act.py) last so a cut-off part loses them first
   KERNEL_TEST_FILES=$(ls tests/test_*.py | grep -v -e test_step_cuda -e test_fused_ema \
                       -e test_fused_adamw_ema -e test_linear_act)
-  part tests_kernels "$T_TESTS" "$PY" -m pytest -q "${XDIST[@]}" -m cuda $KERNEL_TEST_FILES \
+  part tests_kernels "$(limit_for TESTS)" "$PY" -m pytest -q "${XDIST[@]}" -m cuda $KERNEL_TEST_FILES \
        tests/test_linear_act.py -k "not compile" -p no:cacheprovider \
        -rfEs --continue-on-collection-errors --junitxml="$OUT_DIR/pytest_cuda_kernels.xml"
 else
@@ -224,7 +250,7 @@ PLAN+=";DiT-XL/2@64=ours-graph,ours"
 PLAN+=";SiT-XL/2@32@512=ours-graph,eager-ref"
 PLAN+=";SiT-XL/2@64=compile"
 [ "${GPU_CHECK_DRY:-0}" = "1" ] && PLAN="tiny-SiT@8=eager-ref,ours,ours-graph;tiny-DiT@8=ours-graph"
-L=$(upto_deadline "$T_STEP")
+L=$(limit_for STEP)
 part bench_step "$L" "$PY" benchmarks/bench_step.py "${STEP_ARGS[@]}" --plan "$PLAN" \
      --steps 12 --warmup 3 --budget-s $(( L > 35 ? L - 25 : 10 )) --compile-reserve-s 100 \
      --csv "$OUT_DIR/bench_step.csv"
@@ -241,30 +267,38 @@ OPS_ARGS=(--mode fwd+bwd --timing graph --csv "$OUT_DIR/bench_ops.csv"
 [ "${GPU_CHECK_DRY:-0}" = "1" ] && OPS_ARGS+=(--quick)
 if [ -f benchmarks/bench_ops.py ]; then
   if "$PY" benchmarks/bench_ops.py --help 2>/dev/null | grep -q -- "--budget-s"; then
-    L=$(upto_deadline "$T_OPS"); OPS_ARGS+=(--budget-s $(( L > 25 ? L - 15 : 10 )))
+    L=$(limit_for OPS); OPS_ARGS+=(--budget-s $(( L > 25 ? L - 15 : 10 )))
   fi
-  part bench_ops "$(upto_deadline "$T_OPS")" "$PY" benchmarks/bench_ops.py "${OPS_ARGS[@]}"
+  part bench_ops "$(limit_for OPS)" "$PY" benchmarks/bench_ops.py "${OPS_ARGS[@]}"
   # the teacher's MLP (no grad): ours = cuBLASLt bias+GELU epilogue, vs eager and compile
   INFER_ARGS=(--op mlp --mode infer --providers eager,triton,compile --timing graph
-              --csv "$OUT_DIR/bench_ops.csv" --budget-s $(( $(upto_deadline "$T_INFER") > 18 ? $(upto_deadline "$T_INFER") - 8 : 10 )))
+              --csv "$OUT_DIR/bench_ops.csv" --budget-s $(( $(limit_for INFER) > 18 ? $(limit_for INFER) - 8 : 10 )))
   if [ "${GPU_CHECK_DRY:-0}" = "1" ]; then INFER_ARGS+=(--quick); else INFER_ARGS+=(--model XL/2); fi
-  part bench_infer "$T_INFER" "$PY" benchmarks/bench_ops.py "${INFER_ARGS[@]}"
+  part bench_infer "$(limit_for INFER)" "$PY" benchmarks/bench_ops.py "${INFER_ARGS[@]}"
 fi
 # the parameter update alone (SiT-XL/2's 675M parameters; extension built in the background)
 UPDATE_ARGS=(--csv "$OUT_DIR/bench_ops.csv")
 if [ "${GPU_CHECK_DRY:-0}" = "1" ]; then UPDATE_ARGS+=(--quick); else UPDATE_ARGS+=(--model SiT-XL/2); fi
-part bench_update "$T_UPDATE" "$PY" benchmarks/bench_update.py "${UPDATE_ARGS[@]}"
+part bench_update "$(limit_for UPDATE)" "$PY" benchmarks/bench_update.py "${UPDATE_ARGS[@]}"
 
 if [ $HAVE_PYTEST = 1 ]; then
-  part tests_step "$T_TESTS_STEP" "$PY" -m pytest -q "${XDIST[@]}" -m cuda tests/test_step_cuda.py \
+  part tests_step "$(limit_for TESTS_STEP)" "$PY" -m pytest -q "${XDIST[@]}" -m cuda tests/test_step_cuda.py \
        tests/test_fused_ema.py tests/test_fused_adamw_ema.py -p no:cacheprovider -rfEs \
        --continue-on-collection-errors \
        --junitxml="$OUT_DIR/pytest_cuda_step.xml"
-  part tests_compile "$T_COMPILE" "$PY" -m pytest -q "${XDIST[@]}" -m cuda tests/ -k "compile" \
+  part tests_compile "$(limit_for COMPILE)" "$PY" -m pytest -q "${XDIST[@]}" -m cuda tests/ -k "compile" \
        --ignore=tests/test_step_cuda.py --ignore=tests/test_fused_ema.py \
        --ignore=tests/test_fused_adamw_ema.py -p no:cacheprovider \
        -rfEs --continue-on-collection-errors --junitxml="$OUT_DIR/pytest_cuda_compile.xml"
 fi
+
+# the trainer itself on the GPU (the main job's path: data, CUDA-graph step in bf16, logging,
+# a checkpoint, a sample grid), 60 steps of the embedded digits run
+TRAIN_ARGS=(--max-steps 60 --precision bf16 --log-every 20 --ckpt-every 30 --sample-every 60
+            --sample-steps 10 --out-dir "$WORK/train_smoke" --exp-name gpu-check)
+[ "${GPU_CHECK_DRY:-0}" = "1" ] || TRAIN_ARGS+=(--device cuda)
+rm -rf "$WORK/train_smoke"
+part train_smoke "$(limit_for TRAIN)" "$PY" train.py "${TRAIN_ARGS[@]}"
 
 echo
 echo "=================== SUMMARY ($(( $(date +%s) - START ))s total) ==================="

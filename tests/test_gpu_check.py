@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
-DEFAULTS = {"tests_kernels": 70, "bench_step": 215, "bench_ops": 90, "bench_infer": 30,
-            "bench_update": 30, "tests_step": 75, "tests_compile": 35}
+DEFAULTS = {"tests_kernels": 60, "bench_step": 215, "bench_ops": 90, "bench_infer": 30,
+            "bench_update": 30, "tests_step": 60, "tests_compile": 35, "train_smoke": 45}
 FIXED = 35   # environment report, summary, slack
 CAP = 570    # GPU_CHECK_MAX_S: one device command runs 600 s at most
 
@@ -31,10 +31,11 @@ def plan(tmp_path, **env):
 
 
 def test_without_a_budget_the_check_fits_one_device_command(tmp_path):
-    # the defaults (545 s + 35) exceed 570: the last top-up (compile tests) gives way
+    # the defaults (565 s + 35) exceed 570: floors first (370), then top-ups by need; the
+    # last ones (infer, compile tests, train smoke) give way
     budget, parts = plan(tmp_path)
     assert budget == CAP and sum(parts.values()) == CAP - FIXED
-    assert parts == {**DEFAULTS, "tests_compile": DEFAULTS["tests_compile"] - 10}
+    assert parts == {**DEFAULTS, "bench_infer": 25, "tests_compile": 25, "train_smoke": 30}
     assert plan(tmp_path, GPU_CHECK_BUDGET_S=2000) == (budget, parts)
 
 
@@ -48,14 +49,15 @@ def test_a_short_budget_gives_floors_by_need_then_tops_up(tmp_path):
     # no longer fits, so every later part is skipped and the 10 s left go to the step
     _, parts = plan(tmp_path, GPU_CHECK_BUDGET_S=240)
     assert parts == {**{k: 0 for k in DEFAULTS}, "bench_step": 160, "tests_kernels": 45}
-    # 400 s: every floor fits (340), the 25 s left top up the step benchmark first
+    # 400 s: every floor but the train smoke's fits (340 of 365), the 25 s left top up the
+    # step benchmark first
     _, parts = plan(tmp_path, GPU_CHECK_BUDGET_S=400)
     assert parts == {"tests_kernels": 45, "bench_step": 175, "bench_ops": 45, "bench_infer": 15,
-                     "bench_update": 15, "tests_step": 45, "tests_compile": 25}
-    # 500 s: floors 340, then step +65 (to 215), kernel tests +25, step tests +30, ops +5
+                     "bench_update": 15, "tests_step": 45, "tests_compile": 25, "train_smoke": 0}
+    # 500 s: floors 370, then step +65 (to 215), kernel tests +15, step tests +15
     _, parts = plan(tmp_path, GPU_CHECK_BUDGET_S=500)
-    assert parts == {"tests_kernels": 70, "bench_step": 215, "bench_ops": 50, "bench_infer": 15,
-                     "bench_update": 15, "tests_step": 75, "tests_compile": 25}
+    assert parts == {"tests_kernels": 60, "bench_step": 215, "bench_ops": 45, "bench_infer": 15,
+                     "bench_update": 15, "tests_step": 60, "tests_compile": 25, "train_smoke": 30}
 
 
 @pytest.mark.parametrize("budget", [120, 240, 333, 400, 480, 560, 600, 900])
