@@ -255,6 +255,13 @@ class TrainConfig:
             raise ValueError(f"--batch-size must be >= 1, got {c.batch_size}")
         if not 0.0 <= c.cfg_prob < 1.0:
             raise ValueError(f"--cfg-prob must be in [0, 1), got {c.cfg_prob}")
+        # combinations the step refuses, said before anything is built
+        if c.teacher_bf16 and c.precision != "bf16":
+            raise ValueError(f"--teacher-bf16 needs --precision bf16 (the shadow holds the "
+                             f"weights autocast casts to bf16), got --precision {c.precision}")
+        if c.ema_impl == "adamw" and c.precision == "fp16":
+            raise ValueError("--ema-impl adamw runs torch's fused AdamW arithmetic, which a "
+                             "GradScaler (--precision fp16) cannot drive; use bf16 or fp32")
         c.sra_config().validate(model_depth(c.model))
         if c.sample_sampler == "ddpm" and model_kind(c.model) != "dit":
             raise ValueError("--sample-sampler ddpm is for DiT models; SiT uses euler, heun or sde")

@@ -174,6 +174,8 @@ def encode(a) -> int:
     mine = [c for c in range(n_chunks) if c % world == rank]
     todo = [c for c in mine if not (work / f"chunk-{c:06d}.npy").is_file()]
     device = pick_device(a.device, local_rank)
+    if device.type == "cuda":   # else the loader's pinning thread puts a context on GPU 0
+        torch.cuda.set_device(device)
     if rank == 0:
         print(f"[sra-fast] {n:,} images in {len(classes)} classes -> {sorted(formats)} at "
               f"{dest}; {n_chunks} chunks of {a.chunk_size} over {world} process(es)"

@@ -156,6 +156,9 @@ def build_parser():
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--trust-checkpoint", action="store_true")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="TF32 matmuls and convolutions on CUDA (as the released sampler; "
+                        "--no-tf32 for true fp32)")
     return p
 
 
@@ -185,10 +188,12 @@ def _atomic_savez(path: Path, **arrays):
 
 def run(a) -> Path | None:
     env = init_distributed(a.device, timeout_min=180)
-    try:
-        return _run(a, env)
-    finally:
-        cleanup(env)
+    if env.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = a.tf32
+        torch.backends.cudnn.allow_tf32 = a.tf32
+    out = _run(a, env)
+    cleanup(env)   # only on success: see trainer.main
+    return out
 
 
 def _run(a, env) -> Path | None:

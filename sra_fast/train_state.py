@@ -46,7 +46,21 @@ def capture_rng(generator: torch.Generator | None) -> dict:
                   "pos": int(st[2]), "has_gauss": int(st[3]), "cached_gaussian": float(st[4])},
         "python": [py[0], list(py[1]), py[2]],
         "generator": generator.get_state() if generator is not None else None,
+        "generator_device": generator.device.type if generator is not None else None,
     }
+
+
+def generator_state_fits(state: dict, generator: torch.Generator | None) -> bool:
+    """Whether `state`'s step generator can be restored into `generator`: a CUDA generator's
+    state (16 bytes: seed, offset) and a CPU one's (5056 bytes) do not mix, and --device may
+    change on resume. Checkpoints written before the device was recorded: by size."""
+    saved = state.get("generator")
+    if generator is None or saved is None:
+        return True
+    dev = state.get("generator_device")
+    if dev is not None and dev != generator.device.type:
+        return False
+    return saved.numel() == generator.get_state().numel()
 
 
 def restore_rng(state: dict, generator: torch.Generator | None):

@@ -35,7 +35,8 @@ from .sampling import (SamplerConfig, decode_latents, grid_labels, image_grid, l
                        sample, to_uint8)
 from .step import TrainStep, make_optimizer
 from .train_state import (adapt_released_optimizer, capture_rng, find_resume_checkpoint,
-                          is_released, list_checkpoints, read_checkpoint, restore_rng,
+                          generator_state_fits, is_released, list_checkpoints,
+                          read_checkpoint, restore_rng,
                           save_training_checkpoint, ckpt_dir, atomic_write_text)
 
 
@@ -57,9 +58,9 @@ def _cpu_count() -> int:
 def setup_backends(cfg: TrainConfig, env: DistEnv):
     if env.device.type == "cpu":
         torch.set_num_threads(cfg.threads or max(1, _cpu_count() // max(env.local_world_size, 1)))
-    elif cfg.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    else:   # both ways: cuDNN's TF32 is on by default, --no-tf32 turns it off too
+        torch.backends.cuda.matmul.allow_tf32 = bool(cfg.tf32)
+        torch.backends.cudnn.allow_tf32 = bool(cfg.tf32)
     ops.set_backend(cfg.kernels)
     set_attention_backend(cfg.attn)
 
@@ -146,12 +147,15 @@ class Trainer:
                                gradient_as_bucket_view=True)
         else:
             self.student = self.model
-        self.train_step = TrainStep(self.model, self.ema, self.objective, self.opt,
-                                    student=self.student, precision=cfg.precision,
-                                    grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay,
-                                    grad_accum=cfg.grad_accum, generator=self.generator,
-                                    cuda_graph=cfg.cuda_graph, teacher_bf16=cfg.teacher_bf16,
-                                    ema_impl=cfg.ema_impl)
+        try:
+            self.train_step = TrainStep(self.model, self.ema, self.objective, self.opt,
+                                        student=self.student, precision=cfg.precision,
+                                        grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay,
+                                        grad_accum=cfg.grad_accum, generator=self.generator,
+                                        cuda_graph=cfg.cuda_graph,
+                                        teacher_bf16=cfg.teacher_bf16, ema_impl=cfg.ema_impl)
+        except ValueError as e:   # a combination of settings the step cannot run
+            raise RunError(str(e)) from e
         if self._scaler_state is not None and self.train_step.scaler is not None:
             self.train_step.scaler.load_state_dict(self._scaler_state)
         # consecutive non-finite steps, tracked on the device (no per-step sync)
@@ -334,13 +338,17 @@ class Trainer:
             self.epoch, self.pos = self.epoch + 1, 0
         rng = ck.get("rng") or {}
         ranks = rng.get("ranks") or []
-        if len(ranks) == env.world_size:
+        if len(ranks) == env.world_size and generator_state_fits(ranks[env.rank],
+                                                                 self.generator):
             restore_rng(ranks[env.rank], self.generator)
             rng_note = "RNG restored"
         else:
             self.generator.manual_seed(derive_seed(cfg.seed, env.rank, self.step))
             rng_note = (f"RNG re-seeded (checkpoint had {len(ranks)} processes, now "
-                        f"{env.world_size})")
+                        f"{env.world_size})" if len(ranks) != env.world_size else
+                        "RNG re-seeded (the checkpoint's step generator was on "
+                        f"{ranks[env.rank].get('generator_device') or 'another device type'}"
+                        f", this run's is on {self.generator.device.type})")
         self._scaler_state = ck.get("scaler")
         self.nonfinite_total = int((ck.get("nonfinite") or {}).get("total", 0))
         self.print(f"[sra-fast] resumed from {path}: step {self.step}, epoch {self.epoch}, "
@@ -568,19 +576,22 @@ class Trainer:
 def main(argv=None) -> int:
     cfg = parse_config(argv)
     env = None
+
+    def say(msg):
+        # every rank says it: an error may be one rank's own (its data shard, a file only it
+        # cannot read), and torchrun shows nothing but an exit code otherwise
+        who = "" if env is None or not env.distributed or env.is_main else f"(rank {env.rank}) "
+        print(f"{who}{msg}", file=sys.stderr, flush=True)
+
     try:
         env = init_distributed(cfg.device)
         trainer = Trainer(cfg, env)
         trainer.train()
-        return 0
+        cleanup(env)   # only on success: destroying the process group while other ranks
+        return 0       # may still wait in a collective can hang
     except TrainingStopped as e:
-        if env is None or env.is_main:
-            print(f"[sra-fast] training stopped: {e}", file=sys.stderr, flush=True)
+        say(f"[sra-fast] training stopped: {e}")
         return 3
     except (RunError, DataError, CheckpointError) as e:
-        if env is None or env.is_main:
-            print(f"error: {error_line(e)}", file=sys.stderr, flush=True)
+        say(f"error: {error_line(e)}")
         return 2
-    finally:
-        if env is not None:
-            cleanup(env)

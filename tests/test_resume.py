@@ -124,3 +124,28 @@ def test_resume_reads_checkpoints_with_the_older_optimizer_layout(tmp_path):
     torch.save(ck, path)
     resumed = _run(tiny_latent_config(tmp_path / "b", data, max_steps=6, resume="auto", **kw))
     _assert_bitwise(ref, _state(resumed))
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["device-recorded", "older-file"])
+def test_resume_from_a_run_on_another_device_type_reseeds(tmp_path, capsys, recorded):
+    """A checkpoint written on a GPU holds a CUDA step generator's state (16 bytes), which a
+    CPU generator cannot take (and the reverse): --device may change on resume, so the run
+    re-seeds and says so instead of failing in Generator.set_state."""
+    data = make_released_latents(tmp_path / "d", n=40)
+    kw = dict(lr=1e-3, ckpt_every=3, log_every=1)
+    _run(tiny_latent_config(tmp_path / "b", data, max_steps=3, **kw))
+    path = tmp_path / "b" / "run" / "checkpoints" / "0000003.pt"
+    ck = torch.load(path, weights_only=True)
+    for r in ck["rng"]["ranks"]:   # what a CUDA generator's get_state() gives
+        r["generator"] = torch.zeros(16, dtype=torch.uint8)
+        if recorded:
+            r["generator_device"] = "cuda"
+        else:
+            r.pop("generator_device", None)
+    torch.save(ck, path)
+    capsys.readouterr()
+    tr = Trainer(tiny_latent_config(tmp_path / "b", data, max_steps=4, resume="auto", **kw))
+    tr.train()
+    out = capsys.readouterr().out
+    assert "RNG re-seeded (the checkpoint's step generator was on" in out
+    assert tr.step == 4

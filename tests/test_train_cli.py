@@ -79,7 +79,8 @@ def test_embedded_digits_default_shortened(tmp_path):
     assert z["labels"].tolist() == [0, 1, 2, 3, 4, 5]
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "bad-dtype", "labels", "size", "batch"])
+@pytest.mark.parametrize("case", ["missing", "empty", "bad-dtype", "labels", "size", "batch",
+                                  "teacher-bf16"])
 def test_bad_input_gives_one_line_errors(tmp_path, case):
     data = tmp_path / "data"
     args = ["--model", "SiT-T/2", "--batch-size", "4", "--max-steps", "1", "--kernels", "ref",
@@ -87,13 +88,15 @@ def test_bad_input_gives_one_line_errors(tmp_path, case):
     expect = {"missing": "does not exist", "empty": "is empty",
               "bad-dtype": "latent array has dtype float64; expected float32",
               "labels": "labels are outside 0..1", "size": "implies 32x32 latents",
-              "batch": "does not split into --grad-accum 3"}[case]
+              "batch": "does not split into --grad-accum 3",
+              "teacher-bf16": "--teacher-bf16 needs --precision bf16"}[case]
     if case == "empty":
         data.mkdir()
     elif case != "missing":
         make_released_latents(data, n=8, dtype=np.float64 if case == "bad-dtype" else np.float32)
     extra = {"labels": ["--num-classes", "2"], "size": ["--resolution", "256"],
-             "batch": ["--grad-accum", "3"]}.get(case, [])
+             "batch": ["--grad-accum", "3"],
+             "teacher-bf16": ["--teacher-bf16", "--precision", "fp32"]}.get(case, [])
     p = run_cli([TRAIN, "--data-dir", data, *args, *extra], cwd=tmp_path, check=False)
     assert p.returncode == 2, p.stderr
     lines = p.stderr.strip().splitlines()
