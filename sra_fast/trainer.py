@@ -137,8 +137,14 @@ class Trainer:
         self.epoch = 0
         self.pos = 0
         self.nonfinite_total = 0
-        self._check_run_dir()
-        self._resume_or_init()
+        self.resumed_from = None
+        failed = None
+        try:
+            self._check_run_dir()
+            self._resume_or_init()
+        except (RunError, CheckpointError) as e:
+            failed = e
+        self._agree_on_start(failed)
 
         if env.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -221,6 +227,29 @@ class Trainer:
                            f"{complete[0].name}); pass --resume auto to continue it, or "
                            "another --exp-name for a new run")
 
+    def _agree_on_start(self, failed):
+        """Every process starts from the same state or none starts: each lists and reads the
+        checkpoints on its own (a read error on one, or nodes that do not share --out-dir,
+        would otherwise give ranks different steps, EMA and optimizer state, whose
+        collectives then pair up wrongly: a hang or a silent divergence)."""
+        if not self.env.distributed:
+            if failed is not None:
+                raise failed
+            return
+        mine = (error_line(failed) if failed is not None else None,
+                str(self.resumed_from) if self.resumed_from is not None else None)
+        views = all_gather_objects(mine, self.env)
+        if failed is not None:
+            raise failed
+        bad = [(r, msg) for r, (msg, _) in enumerate(views) if msg is not None]
+        if bad:
+            r, msg = bad[0]
+            raise RunError(f"rank {r} could not start: {msg}")
+        if len({p for _, p in views}) > 1:
+            shown = ", ".join(f"rank {r}: {p or 'no checkpoint'}" for r, (_, p) in enumerate(views))
+            raise RunError(f"the processes would resume from different checkpoints ({shown}); "
+                           "every node must see the same --out-dir (a shared file system)")
+
     def _resume_or_init(self):
         cfg = self.cfg
         self._scaler_state = None
@@ -239,6 +268,7 @@ class Trainer:
                 raise
         if ck is not None:
             self._restore(ck, path)
+            self.resumed_from = Path(path).resolve()
         elif cfg.init_from:
             self._init_from(cfg.init_from)
 

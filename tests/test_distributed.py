@@ -11,6 +11,7 @@ from sra_fast.distributed import DistEnv, env_ranks
 from trainer_fixtures import REPO, restore_backends, run_cli  # noqa: F401
 
 WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
+SPLIT_WORKER = Path(__file__).resolve().parent / "ddp_split_worker.py"
 
 
 @pytest.mark.timeout(300)
@@ -35,6 +36,23 @@ def test_two_gloo_processes_equal_one_process_on_the_concatenated_batch(tmp_path
     for i, st in a["opt"]["state"].items():
         assert torch.allclose(st["exp_avg"], b["opt"]["state"][i]["exp_avg"], rtol=1e-4,
                               atol=1e-9)
+
+
+@pytest.mark.timeout(300)
+def test_ranks_that_would_resume_from_different_checkpoints_all_stop(tmp_path):
+    """Nodes that do not share --out-dir (here: rank r writes to node<r>): rank 0 finds a
+    checkpoint, rank 1 none. Each would start from its own state and their collectives would
+    pair up wrongly; instead every rank stops with one line naming the cause."""
+    run_cli([SPLIT_WORKER, tmp_path, "1", 2], cwd=REPO)          # one process: node0 at step 2
+    assert (tmp_path / "node0" / "run" / "checkpoints" / "0000002.pt").exists()
+    p = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                 SPLIT_WORKER, tmp_path, "1", 4], cwd=REPO, check=False)
+    assert p.returncode != 0
+    errs = [ln for ln in p.stderr.splitlines() if "would resume from different checkpoints" in ln]
+    assert len(errs) == 2, p.stderr[-3000:]                      # said by both ranks
+    assert any(ln.startswith("(rank 1) error: ") for ln in errs)
+    assert "rank 1: no checkpoint" in errs[0]
+    assert not (tmp_path / "node0" / "run" / "checkpoints" / "0000004.pt").exists()
 
 
 def test_env_ranks_follow_torchrun(monkeypatch):
