@@ -32,6 +32,7 @@ import contextlib
 import warnings
 
 import torch
+import torch.distributed
 
 from .objective import SRAObjective, ema_update
 from .profiling import nvtx_enabled, nvtx_range
@@ -294,6 +295,13 @@ class TrainStep:
                 self.scaler.unscale_(self.opt)
             gnorm = self._grad_norm_and_clip()
             finite = torch.isfinite(tot[0]) & torch.isfinite(gnorm)
+            if getattr(self.student, "process_group", None) is not None:
+                # DDP: the loss is this rank's own; every rank must skip the same steps, or
+                # the replicas (and their EMAs) drift apart, never to be re-synced
+                f = finite.float()
+                torch.distributed.all_reduce(f, op=torch.distributed.ReduceOp.MIN,
+                                             group=self.student.process_group)
+                finite = f > 0
             if self.scaler:
                 self.scaler.step(self.opt)   # skips on inf/nan grads itself (fp16 path)
                 self.scaler.update()
