@@ -551,14 +551,25 @@ class Trainer:
     # ---------------------------------------------------------------- sample grids
     @torch.no_grad()
     def sample_grid(self, per_class: int = 8):
-        """A grid (one row per class) from fixed noise, written by rank 0."""
-        if not self.main:
-            barrier(self.env)
-            return None
+        """A grid (one row per class) from fixed noise, written by rank 0; the other ranks
+        wait for it. Out of GPU memory (the grid on top of the training state) costs the
+        grid, not the run."""
+        out = None
+        try:
+            if self.main:
+                out = self._write_grid(per_class)
+        except torch.OutOfMemoryError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            self.warn(f"warning: no sample grid at step {self.step}: out of GPU memory "
+                      f"({first[:120]})")
+            torch.cuda.empty_cache()
+        barrier(self.env)
+        return out
+
+    def _write_grid(self, per_class: int):
         cfg = self.cfg
         if self.ds.kind == "moments" and (cfg.vae == "none" or self._vae_failed):
-            barrier(self.env)   # nothing to decode latents with: no grid
-            return None
+            return None   # nothing to decode latents with: no grid
         net = self.ema if cfg.sample_weights == "ema" else self.model
         labels = grid_labels(self.num_classes, per_class)
         g = torch.Generator(self.device)
@@ -574,7 +585,6 @@ class Trainer:
         if self.ds.kind == "moments":
             x = self._decode(x)
             if x is None:
-                barrier(self.env)
                 return None
         img = image_grid(to_uint8(x).cpu().numpy(), nrow=per_class)
         out = self.run_dir / "samples" / f"step-{self.step:07d}.png"
@@ -587,7 +597,6 @@ class Trainer:
         self.logger.event(self.step, "samples", path=str(out), sampler=cfg.sample_sampler,
                           steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg_scale,
                           weights=cfg.sample_weights)
-        barrier(self.env)
         return out
 
     def _decode(self, z):
@@ -600,7 +609,9 @@ class Trainer:
                 self._vae_failed = True
                 self.warn(f"warning: no sample grids: {e}")
                 return None
-        return decode_latents(self._vae, z, self.cfg.latent_scale)
+        # 16 at a time: the VAE decoder's activations at 256 px are GBs per 64 images, on top
+        # of the training state
+        return decode_latents(self._vae, z, self.cfg.latent_scale, batch=16)
 
 
 def main(argv=None) -> int:

@@ -282,3 +282,21 @@ def test_one_pass_adamw_ema_from_the_command_line(tmp_path):
         out.append([p.detach().clone() for p in list(tr.model.parameters())
                     + list(tr.ema.parameters())])
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(*out))
+
+
+def test_a_sample_grid_out_of_gpu_memory_costs_the_grid_not_the_run(tmp_path, monkeypatch,
+                                                                     capsys):
+    """The grid is drawn on top of the training state (and a captured step's pool): running
+    out of GPU memory there warns and skips that grid; training goes on."""
+    import sra_fast.trainer as T
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(T, "sample", oom)
+    tr = Trainer(digits_cfg(tmp_path, max_steps=4, sample_every=2, log_every=2),
+                 dataset=SmallDigits(64))
+    tr.train()
+    assert tr.step == 4
+    err = capsys.readouterr()
+    assert "no sample grid at step 2: out of GPU memory (CUDA out of memory." in err.out + err.err
+    assert not (tr.run_dir / "samples.png").exists()
