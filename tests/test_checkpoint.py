@@ -56,8 +56,24 @@ def test_missing_and_garbage_files(tmp_path):
         load_checkpoint(tmp_path / "nope.pt")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="bad.pt"):
-        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="bad.pt: not a readable PyTorch checkpoint"):
+        load_checkpoint(bad)   # a damaged file, not an allow-list refusal
+
+
+def test_zip_files_are_memory_mapped_and_old_format_files_still_load(tmp_path, monkeypatch):
+    """Zip-format files (every torch.save since 1.6) load memory-mapped: the ranks of a node
+    resuming together share the page cache instead of a copy each; the old format loads
+    whole."""
+    sd = {"model": small().state_dict()}
+    torch.save(sd, tmp_path / "new.pt")
+    torch.save(sd, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    calls = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k.get("mmap")) or real(*a, **k))
+    for name in ("new.pt", "old.pt"):
+        got = load_checkpoint(tmp_path / name)["model"]
+        assert all(torch.equal(got[k], v) for k, v in sd["model"].items())
+    assert calls == [True, True, None]   # new: mapped; old: mapped refused, then whole
 
 
 def test_plain_checkpoint_without_head_needs_flag(capsys):
