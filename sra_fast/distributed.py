@@ -56,6 +56,9 @@ def pick_device(pref: str = "auto", local_rank: int = 0) -> torch.device:
         if not torch.cuda.is_available():
             raise RuntimeError("--device cuda was asked for but CUDA is not available here")
         n = torch.cuda.device_count()
+        if n == 1 and local_rank > 0 and os.environ.get("CUDA_VISIBLE_DEVICES"):
+            # one GPU bound per process (SLURM --gpus-per-task=1 and the like): it is cuda:0
+            return torch.device("cuda", 0)
         if local_rank >= n:
             raise RuntimeError(f"LOCAL_RANK {local_rank} but only {n} GPUs are visible on this "
                                "node: launch at most one process per GPU (torchrun "

@@ -86,3 +86,19 @@ def test_sampling_across_ranks_matches_one_process(tmp_path, restore_backends): 
     assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
     meta = json.loads((tmp_path / "two.json").read_text())
     assert meta["world_size"] == 2 and meta["num_samples"] == 7
+
+
+def test_one_gpu_bound_per_process_is_cuda_0(monkeypatch):
+    """SLURM --gpus-per-task=1 (and the like) binds one GPU per process through
+    CUDA_VISIBLE_DEVICES: every rank sees it as cuda:0, whatever its LOCAL_RANK. Without such
+    a binding, more processes than GPUs is an error naming the fix."""
+    from sra_fast.distributed import pick_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
+    assert pick_device("auto", local_rank=3) == torch.device("cuda", 0)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    with pytest.raises(RuntimeError, match="only 1 GPUs are visible"):
+        pick_device("auto", local_rank=3)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert pick_device("cuda", local_rank=3) == torch.device("cuda", 3)
