@@ -519,6 +519,10 @@ class Trainer:
                    s["steps"], 1)}
         if self._flops and self._peak:
             rec["mfu"] = self._flops * img_s / (self._peak * 1e12 * env.world_size)
+        if self.device.type == "cuda":   # allocator counters: host-side, no sync
+            rec["gpu_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+            rec["gpu_reserved_gib"] = torch.cuda.memory_reserved(self.device) / 2 ** 30
+            torch.cuda.reset_peak_memory_stats(self.device)   # the next window's own peak
         self.logger.log(self.step, **rec)
         if nf:
             self.warn(f"step {self.step}: {nf} non-finite loss(es) in the last {s['steps']} "
