@@ -262,7 +262,7 @@ part bench_step "$L" "$PY" benchmarks/bench_step.py "${STEP_ARGS[@]}" --plan "$P
 OPS_ARGS=(--mode fwd+bwd --timing graph --csv "$OUT_DIR/bench_ops.csv"
           --providers eager,triton,triton-gemm,compile
           --op gated_residual_adaln_norm,align_loss,mlp,projector,adaln_norm,gated_residual
-          --row-configs 4096x16,2048x8,2048x4)
+          --row-configs 2048x8,4096x16)   # the default launch shape, then the old one
 [ "${GPU_CHECK_DRY:-0}" = "1" ] || OPS_ARGS+=(--model XL/2)
 [ "${GPU_CHECK_DRY:-0}" = "1" ] && OPS_ARGS+=(--quick)
 if [ -f benchmarks/bench_ops.py ]; then
