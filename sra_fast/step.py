@@ -375,7 +375,7 @@ class TrainStep:
         (swapped in only while capturing; the trainer keeps seeing floats). Run before every
         capture: a resumed optimizer state_dict may have brought capturable=False back."""
         if not hasattr(self, "_lr_dev") or len(self._lr_dev) != len(self.opt.param_groups):
-            self._lr_dev, self._lr_host = [], []
+            self._lr_dev, self._lr_host, self._lr_seen = [], [], {}
             # CUDA's fused AdamW reads a tensor lr as fp32 (a relative 3e-8 rounding of the
             # float it would otherwise get); the CPU kernel reads fp64
             dt = torch.float32 if self.device.type == "cuda" else torch.float64
@@ -397,9 +397,15 @@ class TrainStep:
     def _sync_lr(self):
         for i, g in enumerate(self.opt.param_groups):
             lr = g["lr"]
-            if torch.is_tensor(lr):   # schedulers update a tensor lr in place: always copy
+            if torch.is_tensor(lr) and lr.device.type != "cpu":
+                # schedulers update a tensor lr in place: copy it every step (on the device)
                 self._lr_dev[i].copy_(lr)
                 self._lr_host[i] = lr
+            elif torch.is_tensor(lr):   # a CPU tensor: read on the host, copied when changed
+                v = float(lr)           # (its value, not the object: it may change in place)
+                if lr is not self._lr_host[i] or v != self._lr_seen.get(i):
+                    self._lr_dev[i].fill_(v)
+                    self._lr_host[i], self._lr_seen[i] = lr, v
             elif lr is not self._lr_host[i]:
                 self._lr_dev[i].fill_(float(lr))
                 self._lr_host[i] = lr

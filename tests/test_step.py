@@ -261,6 +261,21 @@ def test_changed_settings_force_recapture_and_stay_exact():
     assert same(runs[0][0], runs[1][0])
 
 
+def test_a_tensor_lr_changed_in_place_reaches_the_captured_step():
+    """LR schedulers update a tensor lr in place (same object): the captured step must see
+    the new value, and the group keeps the user's tensor."""
+    m, ema, opt, step = build(mode="emulate")
+    lr = torch.tensor(1e-3)
+    opt.param_groups[0]["lr"] = lr
+    data = batches(3)
+    step(*data[0], 0.5)
+    assert step._lr_dev[0].item() == pytest.approx(1e-3)
+    lr.fill_(5e-4)
+    step(*data[1], 0.5)
+    assert step._lr_dev[0].item() == pytest.approx(5e-4)
+    assert opt.param_groups[0]["lr"] is lr
+
+
 def test_emulated_warmup_changes_nothing():
     m, ema, opt, step = build(mode="emulate", graph_warmup=3)
     before = snapshot(m, ema, opt)
