@@ -17,7 +17,8 @@
 #   7. runs train.py on the GPU for 60 steps (the main job's path: data, the captured bf16
 #      step, a checkpoint, a sample grid),
 # in that order (kernels changed since the last GPU run; the step tests passed there; the
-# test parts in parallel processes when pytest-xdist is there), each under `timeout` (SIGINT, so pytest still reports what ran; then SIGKILL)
+# test parts in parallel processes when pytest-xdist is there), each under `timeout`
+# (SIGINT, so pytest still reports what ran; then SIGKILL)
 # so one hang cannot eat the others' time, and writes the
 # full log (gpu_check.log), pytest's junit XML and both benchmark CSVs (rows appended as they
 # are measured) into OUT_DIR. A short summary is printed last. Part budgets (seconds) can be
@@ -199,8 +200,13 @@ EOF
 # SIGINT at the limit, so torch's build releases its lock file (SIGTERM would leave it, and
 # every later load would wait on it)
 rm -f "$WORK/ext_build.ok" "$WORK/ext_build.failed"
-( SRA_FAST_JIT_EXT=1 MAX_JOBS=8 timeout -s INT -k 15 300 "$PY" -c \
-    "from sra_fast import ext; m = ext.load(jit=True); print('[ext] built:', ext.available(), 'with CUDA:', bool(m is not None and m.with_cuda), ext.unavailable_reason()); raise SystemExit(0 if m is not None and m.with_cuda else 1)" \
+EXT_BUILD='
+from sra_fast import ext
+m = ext.load(jit=True)
+cuda = m is not None and m.with_cuda
+print("[ext] built:", ext.available(), "with CUDA:", cuda, ext.unavailable_reason())
+raise SystemExit(0 if cuda else 1)'
+( SRA_FAST_JIT_EXT=1 MAX_JOBS=8 timeout -s INT -k 15 300 "$PY" -c "$EXT_BUILD" \
     > "$WORK/ext_build.out" 2>&1 && touch "$WORK/ext_build.ok" || touch "$WORK/ext_build.failed" ) &
 
 HAVE_PYTEST=0
@@ -292,11 +298,12 @@ if [ $HAVE_PYTEST = 1 ]; then
        -rfEs --continue-on-collection-errors --junitxml="$OUT_DIR/pytest_cuda_compile.xml"
 fi
 
-# the trainer itself on the GPU (the main job's path: data, CUDA-graph step in bf16, logging,
-# a checkpoint, a sample grid), 60 steps of the embedded digits run
+# the trainer itself on the GPU (the main job's path: data, the step in bf16 captured in a
+# CUDA graph with the bf16 teacher shadow, logging, a checkpoint, a sample grid), 60 steps of
+# the embedded digits run
 TRAIN_ARGS=(--max-steps 60 --precision bf16 --log-every 20 --ckpt-every 30 --sample-every 60
             --sample-steps 10 --out-dir "$WORK/train_smoke" --exp-name gpu-check)
-[ "${GPU_CHECK_DRY:-0}" = "1" ] || TRAIN_ARGS+=(--device cuda)
+[ "${GPU_CHECK_DRY:-0}" = "1" ] || TRAIN_ARGS+=(--device cuda --cuda-graph --teacher-bf16)
 rm -rf "$WORK/train_smoke"
 part train_smoke "$(limit_for TRAIN)" "$PY" train.py "${TRAIN_ARGS[@]}"
 

@@ -13,8 +13,9 @@ Under autocast, the normalized activation of adaln_norm (and the `out` of
 gated_residual_adaln_norm) comes back in the autocast dtype, whatever the backend: in SiT/DiT
 it only feeds a matmul, which autocast would cast it for. The values reaching that matmul are
 the same (the reference: the same bits; a Triton kernel may sum its fp32 row statistics in
-another order when it stores bf16, so to fp32 rounding); what is saved is the fp32 write, its re-read and the cast's write (the
-residual stream under autocast is fp32, since pos_embed is).
+another order when it stores bf16, so to fp32 rounding); what is saved is the fp32 write,
+its re-read and the cast's write (the residual stream under autocast is fp32, since
+pos_embed is).
 """
 from __future__ import annotations
 
