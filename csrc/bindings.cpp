@@ -24,6 +24,22 @@
 
 namespace sra_fast {
 
+// A plan's device table, built on the host: the descriptors (as 8-byte words), then one int64
+// entry per work chunk (tensor << 32 | chunk). Both plans' kernels read this layout.
+template <typename Desc>
+at::Tensor pack_plan_table(const std::vector<Desc>& descs, const std::vector<int64_t>& chunks) {
+  static_assert(sizeof(Desc) % sizeof(int64_t) == 0, "descriptors are whole 8-byte words");
+  const int64_t desc_words = static_cast<int64_t>(descs.size() * sizeof(Desc) / sizeof(int64_t));
+  at::Tensor host = at::empty({desc_words + static_cast<int64_t>(chunks.size())},
+                              at::dtype(at::kLong));
+  auto* words = host.data_ptr<int64_t>();
+  if (!descs.empty()) std::memcpy(words, descs.data(), descs.size() * sizeof(Desc));
+  if (!chunks.empty()) {
+    std::memcpy(words + desc_words, chunks.data(), chunks.size() * sizeof(int64_t));
+  }
+  return host;
+}
+
 // Hidden like pybind11's own types (else GCC warns when the module is built without
 // -fvisibility=hidden, as torch.utils.cpp_extension does).
 #if defined(__GNUC__)
@@ -82,16 +98,7 @@ class SRA_FAST_HIDDEN FusedEMAPlan {
     }
     if (device_.is_cuda()) {
 #ifdef WITH_CUDA
-      const int64_t desc_words = static_cast<int64_t>(n) * 4;   // 32-byte descriptors
-      at::Tensor host = at::empty({desc_words + static_cast<int64_t>(chunk_entries_.size())},
-                                  at::dtype(at::kLong));
-      auto* words = host.data_ptr<int64_t>();
-      if (n) std::memcpy(words, descs_.data(), n * sizeof(EmaTensorDesc));
-      if (!chunk_entries_.empty()) {
-        std::memcpy(words + desc_words, chunk_entries_.data(),
-                    chunk_entries_.size() * sizeof(int64_t));
-      }
-      table_ = fused_ema_upload_table(host, device_);
+      table_ = fused_ema_upload_table(pack_plan_table(descs_, chunk_entries_), device_);
 #else
       TORCH_CHECK(false, "FusedEMAPlan: this build of the extension has no CUDA support "
                   "(compiled without WITH_CUDA); tensors are on ", device_);
@@ -240,15 +247,7 @@ class SRA_FAST_HIDDEN FusedAdamWEMAPlan {
     grads_.assign(n, nullptr);
     if (device_.is_cuda()) {
 #ifdef WITH_CUDA
-      const int64_t desc_words = static_cast<int64_t>(n) * 8;   // 64-byte descriptors
-      at::Tensor host = at::empty({desc_words + static_cast<int64_t>(chunk_entries_.size())},
-                                  at::dtype(at::kLong));
-      auto* words = host.data_ptr<int64_t>();
-      if (n) std::memcpy(words, descs_.data(), n * sizeof(AdamWEmaTensorDesc));
-      if (!chunk_entries_.empty()) {
-        std::memcpy(words + desc_words, chunk_entries_.data(),
-                    chunk_entries_.size() * sizeof(int64_t));
-      }
+      at::Tensor host = pack_plan_table(descs_, chunk_entries_);
       table_ = at::empty(host.sizes(), host.options().device(device_));
       adamw_ema_upload(table_, host);
       grad_table_ = at::zeros({std::max<int64_t>(1, static_cast<int64_t>(n))},
