@@ -236,14 +236,21 @@ class TrainStep:
             self.opt.found_inf = None
             self.opt.grad_scale = None
 
+    @staticmethod
+    def _set_scalar(dst: torch.Tensor, value):
+        """dst (a 0-d device tensor) = value, a float or a tensor, without a host sync: a
+        device tensor is copied on the device, a CPU one read on the host (a copy from
+        pageable host memory would wait for the GPU)."""
+        if torch.is_tensor(value) and value.device.type != "cpu":
+            dst.copy_(value)
+        else:
+            dst.fill_(float(value))
+
     def _adamw_ema_step(self):
         """AdamW + EMA (+ shadow) in one pass (ema_impl="adamw"); found_inf skips it all."""
         with nvtx_range("optimizer+EMA"):
-            lr = self.opt.param_groups[0]["lr"]   # a device scalar while capturing
-            if torch.is_tensor(lr):
-                self._lr32.copy_(lr)
-            else:
-                self._lr32.fill_(float(lr))
+            # the group's lr is a device scalar while capturing
+            self._set_scalar(self._lr32, self.opt.param_groups[0]["lr"])
             self._adamw_ema.step(self._lr32, self._found_inf,
                                  self._grad_scale if self._clip_mode == "optimizer" else None,
                                  self._ema_w)
@@ -305,11 +312,10 @@ class TrainStep:
             if self.scaler:
                 self.scaler.step(self.opt)   # skips on inf/nan grads itself (fp16 path)
                 self.scaler.update()
-            elif self._adamw_ema is not None:
+            elif self._adamw_ema is not None or self._opt_fused:
                 self._found_inf.copy_((~finite).float())
-            elif self._opt_fused:
-                self._found_inf.copy_((~finite).float())
-                self._fused_opt_step()
+                if self._adamw_ema is None:   # (the one-pass update runs after zero_grad)
+                    self._fused_opt_step()
             elif bool(finite):
                 # a non-fused optimizer has no device-side skip: this path syncs the host once
                 # per step (graph mode refuses such optimizers)
@@ -375,7 +381,7 @@ class TrainStep:
         (swapped in only while capturing; the trainer keeps seeing floats). Run before every
         capture: a resumed optimizer state_dict may have brought capturable=False back."""
         if not hasattr(self, "_lr_dev") or len(self._lr_dev) != len(self.opt.param_groups):
-            self._lr_dev, self._lr_host, self._lr_seen = [], [], {}
+            self._lr_dev, self._lr_host = [], []
             # CUDA's fused AdamW reads a tensor lr as fp32 (a relative 3e-8 rounding of the
             # float it would otherwise get); the CPU kernel reads fp64
             dt = torch.float32 if self.device.type == "cuda" else torch.float64
@@ -384,12 +390,8 @@ class TrainStep:
                 self._lr_host.append(None)
         for i, g in enumerate(self.opt.param_groups):
             g["capturable"] = True
-            lr = g["lr"]
-            if torch.is_tensor(lr):
-                self._lr_dev[i].copy_(lr)
-            else:
-                self._lr_dev[i].fill_(float(lr))
-            self._lr_host[i] = lr
+            self._set_scalar(self._lr_dev[i], g["lr"])
+            self._lr_host[i] = g["lr"]
         for st in self.opt.state.values():  # state from an eager optimizer: steps on device
             if "step" in st and st["step"].device != self.device:
                 st["step"] = st["step"].to(self.device)
@@ -397,17 +399,9 @@ class TrainStep:
     def _sync_lr(self):
         for i, g in enumerate(self.opt.param_groups):
             lr = g["lr"]
-            if torch.is_tensor(lr) and lr.device.type != "cpu":
-                # schedulers update a tensor lr in place: copy it every step (on the device)
-                self._lr_dev[i].copy_(lr)
-                self._lr_host[i] = lr
-            elif torch.is_tensor(lr):   # a CPU tensor: read on the host, copied when changed
-                v = float(lr)           # (its value, not the object: it may change in place)
-                if lr is not self._lr_host[i] or v != self._lr_seen.get(i):
-                    self._lr_dev[i].fill_(v)
-                    self._lr_host[i], self._lr_seen[i] = lr, v
-            elif lr is not self._lr_host[i]:
-                self._lr_dev[i].fill_(float(lr))
+            # a tensor lr every step (schedulers update it in place), a float when it changed
+            if torch.is_tensor(lr) or lr is not self._lr_host[i]:
+                self._set_scalar(self._lr_dev[i], lr)
                 self._lr_host[i] = lr
 
     def _graph_body(self):
