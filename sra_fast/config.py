@@ -175,6 +175,9 @@ class TrainConfig:
                                  runtime=True)
     trust_checkpoint: bool = _f(False, "unpickle checkpoints without the allow-list (only for "
                                 "files you trust)", runtime=True)
+    save_on_signal: bool = _f(True, "on SIGTERM or SIGUSR1 (scheduler time limit or "
+                              "preemption, torchrun shutdown) finish the step, write a "
+                              "checkpoint and exit with 128 + the signal number", runtime=True)
     max_nonfinite: int = _f(20, "stop after this many consecutive non-finite losses (each "
                             "one skips its update)", runtime=True)
     kernels: str = _f("auto", "fused-op backend", choices=BACKENDS,

@@ -417,10 +417,10 @@ class ShardedBatchSampler:
 
 
 def make_loader(ds: BatchDataset, sampler: ShardedBatchSampler, num_workers: int = 0,
-                pin_memory: bool = False):
+                pin_memory: bool = False, worker_init_fn=None):
     kw = {}
     if num_workers > 0:
-        kw = dict(persistent_workers=True, prefetch_factor=4)
+        kw = dict(persistent_workers=True, prefetch_factor=4, worker_init_fn=worker_init_fn)
     return torch.utils.data.DataLoader(ds, batch_size=None, sampler=sampler,
                                        num_workers=num_workers, pin_memory=pin_memory, **kw)
 

@@ -34,6 +34,7 @@ from .ops.attention import set_attention_backend
 from .sampling import (SamplerConfig, decode_latents, grid_labels, image_grid, load_vae,
                        sample, to_uint8)
 from .step import TrainStep, make_optimizer
+from .stop_signals import StopSignals, ignore_stop_signals, signal_name
 from .train_state import (adapt_released_optimizer, capture_rng, find_resume_checkpoint,
                           generator_state_fits, is_released, list_checkpoints,
                           read_checkpoint, restore_rng,
@@ -105,7 +106,9 @@ class Trainer:
         self.sampler = ShardedBatchSampler(len(ds), cfg.batch_size, env.world_size, env.rank,
                                            cfg.seed)
         self.loader = make_loader(ds, self.sampler, cfg.num_workers,
-                                  pin_memory=self.device.type == "cuda")
+                                  pin_memory=self.device.type == "cuda",
+                                  worker_init_fn=ignore_stop_signals if cfg.save_on_signal
+                                  else None)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.max_steps = cfg.max_steps
         if cfg.epochs is not None:
@@ -134,6 +137,7 @@ class Trainer:
 
         # ------------------------------------------------------------ run folder, resume
         self.step = 0
+        self._saved_step = None   # the step of the newest checkpoint this process wrote
         self.epoch = 0
         self.pos = 0
         self.nonfinite_total = 0
@@ -414,21 +418,27 @@ class Trainer:
         torch.maximum(self._max_consec, self._consec, out=self._max_consec)
 
     def train(self) -> dict:
+        """Train to max_steps. Returns {"step", "stopped", "signal", last log record...};
+        "signal" is the number of the stop signal that ended the run early (else 0)."""
+        with StopSignals(self.cfg.save_on_signal) as signals:
+            return self._train(signals)
+
+    def _train(self, signals: StopSignals) -> dict:
         cfg = self.cfg
         from tqdm import tqdm
         if self.step >= self.max_steps:
             self.print(f"[sra-fast] already at step {self.step} >= {self.max_steps}: nothing "
                        "to train")
             self.logger.close()
-            return {"step": self.step, "stopped": None}
+            return {"step": self.step, "stopped": None, "signal": 0}
         self._lr = None
         self.logger.event(self.step, "start", resumed=bool(self.step), world_size=self.env.world_size,
                           global_batch=self.global_batch)
         bar = tqdm(total=self.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not self.main or self.quiet, smoothing=0.05, mininterval=1.0)
         self._win_t0, self._win_steps = time.perf_counter(), 0
-        stop, last = None, {}
-        while self.step < self.max_steps and stop is None:
+        stop, last, signum = None, {}, 0
+        while self.step < self.max_steps and stop is None and not signum:
             weight = align_weight(cfg.weight_schedule, self.epoch, cfg.align_weight)
             self.sampler.set_epoch(self.epoch, self.pos)
             consumed = 0
@@ -455,30 +465,51 @@ class Trainer:
                     if stop:
                         break
                 if self.step % cfg.ckpt_every == 0 or end:
-                    stop, streak = self._check_nonfinite_now()
+                    stop = self._checkpoint()
                     if stop:
                         break
-                    if streak:   # weights are pre-streak, but resuming here would replay it
-                        self.warn(f"step {self.step}: checkpoint skipped during a run of "
-                                  f"{streak} non-finite losses; the last one stays the good one")
-                    else:
-                        self.save()
                 if cfg.sample_every and self.step % cfg.sample_every == 0 or end:
                     self.sample_grid()
                 if end:
                     break
+                signum = signals.agreed(self.env, self.step)
+                if signum:
+                    stop = self._checkpoint()
+                    break
             if consumed == 0 and stop is None:   # defensive: never spin on an empty epoch
                 self.epoch, self.pos = self.epoch + 1, 0
         bar.close()
+        saved = self._saved_step == self.step
+        if signum and not stop:
+            self.logger.event(self.step, "stopped", signal=signal_name(signum), saved=saved)
         self.logger.close()
         if stop:
             newest, _ = list_checkpoints(ckpt_dir(self.run_dir))
             msg = (f"{stop}; stopped at step {self.step}. The last good checkpoint is "
                    f"{newest[0] if newest else '(none written yet)'}")
             raise TrainingStopped(msg)
+        if signum:
+            self.print(f"[sra-fast] {signal_name(signum)}: stopped after step {self.step}, "
+                       + ("checkpoint written" if saved else "no checkpoint (a run of "
+                          "non-finite losses; the newest one stays)")
+                       + "; continue with --resume auto")
+            return {"step": self.step, "stopped": signal_name(signum), "signal": signum, **last}
         self.print(f"[sra-fast] done: step {self.step}, epoch {self.epoch}; run folder "
                    f"{self.run_dir}")
-        return {"step": self.step, "stopped": None, **last}
+        return {"step": self.step, "stopped": None, "signal": 0, **last}
+
+    def _checkpoint(self):
+        """Save (unless this step already is saved, or a run of non-finite losses is going
+        on); returns the stop message when that run has reached --max-nonfinite."""
+        stop, streak = self._check_nonfinite_now()
+        if stop:
+            return stop
+        if streak:   # weights are pre-streak, but resuming here would replay it
+            self.warn(f"step {self.step}: checkpoint skipped during a run of {streak} "
+                      f"non-finite losses; the last one stays the good one")
+        elif self._saved_step != self.step:
+            self.save()
+        return None
 
     def _read_consec(self):
         return [int(v) for v in torch.stack([self._consec, self._max_consec]).tolist()]
@@ -550,6 +581,7 @@ class Trainer:
                 nonfinite={"total": self.nonfinite_total}, keep=self.cfg.keep_ckpts)
             self.logger.event(self.step, "checkpoint", path=str(path))
         barrier(self.env)
+        self._saved_step = self.step
         return path
 
     # ---------------------------------------------------------------- sample grids
@@ -631,9 +663,11 @@ def main(argv=None) -> int:
     try:
         env = init_distributed(cfg.device)
         trainer = Trainer(cfg, env)
-        trainer.train()
+        result = trainer.train()
         cleanup(env)   # only on success: destroying the process group while other ranks
-        return 0       # may still wait in a collective can hang
+        # may still wait in a collective can hang. Stopped by a signal (with a checkpoint):
+        # 128 + its number, what a shell reports for a process that signal ended.
+        return 128 + result["signal"] if result["signal"] else 0
     except TrainingStopped as e:
         say(f"[sra-fast] training stopped: {e}")
         return 3
