@@ -116,8 +116,12 @@ def atomic_torch_save(obj, path: Path):
 def atomic_write_text(path: Path, text: str):
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_training_checkpoint(run_dir, *, step, epoch, model, ema, opt, config: dict,
@@ -134,10 +138,16 @@ def save_training_checkpoint(run_dir, *, step, epoch, model, ema, opt, config: d
         "sra_fast_version": __version__,
     }
     path = ckpt_path(run_dir, step)
-    atomic_torch_save(ckpt, path)
-    atomic_write_text(path.with_suffix(".json"), json.dumps(
-        {"steps": int(step), "epoch": int(epoch), "data_position": data_position,
-         "config": config}, indent=1))
+    try:
+        atomic_torch_save(ckpt, path)
+        atomic_write_text(path.with_suffix(".json"), json.dumps(
+            {"steps": int(step), "epoch": int(epoch), "data_position": data_position,
+             "config": config}, indent=1))
+    except OSError as e:   # disk full, quota, permissions: say so in one line, keep the rest
+        complete, _ = list_checkpoints(path.parent)
+        newest = next((c for c in complete if c != path), None)
+        raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}. The "
+                              f"newest complete checkpoint is {newest or '(none)'}") from e
     if keep > 0:
         complete, _ = list_checkpoints(path.parent)
         for old in complete[keep:]:

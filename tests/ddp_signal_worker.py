@@ -1,4 +1,4 @@
-"""Worker for tests/test_stop_signals.py: two gloo processes under torchrun; only rank 1 gets
+"""Worker for tests/test_interruptions.py: two gloo processes under torchrun; only rank 1 gets
 SIGUSR1, after step SIGNAL_AT. Both must stop after the same step, with one checkpoint
 (argv: OUT SIGNAL_AT MAX_STEPS CHECK_EVERY). Prints the trainer's result per rank."""
 import json

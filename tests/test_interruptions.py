@@ -1,5 +1,6 @@
-"""A stop signal (SIGTERM / SIGUSR1: scheduler time limit, preemption, torchrun shutdown) ends
-training after the current step with a checkpoint, and the run resumes from it exactly."""
+"""Runs ended from outside. A stop signal (SIGTERM / SIGUSR1: scheduler time limit,
+preemption, torchrun shutdown) ends training after the current step with a checkpoint, and
+the run resumes from it exactly; a full disk at a checkpoint is one line and loses nothing."""
 import json
 import os
 import signal
@@ -148,3 +149,28 @@ def test_ranks_agree_on_the_stop_step_when_one_rank_is_signalled(tmp_path):
                    {"rank": 1, "step": 4, "signal": signal.SIGUSR1}], p.stdout + p.stderr
     ckpts = [c.name for c in (tmp_path / "run" / "checkpoints").glob("*.pt")]
     assert ckpts == ["0000004.pt"]
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_older_ones(tmp_path,
+                                                                          monkeypatch):
+    from sra_fast import train_state
+    from sra_fast.checkpoint import CheckpointError
+    data = make_released_latents(tmp_path / "d", n=16)
+    tr = Trainer(tiny_latent_config(tmp_path / "a", data, max_steps=4, ckpt_every=2),
+                 quiet=True)
+    real_save = torch.save
+
+    def save(obj, fh, *a, **k):
+        if obj.get("steps") == 4:
+            fh.write(b"partial")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, fh, *a, **k)
+
+    monkeypatch.setattr(train_state.torch, "save", save)
+    with pytest.raises(CheckpointError) as err:
+        tr.train()
+    ckdir = tmp_path / "a" / "run" / "checkpoints"
+    assert str(err.value) == (f"could not write checkpoint {ckdir / '0000004.pt'}: No space "
+                              f"left on device. The newest complete checkpoint is "
+                              f"{ckdir / '0000002.pt'}")
+    assert sorted(p.name for p in ckdir.iterdir()) == ["0000002.json", "0000002.pt"]
