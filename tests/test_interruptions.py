@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sra_fast.stop_signals import CHECK_EVERY
 from sra_fast.trainer import Trainer
 from test_resume import _assert_bitwise, _state
 from trainer_fixtures import (REPO, make_released_latents, restore_backends,  # noqa: F401
@@ -136,6 +137,29 @@ def test_sigterm_to_the_process_group_of_train_py(tmp_path, save_on_signal):
                  + args[args.index("--max-steps") + 2:] + ["--resume", "auto"], cwd=REPO)
     assert f"step {step}" in p2.stdout + p2.stderr and "resumed from" in p2.stdout + p2.stderr
     assert (tmp_path / "runs" / "r" / "checkpoints" / f"{step + 2:07d}.pt").exists()
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_to_torchrun_reaches_the_workers_and_they_save(tmp_path):
+    """torchrun's agent forwards SIGTERM to its workers (and kills them 30 s later)."""
+    p = _start(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "train.py", "--out-dir", tmp_path / "runs", "--exp-name", "r", "--max-steps",
+                "100000", "--log-every", "1", "--ckpt-every", "100000", "--sample-every", "0",
+                "--batch-size", "8", "--kernels", "ref", "--device", "cpu", "--threads", "1"],
+               tmp_path)
+    try:
+        _wait_for_steps(p, tmp_path / "runs" / "r" / "metrics.jsonl", 3)
+        assert p.poll() is None, (tmp_path / "out.txt").read_text()[-3000:]
+        p.send_signal(signal.SIGTERM)                 # the agent only
+        p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    out = (tmp_path / "out.txt").read_text()
+    ckpts = sorted((tmp_path / "runs" / "r" / "checkpoints").glob("*.pt"))
+    assert len(ckpts) == 1 and int(ckpts[0].stem) % CHECK_EVERY == 0, out[-3000:]
+    assert f"SIGTERM: stopped after step {int(ckpts[0].stem)}, checkpoint written" in out
 
 
 @pytest.mark.timeout(300)
