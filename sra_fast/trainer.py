@@ -424,7 +424,6 @@ class Trainer:
             return self._train(signals)
 
     def _train(self, signals: StopSignals) -> dict:
-        cfg = self.cfg
         from tqdm import tqdm
         if self.step >= self.max_steps:
             self.print(f"[sra-fast] already at step {self.step} >= {self.max_steps}: nothing "
@@ -437,6 +436,33 @@ class Trainer:
         bar = tqdm(total=self.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not self.main or self.quiet, smoothing=0.05, mininterval=1.0)
         self._win_t0, self._win_steps = time.perf_counter(), 0
+        try:
+            stop, last, signum = self._loop(signals, bar)
+        finally:
+            bar.close()   # before any error line, which would otherwise join the bar's
+        saved = self._saved_step == self.step
+        if signum and not stop:
+            self.logger.event(self.step, "stopped", signal=signal_name(signum), saved=saved)
+        self.logger.close()
+        if stop:
+            newest, _ = list_checkpoints(ckpt_dir(self.run_dir))
+            msg = (f"{stop}; stopped at step {self.step}. The last good checkpoint is "
+                   f"{newest[0] if newest else '(none written yet)'}")
+            raise TrainingStopped(msg)
+        if signum:
+            self.print(f"[sra-fast] {signal_name(signum)}: stopped after step {self.step}, "
+                       + ("checkpoint written" if saved else "no checkpoint (a run of "
+                          "non-finite losses; the newest one stays)")
+                       + "; continue with --resume auto")
+            return {"step": self.step, "stopped": signal_name(signum), "signal": signum, **last}
+        self.print(f"[sra-fast] done: step {self.step}, epoch {self.epoch}; run folder "
+                   f"{self.run_dir}")
+        return {"step": self.step, "stopped": None, "signal": 0, **last}
+
+    def _loop(self, signals: StopSignals, bar):
+        """Steps until max_steps, a stop (non-finite run) or an agreed stop signal; returns
+        (stop message, last log record, signal number)."""
+        cfg = self.cfg
         stop, last, signum = None, {}, 0
         while self.step < self.max_steps and stop is None and not signum:
             weight = align_weight(cfg.weight_schedule, self.epoch, cfg.align_weight)
@@ -478,25 +504,7 @@ class Trainer:
                     break
             if consumed == 0 and stop is None:   # defensive: never spin on an empty epoch
                 self.epoch, self.pos = self.epoch + 1, 0
-        bar.close()
-        saved = self._saved_step == self.step
-        if signum and not stop:
-            self.logger.event(self.step, "stopped", signal=signal_name(signum), saved=saved)
-        self.logger.close()
-        if stop:
-            newest, _ = list_checkpoints(ckpt_dir(self.run_dir))
-            msg = (f"{stop}; stopped at step {self.step}. The last good checkpoint is "
-                   f"{newest[0] if newest else '(none written yet)'}")
-            raise TrainingStopped(msg)
-        if signum:
-            self.print(f"[sra-fast] {signal_name(signum)}: stopped after step {self.step}, "
-                       + ("checkpoint written" if saved else "no checkpoint (a run of "
-                          "non-finite losses; the newest one stays)")
-                       + "; continue with --resume auto")
-            return {"step": self.step, "stopped": signal_name(signum), "signal": signum, **last}
-        self.print(f"[sra-fast] done: step {self.step}, epoch {self.epoch}; run folder "
-                   f"{self.run_dir}")
-        return {"step": self.step, "stopped": None, "signal": 0, **last}
+        return stop, last, signum
 
     def _checkpoint(self):
         """Save (unless this step already is saved, or a run of non-finite losses is going
@@ -660,6 +668,7 @@ def main(argv=None) -> int:
         who = "" if env is None or not env.distributed or env.is_main else f"(rank {env.rank}) "
         print(f"{who}{msg}", file=sys.stderr, flush=True)
 
+    trainer = None
     try:
         env = init_distributed(cfg.device)
         trainer = Trainer(cfg, env)
@@ -674,3 +683,19 @@ def main(argv=None) -> int:
     except (RunError, DataError, CheckpointError) as e:
         say(f"error: {error_line(e)}")
         return 2
+    except torch.OutOfMemoryError as e:
+        say(f"error: {oom_line(e, cfg, trainer)}")
+        return 2
+
+
+def oom_line(e: torch.OutOfMemoryError, cfg: TrainConfig, trainer) -> str:
+    """Out of device memory, in one line: where, with which batch, what to change, and the
+    allocator's own first line (how much was asked for, free, reserved)."""
+    set_up = trainer is not None and hasattr(trainer, "train_step")
+    cfg = trainer.cfg if set_up else cfg      # with the presets filled in
+    where = f"at step {trainer.step + 1}" if set_up else "while setting up"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
+    return (f"out of device memory {where} ({cfg.model or 'model preset'}, --batch-size "
+            f"{cfg.batch_size or 'preset'} per process, --grad-accum {cfg.grad_accum}): a "
+            f"larger --grad-accum (the batch in that many micro-batches) keeps the batch and "
+            f"needs less. {first}")

@@ -300,3 +300,25 @@ def test_a_sample_grid_out_of_gpu_memory_costs_the_grid_not_the_run(tmp_path, mo
     err = capsys.readouterr()
     assert "no sample grid at step 2: out of GPU memory (CUDA out of memory." in err.out + err.err
     assert not (tr.run_dir / "samples.png").exists()
+
+
+def test_out_of_memory_in_a_step_is_one_line_with_what_to_change(tmp_path, monkeypatch,
+                                                                 capsys):
+    import sra_fast.trainer as T
+    msg = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+           "79.19 GiB of which 1.06 GiB is free.\nsecond line")
+
+    def step(self, *a):
+        if self.step == 2:
+            raise torch.OutOfMemoryError(msg)
+    monkeypatch.setattr(T.Trainer, "one_step", step)
+    rc = T.main(["--out-dir", str(tmp_path / "runs"), "--max-steps", "4", "--log-every", "1",
+                 "--sample-every", "0", "--kernels", "ref", "--threads", "1", "--device", "cpu",
+                 "--grad-accum", "2"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()   # the bar's lines, then the error
+    assert [ln for ln in err if "error" in ln] == err[-1:] == ["error: out of device memory at step 3 (SiT-T/2, --batch-size 64 per "
+                   "process, --grad-accum 2): a larger --grad-accum (the batch in that many "
+                   "micro-batches) keeps the batch and needs less. CUDA out of memory. Tried "
+                   "to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
+                   "1.06 GiB is free."]
