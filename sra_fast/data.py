@@ -55,6 +55,13 @@ def error_line(e: BaseException) -> str:
     return msg
 
 
+def out_of_memory_line(e: BaseException, where: str, advice: str) -> str:
+    """One line for running out of device memory: where, what to change, and the
+    allocator's own first line (how much was asked for, what is free)."""
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "out of memory")
+    return f"out of device memory {where}: {advice}. {first}"
+
+
 # ---------------------------------------------------------------------------- datasets
 class BatchDataset(torch.utils.data.Dataset):
     """Base: `kind` is "moments" (latent mean/std, 2C channels) or "images" (model input)."""

@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import DataError, PackedWriter, convert_released_to_packed, error_line
+from .data import (DataError, PackedWriter, convert_released_to_packed, error_line,
+                   out_of_memory_line)
 from .distributed import env_ranks, pick_device
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
@@ -188,24 +189,26 @@ def encode(a) -> int:
         from tqdm import tqdm
         bar = tqdm(total=sum(min(a.chunk_size, n - c * a.chunk_size) for c in todo),
                    unit="img", desc=f"encoding (rank {rank})", disable=rank != 0)
-        for c in todo:
-            lo, hi = c * a.chunk_size, min((c + 1) * a.chunk_size, n)
-            ds = _Images(a.source, files[lo:hi], a.resolution)
-            dl = torch.utils.data.DataLoader(ds, batch_size=a.batch_size,
-                                             num_workers=a.num_workers,
-                                             pin_memory=device.type == "cuda")
-            out = []
-            for batch in dl:
-                out.append(encode_moments(vae, batch))
-                bar.update(len(batch))
-            moments = np.concatenate(out).astype(np.float32)
-            if "released" in formats:
-                for j, m in enumerate(moments):
-                    _atomic_npy(dest / "vae-sd" / released_name(lo + j), m)
-            # the chunk's completion mark; it carries the data only when packing needs it
-            _atomic_npy(work / f"chunk-{c:06d}.npy",
-                        moments if "packed" in formats else np.zeros(0, np.float32))
-        bar.close()
+        try:
+            for c in todo:
+                lo, hi = c * a.chunk_size, min((c + 1) * a.chunk_size, n)
+                ds = _Images(a.source, files[lo:hi], a.resolution)
+                dl = torch.utils.data.DataLoader(ds, batch_size=a.batch_size,
+                                                 num_workers=a.num_workers,
+                                                 pin_memory=device.type == "cuda")
+                out = []
+                for batch in dl:
+                    out.append(encode_moments(vae, batch))
+                    bar.update(len(batch))
+                moments = np.concatenate(out).astype(np.float32)
+                if "released" in formats:
+                    for j, m in enumerate(moments):
+                        _atomic_npy(dest / "vae-sd" / released_name(lo + j), m)
+                # the chunk's completion mark; it carries the data only when packing needs it
+                _atomic_npy(work / f"chunk-{c:06d}.npy",
+                            moments if "packed" in formats else np.zeros(0, np.float32))
+        finally:
+            bar.close()   # before any error line
     if a.max_chunks is not None:
         return 0
     if rank != 0:
@@ -292,6 +295,11 @@ def main(argv=None) -> int:
         return 0
     except DataError as e:
         print(f"error: {error_line(e)}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError as e:
+        print("error: " + out_of_memory_line(
+            e, "while encoding", f"--batch-size {a.batch_size} images per encoder batch; "
+            "pass a smaller one (finished chunks are kept)"), file=sys.stderr)
         return 2
 
 

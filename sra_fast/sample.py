@@ -29,6 +29,7 @@ import torch
 from . import __version__
 from .checkpoint import CheckpointError, load_model_state, state_dict_from
 from .config import build_model, model_kind
+from .data import out_of_memory_line
 from .distributed import barrier, cleanup, derive_seed, init_distributed
 from .sampling import (SAMPLERS, SamplerConfig, SiTOriginalTime, decode_latents, image_grid,
                        load_vae, sample, to_uint8)
@@ -230,12 +231,11 @@ def _run(a, env) -> Path | None:
     if env.is_main:
         parts.mkdir(parents=True, exist_ok=True)
         meta = parts / "settings.json"
-        if meta.is_file():
-            old = json.loads(meta.read_text())
-            if old != settings:
-                raise ValueError(f"{parts} holds parts from other settings; delete it or "
-                                 "change --out")
-        else:
+        old = json.loads(meta.read_text()) if meta.is_file() else None
+        if old is not None and old != settings and any(parts.glob("part-*.npz")):
+            raise ValueError(f"{parts} holds parts from other settings; delete it or "
+                             "change --out")
+        if old != settings:   # new, or a run that stopped before its first batch
             meta.write_text(json.dumps(settings, indent=1))
     barrier(env)
     labels = class_labels(a.classes, a.num_samples, info["num_classes"], a.seed)
@@ -304,6 +304,12 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     try:
         run(a)
+    except torch.OutOfMemoryError as e:
+        print("error: " + out_of_memory_line(
+            e, "while sampling", f"--batch-size {a.batch_size} per process; pass a smaller "
+            "one"),
+            file=sys.stderr)
+        return 2
     except (CheckpointError, ValueError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not str(e).startswith(("could not load the VAE",
                                                                   "decoding latents")):

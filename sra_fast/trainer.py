@@ -25,7 +25,7 @@ from . import ops
 from .checkpoint import CheckpointError, load_model_state, state_dict_from
 from .config import TrainConfig, build_model, model_kind, parse_config
 from .data import (DataError, ShardedBatchSampler, error_line, make_loader, open_dataset,
-                   sample_posterior)
+                   out_of_memory_line, sample_posterior)
 from .distributed import (DistEnv, all_gather_objects, all_reduce_, barrier, cleanup,
                           derive_seed, init_distributed)
 from .metrics_log import MetricsLogger, flops_per_image, peak_tflops
@@ -684,18 +684,11 @@ def main(argv=None) -> int:
         say(f"error: {error_line(e)}")
         return 2
     except torch.OutOfMemoryError as e:
-        say(f"error: {oom_line(e, cfg, trainer)}")
+        set_up = trainer is not None
+        c = trainer.cfg if set_up else cfg        # with the presets filled in
+        say("error: " + out_of_memory_line(
+            e, f"at step {trainer.step + 1}" if set_up else "while setting up",
+            f"{c.model or 'the model preset'} with --batch-size {c.batch_size or 'preset'} per "
+            f"process and --grad-accum {c.grad_accum}; a larger --grad-accum (the batch in "
+            f"that many micro-batches) keeps the batch and needs less"))
         return 2
-
-
-def oom_line(e: torch.OutOfMemoryError, cfg: TrainConfig, trainer) -> str:
-    """Out of device memory, in one line: where, with which batch, what to change, and the
-    allocator's own first line (how much was asked for, free, reserved)."""
-    set_up = trainer is not None and hasattr(trainer, "train_step")
-    cfg = trainer.cfg if set_up else cfg      # with the presets filled in
-    where = f"at step {trainer.step + 1}" if set_up else "while setting up"
-    first = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
-    return (f"out of device memory {where} ({cfg.model or 'model preset'}, --batch-size "
-            f"{cfg.batch_size or 'preset'} per process, --grad-accum {cfg.grad_accum}): a "
-            f"larger --grad-accum (the batch in that many micro-batches) keeps the batch and "
-            f"needs less. {first}")

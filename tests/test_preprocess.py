@@ -156,3 +156,21 @@ def test_encoded_folder_trains_and_samples_through_the_vae(tmp_path, image_folde
              "--out", out], cwd=tmp_path)
     z = np.load(out)
     assert z["arr_0"].shape == (3, 64, 64, 3) and z["arr_0"].dtype == np.uint8
+
+
+def test_out_of_memory_while_encoding_is_one_line(tmp_path, image_folder, tiny_vae,
+                                                  monkeypatch, capsys):
+    import sra_fast.preprocess as P
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB.\nmore")
+    monkeypatch.setattr(P, "encode_moments", oom)
+    rc = P.main(["encode", "--source", str(image_folder), "--dest", str(tmp_path / "d"),
+                 "--resolution", "64", "--vae", str(tiny_vae), "--chunk-size", "2",
+                 "--batch-size", "2", "--num-workers", "0", "--device", "cpu"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [ln for ln in err if "error" in ln] == err[-1:] == [
+        "error: out of device memory while encoding: --batch-size 2 images per encoder "
+        "batch; pass a smaller one (finished chunks are kept). CUDA out of memory. Tried to "
+        "allocate 4.00 GiB."]

@@ -60,7 +60,7 @@ def test_latent_folder_train_resume_sample(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_embedded_digits_default_shortened(tmp_path):
+def test_embedded_digits_default_shortened(tmp_path, monkeypatch, capsys):
     p = run_cli([TRAIN, "--max-steps", "4", "--ckpt-every", "4", "--sample-steps", "2",
                  "--batch-size", "16"], cwd=tmp_path)
     assert "SiT-T/2" in p.stdout and "sklearn digits" in p.stdout
@@ -77,6 +77,26 @@ def test_embedded_digits_default_shortened(tmp_path):
     z = np.load(out)
     assert z["arr_0"].shape == (6, 8, 8, 3) and z["arr_0"].dtype == np.uint8
     assert z["labels"].tolist() == [0, 1, 2, 3, 4, 5]
+
+    # out of memory while sampling: one line; a smaller --batch-size then goes on with the
+    # same --out (no batch was written)
+    import sra_fast.sample as S
+    real = S.sample
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB.\nmore")
+    args = ["--ckpt", str(run / "checkpoints" / "0000004.pt"), "--num-samples", "4",
+            "--sampler", "euler", "--num-steps", "2", "--out", str(tmp_path / "e.npz"),
+            "--device", "cpu"]
+    monkeypatch.setattr(S, "sample", oom)
+    assert S.main(args + ["--batch-size", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [ln for ln in err if "error" in ln] == err[-1:] == [
+        "error: out of device memory while sampling: --batch-size 4 per process; pass a "
+        "smaller one. CUDA out of memory. Tried to allocate 8.00 GiB."]
+    monkeypatch.setattr(S, "sample", real)
+    assert S.main(args + ["--batch-size", "2"]) == 0
+    assert np.load(tmp_path / "e.npz")["arr_0"].shape == (4, 8, 8, 3)
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "bad-dtype", "labels", "size", "batch",

@@ -317,8 +317,8 @@ def test_out_of_memory_in_a_step_is_one_line_with_what_to_change(tmp_path, monke
                  "--grad-accum", "2"])
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()   # the bar's lines, then the error
-    assert [ln for ln in err if "error" in ln] == err[-1:] == ["error: out of device memory at step 3 (SiT-T/2, --batch-size 64 per "
-                   "process, --grad-accum 2): a larger --grad-accum (the batch in that many "
-                   "micro-batches) keeps the batch and needs less. CUDA out of memory. Tried "
-                   "to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
-                   "1.06 GiB is free."]
+    assert [ln for ln in err if "error" in ln] == err[-1:] == [
+        "error: out of device memory at step 3: SiT-T/2 with --batch-size 64 per process and "
+        "--grad-accum 2; a larger --grad-accum (the batch in that many micro-batches) keeps "
+        "the batch and needs less. CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has "
+        "a total capacity of 79.19 GiB of which 1.06 GiB is free."]
