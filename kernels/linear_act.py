@@ -177,10 +177,13 @@ def _gemm_configs(mode: int):
 
 
 # On a GPU the tile shape is autotuned per (M, N, K, ACT), one tuner per epilogue; the
-# interpreter gets one small fixed tile (autotuning there would only time numpy).
+# interpreter gets one small fixed tile (autotuning there would only time numpy). The choice
+# is kept in Triton's cache (cache_results): later processes on the machine reuse it instead
+# of re-timing, so their results are bitwise those of the first (a fresh tune could pick
+# another tile, i.e. another summation order).
 _matmul_act_autotuned = {
-    mode: triton.autotune(configs=_gemm_configs(mode), key=["M", "N", "K", "MODE", "ACT"])(
-        _matmul_act_kernel) for mode in (0, 1)}
+    mode: triton.autotune(configs=_gemm_configs(mode), key=["M", "N", "K", "MODE", "ACT"],
+                          cache_results=True)(_matmul_act_kernel) for mode in (0, 1)}
 
 
 def _launch_matmul_act(a, b, bias, zin, out0, out1, part, M, N, K, mode, act):
