@@ -1,6 +1,6 @@
 """Worker for tests/test_interruptions.py: two gloo processes under torchrun; only rank 1 gets
 SIGUSR1, after step SIGNAL_AT. Both must stop after the same step, with one checkpoint
-(argv: OUT SIGNAL_AT MAX_STEPS CHECK_EVERY). Prints the trainer's result per rank."""
+(argv: OUT SIGNAL_AT MAX_STEPS CHECK_EVERY). Writes each rank's result to OUT."""
 import json
 import os
 import signal
@@ -31,8 +31,9 @@ def main(out, signal_at, steps, check_every):
 
     tr.one_step = one_step
     res = tr.train()
-    print("RESULT", json.dumps({"rank": tr.env.rank, "step": res["step"],
-                                "signal": res["signal"]}), flush=True)
+    # a file per rank: the ranks' stdout lines interleave under torchrun
+    Path(out, f"result-{tr.env.rank}.json").write_text(json.dumps(
+        {"rank": tr.env.rank, "step": res["step"], "signal": res["signal"]}))
 
 
 if __name__ == "__main__":

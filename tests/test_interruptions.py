@@ -14,9 +14,9 @@ import torch
 
 from sra_fast.stop_signals import CHECK_EVERY
 from sra_fast.trainer import Trainer
-from test_resume import _assert_bitwise, _state
-from trainer_fixtures import (REPO, make_released_latents, restore_backends,  # noqa: F401
-                              run_cli, subprocess_env, tiny_latent_config)
+from trainer_fixtures import (REPO, assert_same_training_state,  # noqa: F401
+                              make_released_latents, restore_backends, run_cli,
+                              subprocess_env, tiny_latent_config, training_state)
 
 pytestmark = pytest.mark.usefixtures("restore_backends")
 
@@ -36,7 +36,7 @@ def _signal_after(tr, step, signum):
 def test_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(tmp_path):
     data = make_released_latents(tmp_path / "d", n=40)
     kw = dict(lr=1e-3, lr_warmup_steps=4, ckpt_every=100, log_every=100, max_steps=6)
-    ref = _state(_run_to_end(tiny_latent_config(tmp_path / "a", data, **kw)))
+    ref = training_state(_run_to_end(tiny_latent_config(tmp_path / "a", data, **kw)))
 
     before = signal.getsignal(signal.SIGUSR1)
     tr = Trainer(tiny_latent_config(tmp_path / "b", data, **kw), quiet=True)
@@ -51,7 +51,7 @@ def test_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(tmp_p
     assert {"event": "stopped", "signal": "SIGUSR1", "saved": True}.items() <= events[-1].items()
 
     resumed = _run_to_end(tiny_latent_config(tmp_path / "b", data, resume="auto", **kw))
-    _assert_bitwise(ref, _state(resumed))
+    assert_same_training_state(ref, training_state(resumed))
 
 
 def _run_to_end(cfg):
@@ -167,8 +167,7 @@ def test_ranks_agree_on_the_stop_step_when_one_rank_is_signalled(tmp_path):
     worker = Path(__file__).resolve().parent / "ddp_signal_worker.py"
     p = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                  worker, tmp_path, 3, 50, 2], cwd=REPO)
-    res = sorted((json.loads(ln.split("RESULT ", 1)[1]) for ln in p.stdout.splitlines()
-                  if "RESULT " in ln), key=lambda r: r["rank"])
+    res = [json.loads((tmp_path / f"result-{r}.json").read_text()) for r in (0, 1)]
     assert res == [{"rank": 0, "step": 4, "signal": signal.SIGUSR1},
                    {"rank": 1, "step": 4, "signal": signal.SIGUSR1}], p.stdout + p.stderr
     ckpts = [c.name for c in (tmp_path / "run" / "checkpoints").glob("*.pt")]

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from sra_fast.trainer import Trainer
-from trainer_fixtures import make_released_latents, restore_backends, tiny_latent_config  # noqa: F401
+from trainer_fixtures import (assert_same_training_state, make_released_latents,  # noqa: F401
+                              restore_backends, tiny_latent_config, training_state)
 
 pytestmark = pytest.mark.usefixtures("restore_backends")
 
@@ -13,23 +14,6 @@ def _run(cfg):
     tr = Trainer(cfg, quiet=True)
     tr.train()
     return tr
-
-
-def _state(tr):
-    return {"model": tr.model.state_dict(), "ema": tr.ema.state_dict(),
-            "opt": tr.opt.state_dict()["state"], "gen": tr.generator.get_state(),
-            "pos": (tr.step, tr.epoch, tr.pos)}
-
-
-def _assert_bitwise(a, b):
-    assert a["pos"] == b["pos"]
-    assert torch.equal(a["gen"], b["gen"])
-    for part in ("model", "ema"):
-        for k, v in a[part].items():
-            assert torch.equal(v, b[part][k]), f"{part}.{k} differs"
-    for i, st in a["opt"].items():
-        for k, v in st.items():
-            assert torch.equal(v, b["opt"][i][k]), f"opt state {i}.{k} differs"
 
 
 @pytest.mark.parametrize("ema_impl", ["foreach", "adamw"])
@@ -45,10 +29,10 @@ def test_resume_is_bitwise(tmp_path, ema_impl):
     data = make_released_latents(tmp_path / "d", n=40)
     kw = dict(lr=1e-3, lr_warmup_steps=4, grad_accum=2, ckpt_every=3, log_every=1,
               ema_impl=ema_impl)
-    ref = _state(_run(tiny_latent_config(tmp_path / "a", data, max_steps=6, **kw)))
+    ref = training_state(_run(tiny_latent_config(tmp_path / "a", data, max_steps=6, **kw)))
     _run(tiny_latent_config(tmp_path / "b", data, max_steps=3, **kw))
     resumed = _run(tiny_latent_config(tmp_path / "b", data, max_steps=6, resume="auto", **kw))
-    _assert_bitwise(ref, _state(resumed))
+    assert_same_training_state(ref, training_state(resumed))
     assert ref["pos"] == (6, 1, 1)
     # and the weights did change over the run
     first = torch.load(tmp_path / "b" / "run" / "checkpoints" / "0000003.pt",
@@ -114,7 +98,7 @@ def test_resume_reads_checkpoints_with_the_older_optimizer_layout(tmp_path):
     from sra_fast.train_state import adapt_released_optimizer
     data = make_released_latents(tmp_path / "d", n=40)
     kw = dict(lr=1e-3, ckpt_every=3, log_every=1)
-    ref = _state(_run(tiny_latent_config(tmp_path / "a", data, max_steps=6, **kw)))
+    ref = training_state(_run(tiny_latent_config(tmp_path / "a", data, max_steps=6, **kw)))
     tr = _run(tiny_latent_config(tmp_path / "b", data, max_steps=3, **kw))
     path = tmp_path / "b" / "run" / "checkpoints" / "0000003.pt"
     ck = torch.load(path, weights_only=True)
@@ -123,7 +107,7 @@ def test_resume_reads_checkpoints_with_the_older_optimizer_layout(tmp_path):
     ck["opt"] = old
     torch.save(ck, path)
     resumed = _run(tiny_latent_config(tmp_path / "b", data, max_steps=6, resume="auto", **kw))
-    _assert_bitwise(ref, _state(resumed))
+    assert_same_training_state(ref, training_state(resumed))
 
 
 @pytest.mark.parametrize("recorded", [True, False], ids=["device-recorded", "older-file"])

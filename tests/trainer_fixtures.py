@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -76,9 +77,27 @@ def restore_backends():
     from sra_fast import ops
     from sra_fast.ops import attention
     old_ops, old_attn = ops.get_backend(), attention.get_attention_backend()
-    import torch
     threads = torch.get_num_threads()
     yield
     ops.set_backend(old_ops)
     attention.set_attention_backend(old_attn)
     torch.set_num_threads(threads)
+
+
+def training_state(tr) -> dict:
+    """What must be equal for two runs to be the same run: weights, optimizer state, step
+    generator and data position."""
+    return {"model": tr.model.state_dict(), "ema": tr.ema.state_dict(),
+            "opt": tr.opt.state_dict()["state"], "gen": tr.generator.get_state(),
+            "pos": (tr.step, tr.epoch, tr.pos)}
+
+
+def assert_same_training_state(a: dict, b: dict):
+    assert a["pos"] == b["pos"]
+    assert torch.equal(a["gen"], b["gen"])
+    for part in ("model", "ema"):
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), f"{part}.{k} differs"
+    for i, st in a["opt"].items():
+        for k, v in st.items():
+            assert torch.equal(v, b["opt"][i][k]), f"opt state {i}.{k} differs"
