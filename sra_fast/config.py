@@ -332,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train SiT/DiT with Self-Representation Alignment (SRA). Without "
                     "--data-dir: a small class-conditional SiT on scikit-learn's digits "
                     "(a few minutes on a CPU). Launch multi-GPU runs with torchrun.",
+        epilog="Exit status: 0 trained to the end; 2 bad input, a checkpoint that cannot be "
+               "written or out of device memory (one line on stderr); 3 stopped after "
+               "--max-nonfinite non-finite losses; 128+N stopped by signal N (143 SIGTERM, "
+               "138 SIGUSR1) after writing a checkpoint.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=None, help="JSON file of config values (flags given "
                    "on the command line override it)")

@@ -322,3 +322,21 @@ def test_out_of_memory_in_a_step_is_one_line_with_what_to_change(tmp_path, monke
         "--grad-accum 2; a larger --grad-accum (the batch in that many micro-batches) keeps "
         "the batch and needs less. CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has "
         "a total capacity of 79.19 GiB of which 1.06 GiB is free."]
+
+
+def test_exit_status_of_a_run_stopped_by_non_finite_losses(tmp_path, monkeypatch, capsys):
+    """train.py --help documents 3 for it (2: bad input; 128+N: a stop signal)."""
+    import sra_fast.trainer as T
+
+    real = T.Trainer.one_step
+
+    def step(self, x, y, w):                        # every batch holds a NaN
+        x = x.clone()
+        x[0, 0, 0, 0] = float("nan")
+        return real(self, x, y, w)
+    monkeypatch.setattr(T.Trainer, "one_step", step)
+    rc = T.main(["--out-dir", str(tmp_path / "runs"), "--max-steps", "8", "--log-every", "1",
+                 "--sample-every", "0", "--kernels", "ref", "--threads", "1", "--device", "cpu",
+                 "--max-nonfinite", "3"])
+    assert rc == 3
+    assert "training stopped: 3 consecutive non-finite losses" in capsys.readouterr().err
