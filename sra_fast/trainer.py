@@ -13,6 +13,7 @@ the position in the epoch, so a resumed run continues bit-for-bit.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -578,19 +579,36 @@ class Trainer:
                 "seed": self.cfg.seed, "world_size": self.env.world_size}
 
     def save(self) -> Path | None:
-        rngs = all_gather_objects(capture_rng(self.generator), self.env)
-        path = None
-        if self.main:
-            path = save_training_checkpoint(
-                self.run_dir, step=self.step, epoch=self.epoch, model=self.model, ema=self.ema,
-                opt=self.opt, config=self.cfg.to_dict(), data_position=self.data_position(),
-                rng={"world_size": self.env.world_size, "ranks": rngs},
-                scaler=self.train_step.scaler, model_config=self.model_config,
-                nonfinite={"total": self.nonfinite_total}, keep=self.cfg.keep_ckpts)
-            self.logger.event(self.step, "checkpoint", path=str(path))
-        barrier(self.env)
+        with self._untimed():
+            rngs = all_gather_objects(capture_rng(self.generator), self.env)
+            path = None
+            if self.main:
+                path = save_training_checkpoint(
+                    self.run_dir, step=self.step, epoch=self.epoch, model=self.model,
+                    ema=self.ema, opt=self.opt, config=self.cfg.to_dict(),
+                    data_position=self.data_position(),
+                    rng={"world_size": self.env.world_size, "ranks": rngs},
+                    scaler=self.train_step.scaler, model_config=self.model_config,
+                    nonfinite={"total": self.nonfinite_total}, keep=self.cfg.keep_ckpts)
+                self.logger.event(self.step, "checkpoint", path=str(path))
+            barrier(self.env)
         self._saved_step = self.step
         return path
+
+    @contextlib.contextmanager
+    def _untimed(self):
+        """Leave the enclosed time (a checkpoint, a sample grid) out of the logged img/s and
+        MFU. The device is drained on entry, so the steps queued before stay counted."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            if hasattr(self, "_win_t0"):
+                self._win_t0 += time.perf_counter() - t0
 
     # ---------------------------------------------------------------- sample grids
     @torch.no_grad()
@@ -599,15 +617,16 @@ class Trainer:
         wait for it. Out of GPU memory (the grid on top of the training state) costs the
         grid, not the run."""
         out = None
-        try:
-            if self.main:
-                out = self._write_grid(per_class)
-        except torch.OutOfMemoryError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            self.warn(f"warning: no sample grid at step {self.step}: out of GPU memory "
-                      f"({first[:120]})")
-            torch.cuda.empty_cache()
-        barrier(self.env)
+        with self._untimed():
+            try:
+                if self.main:
+                    out = self._write_grid(per_class)
+            except torch.OutOfMemoryError as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                self.warn(f"warning: no sample grid at step {self.step}: out of GPU memory "
+                          f"({first[:120]})")
+                torch.cuda.empty_cache()
+            barrier(self.env)
         return out
 
     def _write_grid(self, per_class: int):

@@ -2,6 +2,7 @@
 non-finite handling, run-folder and checkpoint errors, released checkpoints."""
 import argparse
 import json
+import time
 
 import numpy as np
 import pytest
@@ -133,6 +134,27 @@ def test_losses_are_read_only_every_log_every_steps(tmp_path, monkeypatch):
     tr.sample_grid = lambda *a, **k: None
     tr.train()
     assert len(calls) == 2
+
+
+def test_logged_throughput_leaves_out_checkpoints_and_grids(tmp_path, monkeypatch):
+    """img/s and MFU describe training: a slow checkpoint or grid between two log points
+    does not drag the next window down."""
+    import sra_fast.trainer as T
+    real_write = T.save_training_checkpoint
+
+    def slow_write(*a, **k):                        # a slow file system
+        time.sleep(1.0)
+        return real_write(*a, **k)
+    monkeypatch.setattr(T, "save_training_checkpoint", slow_write)
+    tr = Trainer(digits_cfg(tmp_path, max_steps=6, log_every=2, ckpt_every=2, sample_every=2),
+                 dataset=SmallDigits(64), quiet=True)
+    tr._write_grid = lambda *a, **k: time.sleep(1.0)
+    tr.train()
+    recs = [r for r in read_metrics(tmp_path / "runs" / "digits") if "loss" in r]
+    assert [r["step"] for r in recs] == [2, 4, 6]
+    # a step of this model takes milliseconds; with the 2 s of each pause counted, the
+    # windows after a pause would take >= 1 s per step
+    assert all(r["sec_per_step"] < 0.5 for r in recs[1:]), recs
 
 
 def test_nonfinite_losses_skip_updates_then_stop_with_good_checkpoint(tmp_path):
