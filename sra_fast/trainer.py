@@ -434,8 +434,14 @@ class Trainer:
         self._lr = None
         self.logger.event(self.step, "start", resumed=bool(self.step), world_size=self.env.world_size,
                           global_batch=self.global_batch)
+        # a live bar on a terminal; in a log file (a batch job) its redraws would pile up into
+        # one huge line, so there a plain line per log point instead, at most every
+        # PROGRESS_LINE_S (see _progress_line)
+        self._lines = not sys.stderr.isatty()
+        self._last_line = 0.0
         bar = tqdm(total=self.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=not self.main or self.quiet, smoothing=0.05, mininterval=1.0)
+                   disable=not self.main or self.quiet or self._lines, smoothing=0.05,
+                   mininterval=1.0)
         self._win_t0, self._win_steps = time.perf_counter(), 0
         try:
             stop, last, signum = self._loop(signals, bar)
@@ -484,6 +490,8 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or end:
                     stop, rec = self._log(weight)
                     last = rec or last
+                    if rec and self._lines:
+                        self._progress_line(rec, end)
                     if rec:
                         bar.set_postfix_str(
                             f"loss {rec['loss']:.4f} align {rec['align_loss']:.4f} "
@@ -506,6 +514,24 @@ class Trainer:
             if consumed == 0 and stop is None:   # defensive: never spin on an empty epoch
                 self.epoch, self.pos = self.epoch + 1, 0
         return stop, last, signum
+
+    PROGRESS_LINE_S = 60.0
+
+    def _progress_line(self, rec: dict, end: bool):
+        """One plain progress line (log files): step, losses, throughput, ETA."""
+        now = time.perf_counter()
+        if not end and now - self._last_line < self.PROGRESS_LINE_S:
+            return
+        self._last_line = now
+        eta = int((self.max_steps - self.step) * rec["sec_per_step"])
+        d, h, m, sec = eta // 86400, eta // 3600 % 24, eta // 60 % 60, eta % 60
+        losses = (f"loss {rec['loss']:.4f} align {rec['align_loss']:.4f} grad norm "
+                  f"{rec['grad_norm']:.3f}" if rec.get("loss") is not None
+                  else "all steps non-finite")
+        mfu = f", MFU {100 * rec['mfu']:.0f}%" if rec.get("mfu") else ""
+        self.print(f"[sra-fast] step {self.step}/{self.max_steps} (epoch {self.epoch}): "
+                   f"{losses} | {rec['img_per_s']:.0f} img/s{mfu} | ETA "
+                   + (f"{d}d {h}h" if d else f"{h}h {m}m" if h else f"{m}m {sec}s"))
 
     def _checkpoint(self):
         """Save (unless this step already is saved, or a run of non-finite losses is going

@@ -64,6 +64,9 @@ def test_embedded_digits_default_shortened(tmp_path, monkeypatch, capsys):
     p = run_cli([TRAIN, "--max-steps", "4", "--ckpt-every", "4", "--sample-steps", "2",
                  "--batch-size", "16"], cwd=tmp_path)
     assert "SiT-T/2" in p.stdout and "sklearn digits" in p.stdout
+    # stderr is no terminal here: plain progress lines instead of a redrawn bar
+    assert "[sra-fast] step 4/4 (epoch 0): loss " in p.stdout and "ETA 0m 0s" in p.stdout
+    assert "it/s" not in p.stderr and "step/s" not in p.stderr
     run = tmp_path / "runs" / "digits"
     assert (run / "checkpoints" / "0000004.pt").is_file()
     assert (run / "samples.png").is_file() and (run / "samples" / "step-0000004.png").is_file()
