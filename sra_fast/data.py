@@ -368,10 +368,10 @@ def convert_released_to_packed(src, dest, dtype: str = "float32", overwrite: boo
     """Released vae-sd layout -> packed format (threaded reads, atomic commit)."""
     ds = ReleasedLatents(src, num_classes)
     n = len(ds)
-    from tqdm import tqdm
+    from .metrics_log import progress_bar
     with PackedWriter(dest, n, ds.item_shape, dtype, overwrite) as w, \
             concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        bar = tqdm(total=n, desc="packing", unit="img", disable=not progress)
+        bar = progress_bar(total=n, desc="packing", unit="img", disable=not progress)
         for start in range(0, n, chunk):
             idx = np.arange(start, min(start + chunk, n))
             parts = list(pool.map(lambda i: ds._load(ds.features_dir / ds.files[i]), idx))

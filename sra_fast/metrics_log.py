@@ -7,10 +7,20 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+def progress_bar(*args, **kw):
+    """tqdm, redrawn at most once a minute when stderr is no terminal: a batch job's log file
+    keeps every redraw (tqdm's default is ten a second)."""
+    from tqdm import tqdm
+    if not sys.stderr.isatty():
+        kw.setdefault("mininterval", 60.0)
+    return tqdm(*args, **kw)
+
 
 # Dense peak TFLOP/s of common accelerators (tensor cores, no sparsity) by precision.
 PEAK_TFLOPS = {

@@ -32,6 +32,7 @@ import torch
 from .data import (DataError, PackedWriter, convert_released_to_packed, error_line,
                    out_of_memory_line)
 from .distributed import env_ranks, pick_device
+from .metrics_log import progress_bar
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
 WORK = ".sra-work"
@@ -186,8 +187,7 @@ def encode(a) -> int:
         todo = todo[:a.max_chunks]
     if todo:
         vae = load_encoder(a.vae, device)
-        from tqdm import tqdm
-        bar = tqdm(total=sum(min(a.chunk_size, n - c * a.chunk_size) for c in todo),
+        bar = progress_bar(total=sum(min(a.chunk_size, n - c * a.chunk_size) for c in todo),
                    unit="img", desc=f"encoding (rank {rank})", disable=rank != 0)
         try:
             for c in todo:

@@ -31,6 +31,7 @@ from .checkpoint import CheckpointError, load_model_state, state_dict_from
 from .config import build_model, model_kind
 from .data import out_of_memory_line
 from .distributed import barrier, cleanup, derive_seed, init_distributed
+from .metrics_log import progress_bar
 from .sampling import (SAMPLERS, SamplerConfig, SiTOriginalTime, decode_latents, image_grid,
                        load_vae, sample, to_uint8)
 from .step import autocast_ctx
@@ -244,8 +245,7 @@ def _run(a, env) -> Path | None:
     C, S = info["in_channels"], info["input_size"]
     n_batches = -(-a.num_samples // a.batch_size)
     mine = [b for b in range(n_batches) if b % env.world_size == env.rank]
-    from tqdm import tqdm
-    for b in tqdm(mine, desc=f"sampling (rank {env.rank})", disable=not env.is_main):
+    for b in progress_bar(mine, desc=f"sampling (rank {env.rank})", disable=not env.is_main):
         part = parts / f"part-{b:06d}.npz"
         if part.is_file():
             continue   # done before a crash

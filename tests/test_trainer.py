@@ -1,6 +1,7 @@
 """The trainer: config and flags, what a run leaves behind, logging without per-step syncs,
 non-finite handling, run-folder and checkpoint errors, released checkpoints."""
 import argparse
+import io
 import json
 import time
 
@@ -362,3 +363,13 @@ def test_exit_status_of_a_run_stopped_by_non_finite_losses(tmp_path, monkeypatch
                  "--max-nonfinite", "3"])
     assert rc == 3
     assert "training stopped: 3 consecutive non-finite losses" in capsys.readouterr().err
+
+
+def test_progress_bars_redraw_once_a_minute_into_a_log_file(monkeypatch):
+    from sra_fast.metrics_log import progress_bar
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
+    with progress_bar(total=3, file=io.StringIO()) as bar:
+        assert bar.mininterval == 60.0
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    with progress_bar(total=3, file=io.StringIO()) as bar:
+        assert bar.mininterval == 0.1                 # tqdm's own default on a terminal
