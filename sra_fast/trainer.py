@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -181,6 +182,10 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
         self._announce()
+        if self.main:   # model + EMA + AdamW's two moments, fp32
+            n = sum(p.numel() for p in self.model.parameters())
+            n_trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            self._check_free_space(4 * (2 * n + 2 * n_trained), "a checkpoint")
 
     # ---------------------------------------------------------------- printing
     def print(self, *a, **k):
@@ -190,6 +195,19 @@ class Trainer:
     def warn(self, msg: str):
         if self.main:
             print(f"[sra-fast] {msg}", file=sys.stderr, flush=True)
+
+    def _check_free_space(self, need: int, what: str):
+        """Warn while there is time to act: a checkpoint that does not fit stops the run and
+        loses the steps since the previous one."""
+        try:
+            free = shutil.disk_usage(self.run_dir).free
+        except OSError:
+            return
+        if free < need:
+            self.warn(f"warning: {self.run_dir} has {free / 2**30:.2f} GiB free, {what} "
+                      f"takes ~{need / 2**30:.2f} GiB: make room"
+                      + (" (--keep-ckpts N keeps only the newest N)"
+                         if not self.cfg.keep_ckpts else ""))
 
     def _announce(self):
         cfg, env = self.cfg, self.env
@@ -617,6 +635,7 @@ class Trainer:
                     scaler=self.train_step.scaler, model_config=self.model_config,
                     nonfinite={"total": self.nonfinite_total}, keep=self.cfg.keep_ckpts)
                 self.logger.event(self.step, "checkpoint", path=str(path))
+                self._check_free_space(path.stat().st_size, "the next checkpoint")
             barrier(self.env)
         self._saved_step = self.step
         return path

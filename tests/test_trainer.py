@@ -373,3 +373,23 @@ def test_progress_bars_redraw_once_a_minute_into_a_log_file(monkeypatch):
     monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
     with progress_bar(total=3, file=io.StringIO()) as bar:
         assert bar.mininterval == 0.1                 # tqdm's own default on a terminal
+
+
+def test_too_little_disk_for_a_checkpoint_is_said_at_start_and_after_each(tmp_path, monkeypatch,
+                                                                          capsys):
+    import collections
+    import sra_fast.trainer as T
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(T.shutil, "disk_usage", lambda p: usage(10 ** 9, 10 ** 9 - 4096, 4096))
+    tr = Trainer(digits_cfg(tmp_path, max_steps=2, ckpt_every=2), dataset=SmallDigits(64),
+                 quiet=True)
+    n = sum(p.numel() for p in tr.model.parameters())      # all trained but pos_embed
+    n_trained = sum(p.numel() for p in tr.model.parameters() if p.requires_grad)
+    need = 4 * (2 * n + 2 * n_trained) / 2 ** 30
+    assert capsys.readouterr().err.strip() == (
+        f"[sra-fast] warning: {tr.run_dir} has 0.00 GiB free, a checkpoint takes "
+        f"~{need:.2f} GiB: make room (--keep-ckpts N keeps only the newest N)")
+    tr.train()
+    size = (tr.run_dir / "checkpoints" / "0000002.pt").stat().st_size / 2 ** 30
+    assert (f"[sra-fast] warning: {tr.run_dir} has 0.00 GiB free, the next checkpoint takes "
+            f"~{size:.2f} GiB" in capsys.readouterr().err)
