@@ -82,6 +82,23 @@ def _start(args, tmp_path):
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def _signal_a_run(args, tmp_path, send):
+    """Start `python ARGS` (a run "r" in tmp_path/runs), let it log 3 steps, send(process) a
+    signal, wait for the end: (exit status, its output, its checkpoint files)."""
+    p = _start(args, tmp_path)
+    try:
+        _wait_for_steps(p, tmp_path / "runs" / "r" / "metrics.jsonl", 3)
+        assert p.poll() is None, (tmp_path / "out.txt").read_text()[-3000:]
+        send(p)
+        rc = p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    return (rc, (tmp_path / "out.txt").read_text(),
+            sorted((tmp_path / "runs" / "r" / "checkpoints").glob("*.pt")))
+
+
 def _wait_for_steps(p, metrics: Path, n: int, timeout=180):
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -109,18 +126,7 @@ def test_sigterm_to_the_process_group_of_train_py(tmp_path, save_on_signal):
             "--num-workers", "2", "--device", "cpu"]
     if not save_on_signal:
         args.append("--no-save-on-signal")
-    p = _start(args, tmp_path)
-    try:
-        _wait_for_steps(p, tmp_path / "runs" / "r" / "metrics.jsonl", 3)
-        assert p.poll() is None, (tmp_path / "out.txt").read_text()[-3000:]
-        os.killpg(p.pid, signal.SIGTERM)
-        rc = p.wait(timeout=120)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-    out = (tmp_path / "out.txt").read_text()
-    ckpts = sorted((tmp_path / "runs" / "r" / "checkpoints").glob("*.pt"))
+    rc, out, ckpts = _signal_a_run(args, tmp_path, lambda p: os.killpg(p.pid, signal.SIGTERM))
     if not save_on_signal:
         assert rc == -signal.SIGTERM and ckpts == [], out[-3000:]
         return
@@ -142,22 +148,12 @@ def test_sigterm_to_the_process_group_of_train_py(tmp_path, save_on_signal):
 @pytest.mark.timeout(300)
 def test_sigterm_to_torchrun_reaches_the_workers_and_they_save(tmp_path):
     """torchrun's agent forwards SIGTERM to its workers (and kills them 30 s later)."""
-    p = _start(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                "train.py", "--out-dir", tmp_path / "runs", "--exp-name", "r", "--max-steps",
-                "100000", "--log-every", "1", "--ckpt-every", "100000", "--sample-every", "0",
-                "--batch-size", "8", "--kernels", "ref", "--device", "cpu", "--threads", "1"],
-               tmp_path)
-    try:
-        _wait_for_steps(p, tmp_path / "runs" / "r" / "metrics.jsonl", 3)
-        assert p.poll() is None, (tmp_path / "out.txt").read_text()[-3000:]
-        p.send_signal(signal.SIGTERM)                 # the agent only
-        p.wait(timeout=120)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-    out = (tmp_path / "out.txt").read_text()
-    ckpts = sorted((tmp_path / "runs" / "r" / "checkpoints").glob("*.pt"))
+    args = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "train.py", "--out-dir", tmp_path / "runs", "--exp-name", "r", "--max-steps",
+            "100000", "--log-every", "1", "--ckpt-every", "100000", "--sample-every", "0",
+            "--batch-size", "8", "--kernels", "ref", "--device", "cpu", "--threads", "1"]
+    _, out, ckpts = _signal_a_run(args, tmp_path,
+                                  lambda p: p.send_signal(signal.SIGTERM))   # the agent only
     assert len(ckpts) == 1 and int(ckpts[0].stem) % CHECK_EVERY == 0, out[-3000:]
     assert f"SIGTERM: stopped after step {int(ckpts[0].stem)}, checkpoint written" in out
 
