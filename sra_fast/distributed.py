@@ -1,19 +1,33 @@
-"""Process-group setup for torchrun launches (single and multi node) and small collectives.
+"""Process-group setup for torchrun and srun launches (single and multi node) and small
+collectives.
 
-torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT;
-we rendezvous through env:// and pick the device from LOCAL_RANK (never the global rank,
-which breaks on the second node). NCCL on GPUs, gloo on CPU. A plain `python train.py`
-is a world of one and creates no process group.
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT.
+A SLURM job step with several tasks (`srun --ntasks-per-node=8 python train.py`, one task
+per GPU, no torchrun) gives the same through SLURM_PROCID, SLURM_STEP_NUM_TASKS,
+SLURM_LOCALID and SLURM_STEP_NODELIST; without this every task would think it is the only
+one and train alone into the same run folder. We rendezvous through env:// and pick the
+device from the local rank (never the global rank, which breaks on the second node). NCCL
+on GPUs, gloo on CPU. A plain `python train.py` is a world of one and creates no process
+group.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime
 import os
+import re
+import sys
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+
+def error_to_stderr(line: str) -> None:
+    """One line on stderr in one write: the same error said by several processes into one
+    log (torchrun, srun) stays one line each (print writes the text and the newline apart)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def derive_seed(*parts: int) -> int:
@@ -40,13 +54,49 @@ class DistEnv:
         return self.world_size > 1
 
 
+def launched_by_srun() -> bool:
+    """A task of a SLURM job step with several tasks, not started by torchrun (which sets
+    RANK). A batch script itself (SLURM_NTASKS set, but no step of its own) is not one."""
+    return ("RANK" not in os.environ and "SLURM_PROCID" in os.environ
+            and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1)
+
+
 def env_ranks() -> tuple[int, int, int, int]:
-    """(rank, world_size, local_rank, local_world_size) from torchrun's environment."""
+    """(rank, world_size, local_rank, local_world_size) from torchrun's environment, or
+    from SLURM's for a task that srun started (see launched_by_srun)."""
+    if launched_by_srun():
+        e = os.environ
+        per_node = re.match(r"\d+", e.get("SLURM_STEP_TASKS_PER_NODE", ""))
+        return (int(e["SLURM_PROCID"]), int(e["SLURM_STEP_NUM_TASKS"]),
+                int(e.get("SLURM_LOCALID", 0)), int(per_node.group()) if per_node else 1)
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world if world > 1 else 1))
     return rank, world, local_rank, local_world
+
+
+def first_host(nodelist: str) -> str | None:
+    """The first host of a SLURM node list ("gpu[03-05,9]", "a01,a02", "node7"), or None
+    for a form this does not read."""
+    m = re.fullmatch(r"([^\[\],]+)(?:\[(\d+)[^\]]*\])?([^\[\],]*)(?:,.*)?", nodelist.strip())
+    if not m:
+        return None
+    return m.group(1) + (m.group(2) or "") + m.group(3)
+
+
+def srun_rendezvous() -> None:
+    """MASTER_ADDR (the step's first node) and MASTER_PORT (from the job id, so concurrent
+    jobs on a node differ) for srun-started tasks, unless the job script set them."""
+    e = os.environ
+    if "MASTER_ADDR" not in e:
+        host = first_host(e.get("SLURM_STEP_NODELIST", e.get("SLURM_JOB_NODELIST", "")))
+        if host is None:
+            raise RuntimeError("srun started this task without torchrun, and the node list "
+                               f"{e.get('SLURM_STEP_NODELIST')!r} is not one this reads: "
+                               "export MASTER_ADDR (the first node's name) and MASTER_PORT")
+        e["MASTER_ADDR"] = host
+    e.setdefault("MASTER_PORT", str(20000 + int(e.get("SLURM_JOB_ID", "0")) % 20000))
 
 
 def pick_device(pref: str = "auto", local_rank: int = 0) -> torch.device:
@@ -68,13 +118,15 @@ def pick_device(pref: str = "auto", local_rank: int = 0) -> torch.device:
 
 
 def init_distributed(device: str = "auto", timeout_min: float = 30.0) -> DistEnv:
-    """Create the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    """Create the process group when launched by torchrun or srun with several processes."""
     rank, world, local_rank, local_world = env_ranks()
     dev = pick_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     env = DistEnv(rank, world, local_rank, local_world, dev)
     if world > 1 and not dist.is_initialized():
+        if launched_by_srun():
+            srun_rendezvous()
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kw = dict(backend=backend, init_method="env://", rank=rank, world_size=world,
                   timeout=datetime.timedelta(minutes=timeout_min))

@@ -30,7 +30,7 @@ from . import __version__
 from .checkpoint import CheckpointError, load_model_state, state_dict_from
 from .config import build_model, model_kind
 from .data import out_of_memory_line
-from .distributed import barrier, cleanup, derive_seed, init_distributed
+from .distributed import barrier, cleanup, derive_seed, error_to_stderr, init_distributed
 from .metrics_log import progress_bar
 from .sampling import (SAMPLERS, SamplerConfig, SiTOriginalTime, decode_latents, image_grid,
                        load_vae, sample, to_uint8)
@@ -305,16 +305,15 @@ def main(argv=None) -> int:
     try:
         run(a)
     except torch.OutOfMemoryError as e:
-        print("error: " + out_of_memory_line(
+        error_to_stderr("error: " + out_of_memory_line(
             e, "while sampling", f"--batch-size {a.batch_size} per process; pass a smaller "
-            "one"),
-            file=sys.stderr)
+            "one"))
         return 2
     except (CheckpointError, ValueError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not str(e).startswith(("could not load the VAE",
                                                                   "decoding latents")):
             raise
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        error_to_stderr(f"error: {' '.join(str(e).split())}")
         return 2
     return 0
 

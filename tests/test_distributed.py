@@ -1,25 +1,52 @@
-"""DDP: 2 gloo processes launched by torchrun train exactly like 1 process on the
-concatenated batch (fp32 tolerance). See tests/ddp_worker.py for how the random draws are
+"""DDP: 2 gloo processes launched by torchrun (or as the tasks of an srun step, without
+torchrun) train exactly like 1 process on the concatenated batch (fp32 tolerance). See tests/ddp_worker.py for how the random draws are
 made to correspond."""
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from sra_fast.config import build_model
-from sra_fast.distributed import DistEnv, env_ranks
-from trainer_fixtures import REPO, restore_backends, run_cli  # noqa: F401
+from sra_fast.distributed import DistEnv, env_ranks, first_host, srun_rendezvous
+from trainer_fixtures import REPO, restore_backends, run_cli, subprocess_env  # noqa: F401
 
 WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
 SPLIT_WORKER = Path(__file__).resolve().parent / "ddp_split_worker.py"
 
 
+def _srun_like(args, n: int):
+    """Run `python ARGS` as n tasks of a SLURM job step started by srun without torchrun:
+    SLURM's variables only (no RANK, WORLD_SIZE, MASTER_ADDR)."""
+    with socket.socket() as sock:          # a free port; the job-id default is unit-tested
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for r in range(n):
+        env = subprocess_env()
+        env.update(SLURM_PROCID=str(r), SLURM_LOCALID=str(r), SLURM_STEP_NUM_TASKS=str(n),
+                   SLURM_NTASKS=str(n), SLURM_STEP_TASKS_PER_NODE=str(n), SLURM_JOB_ID="7",
+                   SLURM_STEP_NODELIST="localhost", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outs)
+
+
 @pytest.mark.timeout(300)
-def test_two_gloo_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "srun"])
+def test_two_gloo_processes_equal_one_process_on_the_concatenated_batch(tmp_path, launcher):
     steps = 3
     run_cli([WORKER, tmp_path / "one", 16, steps], cwd=REPO)
-    run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", WORKER,
-             tmp_path / "two", 8, steps], cwd=REPO)
+    if launcher == "torchrun":
+        run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                 WORKER, tmp_path / "two", 8, steps], cwd=REPO)
+    else:
+        _srun_like([WORKER, tmp_path / "two", 8, steps], 2)
     a = torch.load(tmp_path / "one" / "run" / "checkpoints" / f"{steps:07d}.pt",
                    weights_only=True)
     b = torch.load(tmp_path / "two" / "run" / "checkpoints" / f"{steps:07d}.pt",
@@ -60,8 +87,47 @@ def test_env_ranks_follow_torchrun(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "16")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setenv("SLURM_PROCID", "0")       # torchrun inside a SLURM step: torchrun's
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
     assert env_ranks() == (5, 16, 1, 8)   # the device comes from LOCAL_RANK, not RANK
     assert DistEnv(5, 16, 1, 8).distributed and not DistEnv(5, 16, 1, 8).is_main
+
+
+def test_env_ranks_of_srun_tasks_and_of_a_batch_script(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+              "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    # the batch script itself: SLURM_NTASKS says 16, but it is one process
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    monkeypatch.delenv("SLURM_STEP_NUM_TASKS", raising=False)
+    assert env_ranks() == (0, 1, 0, 1)
+    # task 11 of `srun --nodes 2 --ntasks-per-node 8`
+    monkeypatch.setenv("SLURM_PROCID", "11")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "16")
+    monkeypatch.setenv("SLURM_LOCALID", "3")
+    monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "8(x2)")
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu[07-08]")
+    monkeypatch.setenv("SLURM_JOB_ID", "123456")
+    assert env_ranks() == (11, 16, 3, 8)
+    srun_rendezvous()
+    assert os.environ["MASTER_ADDR"] == "gpu07"
+    assert os.environ["MASTER_PORT"] == str(20000 + 123456 % 20000)
+    monkeypatch.setenv("MASTER_ADDR", "head")      # what the job script set wins
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    srun_rendezvous()
+    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("head", "29500")
+    monkeypatch.delenv("MASTER_ADDR")
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "odd[a-b]")
+    with pytest.raises(RuntimeError, match="export MASTER_ADDR"):
+        srun_rendezvous()
+
+
+@pytest.mark.parametrize("nodelist,host", [("gpu[03-05,9]", "gpu03"), ("a01,a02", "a01"),
+                                           ("node7", "node7"), ("n[001-004],m[01-02]", "n001"),
+                                           ("gpu-a[1-2]-ib", "gpu-a1-ib"), ("x[a-b]", None)])
+def test_first_host_of_a_slurm_node_list(nodelist, host):
+    assert first_host(nodelist) == host
 
 
 @pytest.mark.timeout(300)
