@@ -23,9 +23,9 @@ import torch
 import torch.distributed as dist
 
 
-def error_to_stderr(line: str) -> None:
-    """One line on stderr in one write: the same error said by several processes into one
-    log (torchrun, srun) stays one line each (print writes the text and the newline apart)."""
+def stderr_line(line: str) -> None:
+    """One line on stderr in one write: lines that several processes write into one log
+    (torchrun, srun) stay whole (print writes the text and the newline apart)."""
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
 

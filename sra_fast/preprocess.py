@@ -31,7 +31,7 @@ import torch
 
 from .data import (DataError, PackedWriter, convert_released_to_packed, error_line,
                    out_of_memory_line)
-from .distributed import env_ranks, error_to_stderr, pick_device
+from .distributed import env_ranks, stderr_line, pick_device
 from .metrics_log import progress_bar
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
@@ -294,10 +294,10 @@ def main(argv=None) -> int:
         print(f"[sra-fast] wrote {out}")
         return 0
     except DataError as e:
-        error_to_stderr(f"error: {error_line(e)}")
+        stderr_line(f"error: {error_line(e)}")
         return 2
     except torch.OutOfMemoryError as e:
-        error_to_stderr("error: " + out_of_memory_line(
+        stderr_line("error: " + out_of_memory_line(
             e, "while encoding", f"--batch-size {a.batch_size} images per encoder batch; "
             "pass a smaller one (finished chunks are kept)"))
         return 2

@@ -30,7 +30,7 @@ from . import __version__
 from .checkpoint import CheckpointError, load_model_state, state_dict_from
 from .config import build_model, model_kind
 from .data import out_of_memory_line
-from .distributed import barrier, cleanup, derive_seed, error_to_stderr, init_distributed
+from .distributed import barrier, cleanup, derive_seed, stderr_line, init_distributed
 from .metrics_log import progress_bar
 from .sampling import (SAMPLERS, SamplerConfig, SiTOriginalTime, decode_latents, image_grid,
                        load_vae, sample, to_uint8)
@@ -305,7 +305,7 @@ def main(argv=None) -> int:
     try:
         run(a)
     except torch.OutOfMemoryError as e:
-        error_to_stderr("error: " + out_of_memory_line(
+        stderr_line("error: " + out_of_memory_line(
             e, "while sampling", f"--batch-size {a.batch_size} per process; pass a smaller "
             "one"))
         return 2
@@ -313,7 +313,7 @@ def main(argv=None) -> int:
         if isinstance(e, RuntimeError) and not str(e).startswith(("could not load the VAE",
                                                                   "decoding latents")):
             raise
-        error_to_stderr(f"error: {' '.join(str(e).split())}")
+        stderr_line(f"error: {' '.join(str(e).split())}")
         return 2
     return 0
 

@@ -29,7 +29,7 @@ from .config import TrainConfig, build_model, model_kind, parse_config
 from .data import (DataError, ShardedBatchSampler, error_line, make_loader, open_dataset,
                    out_of_memory_line, sample_posterior)
 from .distributed import (DistEnv, all_gather_objects, all_reduce_, barrier, cleanup,
-                          derive_seed, error_to_stderr, init_distributed)
+                          derive_seed, stderr_line, init_distributed)
 from .metrics_log import MetricsLogger, flops_per_image, peak_tflops
 from .objective import SRAObjective, align_weight, make_ema
 from .ops.attention import set_attention_backend
@@ -194,7 +194,7 @@ class Trainer:
 
     def warn(self, msg: str):
         if self.main:
-            print(f"[sra-fast] {msg}", file=sys.stderr, flush=True)
+            stderr_line(f"[sra-fast] {msg}")
 
     def _check_free_space(self, need: int, what: str):
         """Warn while there is time to act: a checkpoint that does not fit stops the run and
@@ -730,7 +730,7 @@ def main(argv=None) -> int:
         # every rank says it: an error may be one rank's own (its data shard, a file only it
         # cannot read), and torchrun shows nothing but an exit code otherwise
         who = "" if env is None or not env.distributed or env.is_main else f"(rank {env.rank}) "
-        error_to_stderr(f"{who}{msg}")
+        stderr_line(f"{who}{msg}")
 
     trainer = None
     try:
