@@ -31,7 +31,7 @@ import torch
 
 from .data import (DataError, PackedWriter, convert_released_to_packed, error_line,
                    out_of_memory_line)
-from .distributed import env_ranks, stderr_line, pick_device
+from .distributed import env_ranks, pick_device, stderr_line
 from .metrics_log import progress_bar
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}

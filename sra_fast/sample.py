@@ -30,7 +30,7 @@ from . import __version__
 from .checkpoint import CheckpointError, load_model_state, state_dict_from
 from .config import build_model, model_kind
 from .data import out_of_memory_line
-from .distributed import barrier, cleanup, derive_seed, stderr_line, init_distributed
+from .distributed import barrier, cleanup, derive_seed, init_distributed, stderr_line
 from .metrics_log import progress_bar
 from .sampling import (SAMPLERS, SamplerConfig, SiTOriginalTime, decode_latents, image_grid,
                        load_vae, sample, to_uint8)

@@ -29,7 +29,7 @@ from .config import TrainConfig, build_model, model_kind, parse_config
 from .data import (DataError, ShardedBatchSampler, error_line, make_loader, open_dataset,
                    out_of_memory_line, sample_posterior)
 from .distributed import (DistEnv, all_gather_objects, all_reduce_, barrier, cleanup,
-                          derive_seed, stderr_line, init_distributed)
+                          derive_seed, init_distributed, stderr_line)
 from .metrics_log import MetricsLogger, flops_per_image, peak_tflops
 from .objective import SRAObjective, align_weight, make_ema
 from .ops.attention import set_attention_backend
