@@ -667,9 +667,8 @@ class Trainer:
                 if self.main:
                     out = self._write_grid(per_class)
             except torch.OutOfMemoryError as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                self.warn(f"warning: no sample grid at step {self.step}: out of GPU memory "
-                          f"({first[:120]})")
+                self.warn("warning: no sample grid: " + out_of_memory_line(
+                    e, f"at step {self.step}", "training goes on"))
                 torch.cuda.empty_cache()
             barrier(self.env)
         return out
