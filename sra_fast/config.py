@@ -178,6 +178,10 @@ class TrainConfig:
     save_on_signal: bool = _f(True, "on SIGTERM or SIGUSR1 (scheduler time limit or "
                               "preemption, torchrun shutdown) finish the step, write a "
                               "checkpoint and exit with 128 + the signal number", runtime=True)
+    hang_report_min: float = _f(30.0, "when one step (with its logging, checkpoint and grid) "
+                                "takes longer than this many minutes, print every thread's "
+                                "Python stack to stderr (the run goes on; 0: never)",
+                                runtime=True)
     max_nonfinite: int = _f(20, "stop after this many consecutive non-finite losses (each "
                             "one skips its update)", runtime=True)
     kernels: str = _f("auto", "fused-op backend", choices=BACKENDS,
@@ -252,6 +256,9 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
         if c.sample_every < 0:
             raise ValueError("--sample-every must be >= 0")
+        if not c.hang_report_min >= 0:
+            raise ValueError(f"--hang-report-min must be >= 0 (0: never), got "
+                             f"{c.hang_report_min}")
         if not c.grad_clip > 0:   # NaN too; a clip of 0 would zero every gradient
             raise ValueError(f"--grad-clip must be > 0 (inf turns clipping off), got {c.grad_clip}")
         if c.batch_size is not None and c.batch_size < 1:

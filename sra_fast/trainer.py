@@ -14,6 +14,7 @@ the position in the epoch, so a resumed run continues bit-for-bit.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import json
 import os
 import shutil
@@ -439,8 +440,35 @@ class Trainer:
     def train(self) -> dict:
         """Train to max_steps. Returns {"step", "stopped", "signal", last log record...};
         "signal" is the number of the stop signal that ended the run early (else 0)."""
-        with StopSignals(self.cfg.save_on_signal) as signals:
+        with StopSignals(self.cfg.save_on_signal) as signals, self._hang_reports():
             return self._train(signals)
+
+    @contextlib.contextmanager
+    def _hang_reports(self):
+        """A run that hangs (a stalled file system, a lost peer, a stuck device) otherwise
+        sits silent until a timeout, if any: after --hang-report-min minutes without a step,
+        every thread's Python stack goes to stderr, again every as many minutes. Re-armed
+        after every step (_step_done); a C-level timer, nothing on the device."""
+        self._hang_s, self._hang_file = 60.0 * self.cfg.hang_report_min, None
+        for f in (sys.stderr, sys.__stderr__):   # the first with a file descriptor
+            try:
+                f.fileno()
+                self._hang_file = f
+                break
+            except (AttributeError, OSError, ValueError):   # a stream in memory, or None
+                continue
+        if self._hang_file is None:
+            self._hang_s = 0.0
+        self._step_done()   # the first step too (compilation, capture, the first batch)
+        try:
+            yield
+        finally:
+            if self._hang_s:
+                faulthandler.cancel_dump_traceback_later()
+
+    def _step_done(self):
+        if self._hang_s:
+            faulthandler.dump_traceback_later(self._hang_s, repeat=True, file=self._hang_file)
 
     def _train(self, signals: StopSignals) -> dict:
         from tqdm import tqdm
@@ -525,6 +553,7 @@ class Trainer:
                     self.sample_grid()
                 if end:
                     break
+                self._step_done()
                 signum = signals.agreed(self.env, self.step)
                 if signum:
                     stop = self._checkpoint()

@@ -394,3 +394,45 @@ def test_too_little_disk_for_a_checkpoint_is_said_at_start_and_after_each(tmp_pa
     size = (tr.run_dir / "checkpoints" / "0000002.pt").stat().st_size / 2 ** 30
     assert (f"[sra-fast] warning: {tr.run_dir} has 0.00 GiB free, the next checkpoint takes "
             f"~{size:.2f} GiB" in capsys.readouterr().err)
+
+
+def test_a_step_that_hangs_prints_every_threads_stack_and_the_run_goes_on(tmp_path, capfd):
+    tr = Trainer(digits_cfg(tmp_path, max_steps=3, hang_report_min=0.4 / 60),
+                 dataset=SmallDigits(64), quiet=True)
+    step_once = tr.one_step
+
+    def one_step(*a):
+        if tr.step == 1:
+            time.sleep(1.0)                      # 2.5 report periods without a step
+        step_once(*a)
+    tr.one_step = one_step
+    assert tr.train()["step"] == 3
+    err = capfd.readouterr().err
+    # the slow step's 1 s holds two 0.4 s periods (the first step, with its set-up, may
+    # take one more)
+    assert err.count("Timeout (0:00:00.400000)!") >= 2 and "in one_step" in err, err[-3000:]
+    time.sleep(1.0)                              # disarmed at the end: nothing more
+    assert "Timeout" not in capfd.readouterr().err
+
+
+def test_steady_steps_never_trigger_a_hang_report(tmp_path, capfd):
+    """The report timer restarts after every step: 8 steps of 0.3 s (2.4 s in all) under a
+    1 s limit print nothing."""
+    tr = Trainer(digits_cfg(tmp_path, max_steps=8, hang_report_min=1.0 / 60),
+                 dataset=SmallDigits(64), quiet=True)
+    tr.sample_grid = lambda *a, **k: None
+    step_once = tr.one_step
+
+    def one_step(*a):
+        time.sleep(0.3)
+        step_once(*a)
+    tr.one_step = one_step
+    tr.train()
+    assert "Timeout" not in capfd.readouterr().err
+
+
+def test_hang_report_minutes_must_not_be_negative():
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="--hang-report-min must be >= 0"):
+            TrainConfig(hang_report_min=bad).resolve()
+    assert TrainConfig(hang_report_min=0).resolve().hang_report_min == 0
