@@ -178,10 +178,11 @@ def broadcast_object(obj, env: DistEnv, src: int = 0):
     return box[0]
 
 
-def any_true(flag: bool, env: DistEnv) -> bool:
-    """True on every rank if `flag` is True on any rank (for errors that must stop all)."""
+def max_over_ranks(value: float, env: DistEnv) -> float:
+    """The largest of every rank's `value`, on every rank (one 1-element all-reduce and a
+    host read: a sync, so never per step in the hot path)."""
     if not env.distributed:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=env.device)
+        return value
+    t = torch.tensor([float(value)], device=env.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return t.item()

@@ -16,9 +16,7 @@ from __future__ import annotations
 import signal
 import threading
 
-import torch
-
-from .distributed import DistEnv, all_reduce_
+from .distributed import DistEnv, max_over_ranks
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -74,9 +72,7 @@ class StopSignals:
             return self.received
         if step % self.check_every:
             return 0
-        t = torch.tensor([float(self.received)], device=env.device)
-        all_reduce_(t, env, torch.distributed.ReduceOp.MAX)
-        return int(t.item())
+        return int(max_over_ranks(self.received, env))
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
