@@ -104,6 +104,11 @@ class TrainStep:
                    one parameter group and bf16/fp32 precision. Same AdamW arithmetic as
                    the installed torch's fused AdamW on the device (to fp32 rounding; the
                    EMA/shadow as "foreach").
+      grad_sync    None, or a torch.distributed process group (dist.group.WORLD for all):
+                   the step averages the gradients over it itself (sra_fast.grad_sync:
+                   one all-reduce of a flat buffer after the backward), eagerly or inside
+                   the captured graph. For several processes in graph mode; `student` must
+                   then be the model itself, not a DDP wrapper.
     """
 
     STATS = ("loss", "denoise", "align", "grad_norm", "nonfinite", "steps")
@@ -112,7 +117,8 @@ class TrainStep:
                  precision: str = "bf16", grad_clip: float = 1.0, ema_decay: float = 0.9999,
                  grad_accum: int = 1, generator: torch.Generator | None = None,
                  cuda_graph: bool | str = False, teacher_bf16: bool = False,
-                 teacher_full: bool = False, graph_warmup: int = 2, ema_impl: str = "foreach"):
+                 teacher_full: bool = False, graph_warmup: int = 2, ema_impl: str = "foreach",
+                 grad_sync=None):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
         if grad_accum < 1:
@@ -132,6 +138,13 @@ class TrainStep:
         self.grad_accum, self.generator = grad_accum, generator
         self.device = next(model.parameters()).device
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self._grad_sync = None
+        if grad_sync is not None:
+            if self.student is not model:
+                raise ValueError("grad_sync averages the gradients itself: pass the model as "
+                                 "the student, not a DDP (or other) wrapper")
+            from .grad_sync import FlatGradSync
+            self._grad_sync = FlatGradSync(self.params, grad_sync)
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self._stats = torch.zeros(len(self.STATS), device=self.device)
         self._found_inf = torch.zeros((), device=self.device)
@@ -208,6 +221,21 @@ class TrainStep:
             loss, denoise, align = self.objective(student, teacher, x0, y, weight,
                                                   generator=self.generator)
         return loss, denoise, align
+
+    @property
+    def _loss_divisor(self) -> int:
+        """What the loss is divided by before backward: grad_accum averages the micro-batches;
+        with grad_sync also the world size, so the all-reduced sum is the mean."""
+        w = self._grad_sync.world_size if self._grad_sync is not None else 1
+        return self.grad_accum * w
+
+    def _all_reduce_grads(self, loss):
+        """With grad_sync: sum the gradients over the processes (and whether any process's
+        `loss` is not finite, returned as a 0-d bool). Without: None."""
+        if self._grad_sync is None:
+            return None
+        with nvtx_range("all-reduce"):
+            return self._grad_sync.all_reduce(~torch.isfinite(loss))
 
     def _grad_norm_and_clip(self) -> torch.Tensor:
         """Total gradient norm (device scalar), with the clip applied or prepared: mode
@@ -292,16 +320,20 @@ class TrainStep:
                    else contextlib.nullcontext())
             with ctx:
                 loss, denoise, align = self._micro(xb, yb, weight)
-                scaled = loss / self.grad_accum
+                scaled = loss / self._loss_divisor
                 with nvtx_range("backward"):
                     (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             tot += torch.stack([loss.detach().float(), denoise.mean(), align.mean()])
         tot /= self.grad_accum
+        any_nonfinite = self._all_reduce_grads(tot[0])
         with nvtx_range("optimizer"):
             if self.scaler:
                 self.scaler.unscale_(self.opt)
             gnorm = self._grad_norm_and_clip()
-            finite = torch.isfinite(tot[0]) & torch.isfinite(gnorm)
+            if any_nonfinite is not None:   # every process's loss, through the all-reduce
+                finite = ~any_nonfinite & torch.isfinite(gnorm)
+            else:
+                finite = torch.isfinite(tot[0]) & torch.isfinite(gnorm)
             if getattr(self.student, "process_group", None) is not None:
                 # DDP: the loss is this rank's own; every rank must skip the same steps, or
                 # the replicas (and their EMAs) drift apart, never to be re-synced
@@ -360,10 +392,11 @@ class TrainStep:
         wrapper = _is_wrapper(self.student, self.model)
         if wrapper:
             why.append(wrapper)
-        elif torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            why.append("torch.distributed runs several processes: gradients must be "
-                       "all-reduced, which this graph step does not capture; run eagerly")
+        elif self._grad_sync is None and torch.distributed.is_available() \
+                and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            why.append("torch.distributed runs several processes and the step was given no "
+                       "grad_sync group, so nothing would all-reduce the gradients; run "
+                       "eagerly (or pass grad_sync)")
         if not isinstance(self.opt, (torch.optim.AdamW, torch.optim.Adam)) or \
                 not all(g.get("fused") for g in self.opt.param_groups):
             why.append("the optimizer is not a fused Adam/AdamW (fused=True): graph mode needs "
@@ -411,12 +444,15 @@ class TrainStep:
         for xb, yb in zip(self._x.chunk(A), self._y.chunk(A)):
             loss, denoise, align = self._micro(xb, yb, self._w)
             with nvtx_range("backward"):
-                (loss / A).backward()
+                (loss / self._loss_divisor).backward()
             tot += torch.stack([loss.detach().float(), denoise.mean(), align.mean()])
         tot /= A
+        any_nonfinite = self._all_reduce_grads(tot[0])
         with nvtx_range("optimizer"):
             gnorm = self._grad_norm_and_clip()
-            finite = torch.isfinite(tot[0]) & torch.isfinite(gnorm) & (self._skip == 0)
+            if any_nonfinite is None:
+                any_nonfinite = ~torch.isfinite(tot[0])
+            finite = ~any_nonfinite & torch.isfinite(gnorm) & (self._skip == 0)
             self._found_inf.copy_((~finite).float())
             if self._adamw_ema is None:
                 self._fused_opt_step()
@@ -545,6 +581,13 @@ class TrainStep:
             except Exception as e:
                 if self.cuda_graph in ("strict", "emulate"):
                     raise
+                if self._grad_sync is not None and self._grad_sync.world_size > 1:
+                    # NCCL needs every process to capture its collectives or none: an
+                    # eager fallback here could pair with the others' captured all-reduce
+                    raise RuntimeError(
+                        f"CUDA-graph capture failed on this process ({type(e).__name__}: "
+                        f"{e}); with several processes all must run the captured step or "
+                        "none, so the run stops here: run without --cuda-graph") from e
                 self.graph_refusal = f"capture failed ({type(e).__name__}: {e})"
                 self._graph = None
                 self.opt.zero_grad(set_to_none=True)

@@ -1,0 +1,62 @@
+"""The step's own gradient all-reduce (sra_fast.grad_sync), which lets the CUDA-graph step run
+under several processes: 2 gloo processes give bit-for-bit DDP's weights, EMA and optimizer
+state, eagerly and through the captured code path (cuda_graph="emulate"), with gradient
+accumulation and with a non-finite loss on one rank only (every rank skips that step)."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from sra_fast.grad_sync import FlatGradSync
+from trainer_fixtures import REPO, run_cli
+
+WORKER = Path(__file__).resolve().parent / "grad_sync_worker.py"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("accum,bad_rank", [(1, -1), (2, 1)])
+def test_own_all_reduce_is_bitwise_ddp_on_two_processes(tmp_path, accum, bad_rank):
+    run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+             WORKER, tmp_path, accum, bad_rank], cwd=REPO)
+    r0 = torch.load(tmp_path / "result-0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "result-1.pt", weights_only=True)
+    init_moved = False
+    for r in (r0, r1):
+        assert r["ddp"]["nonfinite"] == (1 if bad_rank >= 0 else 0)
+        for v in ("eager", "emulate"):
+            assert r[v]["nonfinite"] == r["ddp"]["nonfinite"] and r[v]["steps"] == 3
+            a, b = r["ddp"]["state"], r[v]["state"]
+            assert len(a) == len(b)
+            bad = [i for i, (x, y) in enumerate(zip(a, b)) if not torch.equal(x, y)]
+            assert not bad, f"{v}: {len(bad)} of {len(a)} tensors differ from DDP's"
+    for v in ("ddp", "eager", "emulate"):   # the replicas stay identical
+        assert all(torch.equal(x, y) for x, y in zip(r0[v]["state"], r1[v]["state"]))
+    # and the ranks' different data did move the weights (a test of something)
+    torch.manual_seed(0)
+    from sra_fast.models.dit import SiT
+    m = SiT(input_size=8, patch_size=2, hidden_size=64, depth=4, num_heads=4, num_classes=10)
+    init_moved = any(not torch.equal(p, q) for p, q in zip(m.parameters(), r0["eager"]["state"]))
+    assert init_moved
+
+
+def test_flat_sync_refuses_what_it_cannot_sum(tmp_path):
+    dist = torch.distributed
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="fp32"):
+            FlatGradSync([torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))])
+        with pytest.raises(ValueError, match="no trainable"):
+            FlatGradSync([torch.nn.Parameter(torch.zeros(3), requires_grad=False)])
+        # one process: the sum is the gradient itself; a missing gradient counts as zeros
+        a, b = torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.ones(4))
+        s = FlatGradSync([a, b])
+        s.flat.fill_(float("nan"))   # poisoned: every element must be written
+        a.grad = torch.arange(6.0).view(2, 3)
+        bad = s.all_reduce(torch.tensor(False))
+        assert not bool(bad)
+        assert torch.equal(a.grad, torch.arange(6.0).view(2, 3)) and torch.equal(b.grad,
+                                                                                torch.zeros(4))
+        assert a.grad.data_ptr() == s.flat.data_ptr()   # a view: no copy back
+        assert bool(s.all_reduce(torch.tensor(True)))
+    finally:
+        dist.destroy_process_group()
