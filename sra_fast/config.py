@@ -140,8 +140,10 @@ class TrainConfig:
                                aliases=("--mixed-precision",),
                                choices=("bf16", "fp16", "fp32", "no"))
     tf32: bool = _f(True, "allow TF32 matmuls on GPUs", runtime=True)
-    cuda_graph: bool = _f(False, "capture the whole step in one CUDA graph (one GPU, bf16/fp32; "
-                          "where impossible, e.g. under DDP, it says why and runs eagerly)",
+    cuda_graph: bool = _f(False, "capture the whole step in one CUDA graph (bf16/fp32; with "
+                          "several processes the step all-reduces the gradients itself, in the "
+                          "graph, instead of DDP; where impossible it says why and runs "
+                          "eagerly)",
                           runtime=True)
     teacher_bf16: bool = _f(False, "keep bf16 copies of the EMA teacher's weights for its "
                             "forward (bf16 precision only)", runtime=True)

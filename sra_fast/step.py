@@ -75,6 +75,44 @@ def _is_wrapper(student, model) -> str | None:
             "wrapper cannot be captured by this step)")
 
 
+def graph_refusal(model, optimizer, *, student=None, precision: str = "bf16", generator=None,
+                  grad_sync=None, emulate: bool = False) -> str | None:
+    """Why a TrainStep with these settings could not be captured in a CUDA graph (every
+    reason, '; '-joined), or None. The trainer asks before it chooses DDP or grad_sync."""
+    student = model if student is None else student
+    device = next(model.parameters()).device
+    why = []
+    if not emulate and (device.type != "cuda" or not torch.cuda.is_available()):
+        why.append(f"the model is on {device.type}, CUDA graphs need a CUDA device")
+    if precision == "fp16":
+        why.append("precision fp16 uses a GradScaler, whose skip/rescale logic syncs with "
+                   "the host; use bf16 (no scaler needed) for graph mode")
+    wrapper = _is_wrapper(student, model)
+    dist = torch.distributed
+    if wrapper:
+        why.append(wrapper)
+    elif grad_sync is None:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            why.append("torch.distributed runs several processes and the step was given no "
+                       "grad_sync group, so nothing would all-reduce the gradients; run "
+                       "eagerly (or pass grad_sync)")
+    elif not emulate and dist.get_world_size(grad_sync) > 1 \
+            and dist.get_backend(grad_sync) != "nccl":
+        why.append(f"the gradient all-reduce runs on {dist.get_backend(grad_sync)}, which a "
+                   "CUDA graph cannot capture (NCCL can)")
+    if not isinstance(optimizer, (torch.optim.AdamW, torch.optim.Adam)) or \
+            not all(g.get("fused") for g in optimizer.param_groups):
+        why.append("the optimizer is not a fused Adam/AdamW (fused=True): graph mode needs "
+                   "its device-side found_inf skip and capturable state")
+    if generator is not None and not emulate:
+        if generator.device.type != "cuda":
+            why.append("the step's generator is not a CUDA generator")
+        elif not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+            why.append("this torch cannot register a user torch.Generator with a CUDA "
+                       "graph; pass generator=None to use the default CUDA generator")
+    return "; ".join(why) or None
+
+
 class TrainStep:
     """SRA step. `student` may be a DDP wrapper of `model`; `ema` is the teacher.
 
@@ -382,32 +420,10 @@ class TrainStep:
     # ------------------------------------------------------------------ CUDA graph
     def _graph_refusal(self) -> str | None:
         """Why this step cannot be captured (every reason, '; '-joined), or None."""
-        why = []
-        if self.cuda_graph != "emulate" and (self.device.type != "cuda"
-                                             or not torch.cuda.is_available()):
-            why.append(f"the model is on {self.device.type}, CUDA graphs need a CUDA device")
-        if self.precision == "fp16":
-            why.append("precision fp16 uses a GradScaler, whose skip/rescale logic syncs with "
-                       "the host; use bf16 (no scaler needed) for graph mode")
-        wrapper = _is_wrapper(self.student, self.model)
-        if wrapper:
-            why.append(wrapper)
-        elif self._grad_sync is None and torch.distributed.is_available() \
-                and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            why.append("torch.distributed runs several processes and the step was given no "
-                       "grad_sync group, so nothing would all-reduce the gradients; run "
-                       "eagerly (or pass grad_sync)")
-        if not isinstance(self.opt, (torch.optim.AdamW, torch.optim.Adam)) or \
-                not all(g.get("fused") for g in self.opt.param_groups):
-            why.append("the optimizer is not a fused Adam/AdamW (fused=True): graph mode needs "
-                       "its device-side found_inf skip and capturable state")
-        if self.generator is not None and self.cuda_graph != "emulate":
-            if self.generator.device.type != "cuda":
-                why.append("the step's generator is not a CUDA generator")
-            elif not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
-                why.append("this torch cannot register a user torch.Generator with a CUDA "
-                           "graph; pass generator=None to use the default CUDA generator")
-        return "; ".join(why) or None
+        return graph_refusal(self.model, self.opt, student=self.student,
+                             precision=self.precision, generator=self.generator,
+                             grad_sync=self._grad_sync.group if self._grad_sync else None,
+                             emulate=self.cuda_graph == "emulate")
 
     def _prepare_optimizer(self):
         """Fused AdamW -> capturable, with the learning rate in a device scalar per group

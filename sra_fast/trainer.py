@@ -31,12 +31,13 @@ from .data import (DataError, ShardedBatchSampler, error_line, make_loader, open
                    out_of_memory_line, sample_posterior)
 from .distributed import (DistEnv, all_gather_objects, all_reduce_, barrier, cleanup,
                           derive_seed, init_distributed, stderr_line)
+from .grad_sync import broadcast_module_
 from .metrics_log import MetricsLogger, flops_per_image, peak_tflops
 from .objective import SRAObjective, align_weight, make_ema
 from .ops.attention import set_attention_backend
 from .sampling import (SamplerConfig, decode_latents, grid_labels, image_grid, load_vae,
                        sample, to_uint8)
-from .step import TrainStep, make_optimizer
+from .step import TrainStep, graph_refusal, make_optimizer
 from .stop_signals import StopSignals, ignore_stop_signals, signal_name
 from .train_state import (adapt_released_optimizer, capture_rng, find_resume_checkpoint,
                           generator_state_fits, is_released, list_checkpoints,
@@ -153,20 +154,15 @@ class Trainer:
             failed = e
         self._agree_on_start(failed)
 
-        if env.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            self.student = DDP(self.model, device_ids=[self.device.index]
-                               if self.device.type == "cuda" else None,
-                               gradient_as_bucket_view=True)
-        else:
-            self.student = self.model
+        self.student, grad_sync = self._gradient_sync()
         try:
             self.train_step = TrainStep(self.model, self.ema, self.objective, self.opt,
                                         student=self.student, precision=cfg.precision,
                                         grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay,
                                         grad_accum=cfg.grad_accum, generator=self.generator,
                                         cuda_graph=cfg.cuda_graph,
-                                        teacher_bf16=cfg.teacher_bf16, ema_impl=cfg.ema_impl)
+                                        teacher_bf16=cfg.teacher_bf16, ema_impl=cfg.ema_impl,
+                                        grad_sync=grad_sync)
         except ValueError as e:   # a combination of settings the step cannot run
             raise RunError(str(e)) from e
         if self._scaler_state is not None and self.train_step.scaler is not None:
@@ -187,6 +183,26 @@ class Trainer:
             n = sum(p.numel() for p in self.model.parameters())
             n_trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
             self._check_free_space(4 * (2 * n + 2 * n_trained), "a checkpoint")
+
+    def _gradient_sync(self):
+        """(student, grad_sync) for TrainStep. One process: the model, nothing to sync.
+        Several: DDP (its all-reduce overlaps the backward), unless --cuda-graph can capture
+        the step, whose own all-reduce (sra_fast.grad_sync) then replaces DDP's, which a
+        replayed graph cannot run. Chosen from settings that are the same on every process,
+        so all make the same choice."""
+        if not self.env.distributed:
+            return self.model, None
+        world = torch.distributed.group.WORLD
+        if self.cfg.cuda_graph and graph_refusal(
+                self.model, self.opt, precision=self.cfg.precision, generator=self.generator,
+                grad_sync=world) is None:
+            broadcast_module_(self.model)   # what DDP would do when wrapping it
+            self.print("[sra-fast] CUDA-graph step across processes: the step all-reduces the "
+                       "gradients itself, inside the graph, after the backward")
+            return self.model, world
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(self.model, device_ids=[self.device.index]
+                   if self.device.type == "cuda" else None, gradient_as_bucket_view=True), None
 
     # ---------------------------------------------------------------- printing
     def print(self, *a, **k):

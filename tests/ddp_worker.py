@@ -37,15 +37,24 @@ class SmallDigits(DigitsDataset):
         self.x, self.y, self.labels = self.x[:n], self.y[:n], self.labels[:n]
 
 
-def main(out, batch_size, steps):
+def main(out, batch_size, steps, sync="ddp"):
+    """sync "own": the trainer's --cuda-graph choice across processes (the step's own
+    gradient all-reduce instead of DDP), taken on CPU by pretending the graph is possible;
+    the step itself then finds the CPU, says so and runs the same sync eagerly."""
     torch.set_num_threads(1)
+    if sync == "own":
+        import sra_fast.trainer
+        sra_fast.trainer.graph_refusal = lambda *a, **k: None
     cfg = TrainConfig(out_dir=out, exp_name="run", batch_size=int(batch_size),
                       max_steps=int(steps), log_every=1, ckpt_every=int(steps), sample_every=0,
                       kernels="ref", attn="math", threads=1, lr=1e-3, lr_warmup_steps=0,
-                      device="cpu")
+                      device="cpu", cuda_graph=sync == "own")
     tr = Trainer(cfg, dataset=SmallDigits(), quiet=True,
                  objective_factory=lambda model, sra: SampleKeyedDraws.for_model(model, sra))
     tr.train()
+    sync = "own" if tr.train_step._grad_sync is not None else type(tr.student).__name__
+    sys.stdout.write(f"rank {tr.env.rank} gradient sync: {sync}\n")   # one write: whole lines
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -38,13 +38,19 @@ def _srun_like(args, n: int):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("launcher", ["torchrun", "srun"])
+@pytest.mark.parametrize("launcher", ["torchrun", "srun", "torchrun-own-sync"])
 def test_two_gloo_processes_equal_one_process_on_the_concatenated_batch(tmp_path, launcher):
+    """torchrun-own-sync: the gradient sync that --cuda-graph uses across processes (the
+    step's own all-reduce, sra_fast.grad_sync) in place of DDP, run eagerly on CPU."""
     steps = 3
     run_cli([WORKER, tmp_path / "one", 16, steps], cwd=REPO)
-    if launcher == "torchrun":
-        run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                 WORKER, tmp_path / "two", 8, steps], cwd=REPO)
+    if launcher.startswith("torchrun"):
+        out = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                       WORKER, tmp_path / "two", 8, steps,
+                       "own" if launcher.endswith("own-sync") else "ddp"], cwd=REPO)
+        want = "own" if launcher.endswith("own-sync") else "DistributedDataParallel"
+        for r in (0, 1):
+            assert f"rank {r} gradient sync: {want}" in out.stdout, out.stdout[-2000:]
     else:
         _srun_like([WORKER, tmp_path / "two", 8, steps], 2)
     a = torch.load(tmp_path / "one" / "run" / "checkpoints" / f"{steps:07d}.pt",

@@ -313,3 +313,42 @@ def test_clip_folded_into_fused_adamw_equals_clip_grad_norm_cuda(mode):
         assert step.read_stats()["grad_norm"] > 1e-2
     for a, b in zip(*finals):
         assert (a - b).abs().max() <= 1e-5 * b.abs().max() + 1e-12
+
+
+@pytest.fixture
+def nccl_world_of_one(tmp_path):
+    """A one-process NCCL group: the captured all-reduce of grad_sync runs for real (more
+    processes need more GPUs; their arithmetic is tested on CPU, tests/test_grad_sync.py)."""
+    dist = torch.distributed
+    if not dist.is_available() or not dist.is_nccl_available():
+        pytest.skip("this torch has no NCCL")
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1,
+                            device_id=torch.device(DEV, torch.cuda.current_device()))
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_graph_step_with_its_own_all_reduce_matches_eager(nccl_world_of_one, accum):
+    """grad_sync inside the CUDA graph (an NCCL all-reduce captured with the step) gives the
+    eager step's updates, skips a non-finite step, and replays without re-capturing."""
+    data = batches(4, bad=2)
+    out = []
+    for mode in (False, "strict"):
+        m, ema, opt, step = build(grad_accum=accum, mode=mode, grad_sync=nccl_world_of_one)
+        p0 = params(m, ema)
+        run(step, data)
+        torch.cuda.synchronize()
+        out.append((params(m, ema), step.read_stats(), step))
+        if mode:   # the captured optimizer reads the gradients from the summed buffer
+            flat = step._grad_sync.flat.untyped_storage().data_ptr()
+            assert all(p.grad.untyped_storage().data_ptr() == flat
+                       for p in m.parameters() if p.requires_grad)
+    (pe, se, _), (pg, sg, g) = out
+    assert g.graph_mode and g.captures == 1
+    assert se["steps"] == sg["steps"] == 4 and se["nonfinite"] == sg["nonfinite"] == 1
+    for k in ("loss", "denoise_loss", "align_loss", "grad_norm"):
+        assert sg[k] == pytest.approx(se[k], rel=2e-2), k
+    assert rel_update_diff(p0, pe, pg) < 5e-2
