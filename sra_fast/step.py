@@ -75,6 +75,11 @@ def _is_wrapper(student, model) -> str | None:
             "wrapper cannot be captured by this step)")
 
 
+class GraphCaptureError(RuntimeError):
+    """The CUDA graph could not be captured where no eager fallback is safe (several
+    processes): the message is one line for the user."""
+
+
 def graph_refusal(model, optimizer, *, student=None, precision: str = "bf16", generator=None,
                   grad_sync=None, emulate: bool = False) -> str | None:
     """Why a TrainStep with these settings could not be captured in a CUDA graph (every
@@ -600,10 +605,11 @@ class TrainStep:
                 if self._grad_sync is not None and self._grad_sync.world_size > 1:
                     # NCCL needs every process to capture its collectives or none: an
                     # eager fallback here could pair with the others' captured all-reduce
-                    raise RuntimeError(
+                    first = (str(e).strip().splitlines() or [""])[0]
+                    raise GraphCaptureError(
                         f"CUDA-graph capture failed on this process ({type(e).__name__}: "
-                        f"{e}); with several processes all must run the captured step or "
-                        "none, so the run stops here: run without --cuda-graph") from e
+                        f"{first}); with several processes all must run the captured step "
+                        "or none, so the run stops here: run without --cuda-graph") from e
                 self.graph_refusal = f"capture failed ({type(e).__name__}: {e})"
                 self._graph = None
                 self.opt.zero_grad(set_to_none=True)

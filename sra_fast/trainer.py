@@ -37,7 +37,7 @@ from .objective import SRAObjective, align_weight, make_ema
 from .ops.attention import set_attention_backend
 from .sampling import (SamplerConfig, decode_latents, grid_labels, image_grid, load_vae,
                        sample, to_uint8)
-from .step import TrainStep, graph_refusal, make_optimizer
+from .step import GraphCaptureError, TrainStep, graph_refusal, make_optimizer
 from .stop_signals import StopSignals, ignore_stop_signals, signal_name
 from .train_state import (adapt_released_optimizer, capture_rng, find_resume_checkpoint,
                           generator_state_fits, is_released, list_checkpoints,
@@ -788,7 +788,7 @@ def main(argv=None) -> int:
     except TrainingStopped as e:
         say(f"[sra-fast] training stopped: {e}")
         return 3
-    except (RunError, DataError, CheckpointError) as e:
+    except (RunError, DataError, CheckpointError, GraphCaptureError) as e:
         say(f"error: {error_line(e)}")
         return 2
     except torch.OutOfMemoryError as e:

@@ -60,3 +60,38 @@ def test_flat_sync_refuses_what_it_cannot_sum(tmp_path):
         assert bool(s.all_reduce(torch.tensor(True)))
     finally:
         dist.destroy_process_group()
+
+
+def test_a_failed_capture_under_several_processes_stops_instead_of_falling_back(tmp_path,
+                                                                                monkeypatch):
+    """One process falling back to eager collectives while the others replay captured ones
+    would pair NCCL calls wrongly: the step raises one line (the trainer exits 2 with it)."""
+    from sra_fast.models.dit import SiT
+    from sra_fast.objective import SRAConfig, SRAObjective, make_ema
+    from sra_fast.step import GraphCaptureError, TrainStep, make_optimizer
+    dist = torch.distributed
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        m = SiT(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=4)
+        obj = SRAObjective.for_model(m, SRAConfig(block_out_s=1, block_out_t=2))
+        with pytest.warns(UserWarning, match="need a CUDA device"):   # on CPU: refused...
+            step = TrainStep(m, make_ema(m), obj, make_optimizer(m), precision="fp32",
+                             grad_sync=dist.group.WORLD, cuda_graph=True)
+        step.graph_refusal = None                       # ...pretend it was possible
+        x, y = torch.randn(2, 4, 8, 8), torch.tensor([0, 1])
+
+        def fail(*a):
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\n"
+                               "CUDA kernel errors might be asynchronously reported")
+        monkeypatch.setattr(step, "_capture", fail)
+        with pytest.warns(UserWarning, match="capture failed"):   # one process: eager
+            step(x, y, 1.0)
+        step.graph_refusal = None
+        step._grad_sync.world_size = 2                  # as if there were two
+        with pytest.raises(GraphCaptureError) as e:
+            step(x, y, 1.0)
+        msg = str(e.value)
+        assert "\n" not in msg and "operation not permitted" in msg
+        assert "run without --cuda-graph" in msg
+    finally:
+        dist.destroy_process_group()
