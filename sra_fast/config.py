@@ -151,6 +151,10 @@ class TrainConfig:
                        "then a lerp of every EMA tensor), fused (EMA + teacher shadow in one "
                        "pass), adamw (AdamW + EMA + shadow in one pass; C++/CUDA extension)",
                        choices=("foreach", "fused", "adamw"), runtime=True)
+    grad_bucket_mb: float = _f(25.0, "with --cuda-graph across processes: megabytes of "
+                               "gradients per all-reduce started during the backward (0: one "
+                               "all-reduce after it); eager DDP keeps its own buckets",
+                               runtime=True)
     # ---------------------------------------------------------------- run
     out_dir: str = _f("runs", "folder that holds run folders", aliases=("--output-dir",),
                       runtime=True)
@@ -265,6 +269,9 @@ class TrainConfig:
             raise ValueError(f"--grad-clip must be > 0 (inf turns clipping off), got {c.grad_clip}")
         if c.batch_size is not None and c.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {c.batch_size}")
+        if not c.grad_bucket_mb >= 0:
+            raise ValueError(f"--grad-bucket-mb must be >= 0 (0: one all-reduce after the "
+                             f"backward), got {c.grad_bucket_mb}")
         if not 0.0 <= c.cfg_prob < 1.0:
             raise ValueError(f"--cfg-prob must be in [0, 1), got {c.cfg_prob}")
         # combinations the step refuses, said before anything is built

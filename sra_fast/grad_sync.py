@@ -2,21 +2,26 @@
 captured in the step's CUDA graph (DDP's all-reduce runs from autograd hooks with bucket
 state a replayed graph would not refresh, so a DDP-wrapped student is never captured).
 
-After the last micro-batch's backward, every gradient is copied into one flat fp32 buffer
-and the buffer is summed across processes with ONE all-reduce; the parameters' .grad then
-become views of that buffer (no copy back). The averaging is folded into the loss: the step
-back-propagates loss / world_size, so the sum is the mean. For a power-of-two world size the
-scaling is exact and the result is bit-for-bit DDP's (which divides each gradient by
-world_size before summing); otherwise it differs by fp32 rounding.
+The gradients are summed in one flat fp32 buffer, cut into buckets of about `bucket_mb`
+megabytes. During the last micro-batch's backward, a hook on every parameter counts the
+gradients that are ready; when all of a bucket's are, they are copied into it and its
+all-reduce starts (asynchronously, on the communication library's stream), so
+communication overlaps the rest of the backward, as with DDP. Buckets start strictly in
+order, the same on every process (NCCL pairs collectives by order). The order is learned
+from the first step, which sends everything after its backward: the parameters in the order
+their gradients became ready (rank 0's order, broadcast once), as DDP rebuilds its buckets.
+`bucket_mb=0` keeps one bucket, one all-reduce after the backward, and no hooks.
+After the step's last wait, every parameter's .grad is its view of the summed buffer (no
+copy back).
+
+The averaging is folded into the loss: the step back-propagates loss / world_size, so the
+sum is the mean. For a power-of-two world size the scaling is exact and the result is
+bit-for-bit DDP's (which divides each gradient by world_size before summing); otherwise it
+differs by fp32 rounding.
 
 One more element at the end of the buffer carries this process's "my loss was not finite"
 flag through the same all-reduce: every process then skips the same steps (otherwise the
 replicas and their EMAs drift apart for good) without a second collective.
-
-Unlike DDP the all-reduce does not overlap the backward: it starts after it. On the
-graph-captured step that is the trade: no per-kernel launch cost and no bucket hooks, against
-the all-reduce's time (about 2 x 4 bytes x parameters / bus bandwidth). Measure before
-choosing (see docs/performance.md).
 """
 from __future__ import annotations
 
@@ -25,9 +30,10 @@ import torch.distributed as dist
 
 
 class FlatGradSync:
-    """Sum `params`' gradients over `group` in one all-reduce of a flat fp32 buffer."""
+    """Sum `params`' gradients over `group`: begin(nonfinite) before the last micro-batch's
+    backward, finish() after it. Eager or inside a CUDA-graph capture (NCCL)."""
 
-    def __init__(self, params, group=None):
+    def __init__(self, params, group=None, bucket_mb: float = 25.0):
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("no trainable parameters to synchronise")
@@ -38,36 +44,137 @@ class FlatGradSync:
         devices = {p.device for p in self.params}
         if len(devices) != 1:
             raise ValueError(f"parameters on several devices {sorted(map(str, devices))}")
+        if not bucket_mb >= 0:
+            raise ValueError(f"bucket_mb must be >= 0 (0: one bucket), got {bucket_mb!r}")
         self.group = group if group is not None else dist.group.WORLD
         self.world_size = dist.get_world_size(self.group)
+        self.device = next(iter(devices))
         n = sum(p.numel() for p in self.params)
-        self.flat = torch.zeros(n + 1, dtype=torch.float32, device=next(iter(devices)))
-        self.views, off = [], 0
-        for p in self.params:
-            self.views.append(self.flat[off:off + p.numel()].view_as(p))
-            off += p.numel()
+        self.flat = torch.zeros(n + 1, dtype=torch.float32, device=self.device)
         self.flag = self.flat[n:]   # this process's non-finite flag, then their sum
+        self.bucket_bytes = bucket_mb * 2 ** 20
+        self._armed = False
+        self._recording = []
+        self._works = []
+        self._next = 0
+        self.launched_in_backward = 0   # buckets started by hooks at the last step
+        if bucket_mb == 0:
+            self.order = list(range(len(self.params)))
+            self._layout(self.order, one_bucket=True)
+            self._hooks = []
+        else:
+            self.order = None   # learned at the first step
+            self._layout(list(range(len(self.params))), one_bucket=True)
+            self._hooks = [p.register_post_accumulate_grad_hook(self._ready_hook(i))
+                           for i, p in enumerate(self.params)]
+
+    # -------------------------------------------------------------- layout
+    def _layout(self, order, one_bucket=False):
+        """Views of the flat buffer in `order` (parameter indices) and the buckets: runs of
+        that order of about bucket_bytes; the last bucket also holds the flag."""
+        self.views = [None] * len(self.params)
+        self.buckets, cur, cur_bytes, off = [], [], 0, 0
+        for i in order:
+            p = self.params[i]
+            self.views[i] = self.flat[off:off + p.numel()].view_as(p)
+            off += p.numel()
+            cur.append(i)
+            cur_bytes += 4 * p.numel()
+            if not one_bucket and cur_bytes >= self.bucket_bytes:
+                self.buckets.append(cur)
+                cur, cur_bytes = [], 0
+        if cur or not self.buckets:
+            self.buckets.append(cur)
+        bounds = [0]
+        for b in self.buckets:
+            bounds.append(bounds[-1] + sum(self.params[i].numel() for i in b))
+        bounds[-1] = self.flat.numel()   # the last bucket also carries the flag
+        self._bucket_flat = [self.flat[bounds[k]:bounds[k + 1]]
+                             for k in range(len(self.buckets))]
+        self._bucket_of = {i: k for k, b in enumerate(self.buckets) for i in b}
+
+    def _learn_order(self):
+        """Buckets in the order the first step's gradients became ready (parameters whose
+        hook never fired go last), rank 0's order on every process."""
+        seen, ready = set(), []
+        for i in self._recording + list(range(len(self.params))):
+            if i not in seen:
+                seen.add(i)
+                ready.append(i)
+        t = torch.tensor(ready, dtype=torch.int64, device=self.device)
+        dist.broadcast(t, src=dist.get_global_rank(self.group, 0), group=self.group)
+        self.order = t.tolist()   # once, at the first step: a host sync is fine
+        self._layout(self.order)
+
+    # -------------------------------------------------------------- one step
+    def begin(self, nonfinite: torch.Tensor) -> None:
+        """Before the last micro-batch's backward: `nonfinite` (0-d bool) says this process's
+        loss was not finite; from here on, ready buckets start their all-reduce."""
+        self.flag.copy_(nonfinite.reshape(1))
+        self._pending = [len(b) for b in self.buckets]
+        self._next = 0
+        self._works = []
+        self._recording = []
+        self.launched_in_backward = 0
+        self._armed = True
+
+    def _ready_hook(self, i):
+        def hook(p):
+            if not self._armed:
+                return
+            if self.order is None:
+                self._recording.append(i)
+                return
+            k = self._bucket_of[i]
+            self._pending[k] -= 1
+            while self._next < len(self.buckets) and self._pending[self._next] == 0:
+                self._launch(self._next)
+                self.launched_in_backward += 1
+        return hook
 
     @torch.no_grad()
-    def all_reduce(self, nonfinite: torch.Tensor) -> torch.Tensor:
-        """Sum the gradients (and `nonfinite`, a 0-d bool: this process's loss was not
-        finite) over the group; afterwards every parameter's .grad is its view of the summed
-        buffer. Returns a 0-d bool device tensor: some process's loss was not finite. No host
-        sync; capturable (NCCL) as long as which gradients exist does not change."""
+    def _launch(self, k):
         dst, src = [], []
-        for p, v in zip(self.params, self.views):
-            if p.grad is None:       # unused this step: contributes zeros, as in DDP
+        for i in self.buckets[k]:
+            g, v = self.params[i].grad, self.views[i]
+            if g is None:       # unused this step: contributes zeros, as in DDP
                 v.zero_()
-            elif p.grad is not v:    # (a gradient already in place needs no copy)
+            elif g is not v:    # (a gradient already in place needs no copy)
                 dst.append(v)
-                src.append(p.grad)
+                src.append(g)
         if dst:
             torch._foreach_copy_(dst, src)
-        self.flag.copy_(nonfinite.reshape(1))
-        dist.all_reduce(self.flat, op=dist.ReduceOp.SUM, group=self.group)
+        self._works.append(dist.all_reduce(self._bucket_flat[k], op=dist.ReduceOp.SUM,
+                                           group=self.group, async_op=True))
+        self._next = k + 1
+
+    @torch.no_grad()
+    def finish(self) -> torch.Tensor:
+        """After the backward: start the buckets not started yet, wait for all (on the
+        device: no host sync), point every .grad at its view of the sum. Returns a 0-d bool
+        device tensor: some process's loss was not finite."""
+        self._armed = False
+        if self.order is None:
+            self._learn_order()
+        while self._next < len(self.buckets):
+            self._launch(self._next)
+        for w in self._works:
+            w.wait()
+        self._works = []
         for p, v in zip(self.params, self.views):
             p.grad = v
         return self.flag[0] > 0
+
+    def all_reduce(self, nonfinite: torch.Tensor) -> torch.Tensor:
+        """begin + finish around nothing: the gradients already there (tests, one-off use)."""
+        self.begin(nonfinite)
+        return self.finish()
+
+    def close(self) -> None:
+        """Remove the hooks from the parameters."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
 
 @torch.no_grad()

@@ -152,6 +152,8 @@ class TrainStep:
                    one all-reduce of a flat buffer after the backward), eagerly or inside
                    the captured graph. For several processes in graph mode; `student` must
                    then be the model itself, not a DDP wrapper.
+      grad_bucket_mb with grad_sync: megabytes per bucket whose all-reduce starts during
+                   the backward (0: one all-reduce after it).
     """
 
     STATS = ("loss", "denoise", "align", "grad_norm", "nonfinite", "steps")
@@ -161,7 +163,7 @@ class TrainStep:
                  grad_accum: int = 1, generator: torch.Generator | None = None,
                  cuda_graph: bool | str = False, teacher_bf16: bool = False,
                  teacher_full: bool = False, graph_warmup: int = 2, ema_impl: str = "foreach",
-                 grad_sync=None):
+                 grad_sync=None, grad_bucket_mb: float = 25.0):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
         if grad_accum < 1:
@@ -187,7 +189,8 @@ class TrainStep:
                 raise ValueError("grad_sync averages the gradients itself: pass the model as "
                                  "the student, not a DDP (or other) wrapper")
             from .grad_sync import FlatGradSync
-            self._grad_sync = FlatGradSync(self.params, grad_sync)
+            self._grad_sync = FlatGradSync(self.params, grad_sync,
+                                           bucket_mb=grad_bucket_mb)
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self._stats = torch.zeros(len(self.STATS), device=self.device)
         self._found_inf = torch.zeros((), device=self.device)
@@ -272,13 +275,20 @@ class TrainStep:
         w = self._grad_sync.world_size if self._grad_sync is not None else 1
         return self.grad_accum * w
 
-    def _all_reduce_grads(self, loss):
-        """With grad_sync: sum the gradients over the processes (and whether any process's
-        `loss` is not finite, returned as a 0-d bool). Without: None."""
+    def _begin_grad_sync(self, loss_sum):
+        """With grad_sync, before the last micro-batch's backward: from here on buckets of
+        ready gradients start their all-reduce; `loss_sum` (this process's losses so far)
+        tells the others whether to skip the step."""
+        if self._grad_sync is not None:
+            self._grad_sync.begin(~torch.isfinite(loss_sum))
+
+    def _finish_grad_sync(self):
+        """With grad_sync, after the backward: the summed gradients are in place; returns
+        whether any process's loss was not finite (0-d bool). Without: None."""
         if self._grad_sync is None:
             return None
-        with nvtx_range("all-reduce"):
-            return self._grad_sync.all_reduce(~torch.isfinite(loss))
+        with nvtx_range("all-reduce wait"):
+            return self._grad_sync.finish()
 
     def _grad_norm_and_clip(self) -> torch.Tensor:
         """Total gradient norm (device scalar), with the clip applied or prepared: mode
@@ -363,12 +373,14 @@ class TrainStep:
                    else contextlib.nullcontext())
             with ctx:
                 loss, denoise, align = self._micro(xb, yb, weight)
+                tot += torch.stack([loss.detach().float(), denoise.mean(), align.mean()])
+                if sync:
+                    self._begin_grad_sync(tot[0])
                 scaled = loss / self._loss_divisor
                 with nvtx_range("backward"):
                     (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            tot += torch.stack([loss.detach().float(), denoise.mean(), align.mean()])
         tot /= self.grad_accum
-        any_nonfinite = self._all_reduce_grads(tot[0])
+        any_nonfinite = self._finish_grad_sync()
         with nvtx_range("optimizer"):
             if self.scaler:
                 self.scaler.unscale_(self.opt)
@@ -462,13 +474,15 @@ class TrainStep:
         """The captured step: reads only static buffers, writes only persistent state."""
         A = self.grad_accum
         tot = torch.zeros(3, device=self.device)
-        for xb, yb in zip(self._x.chunk(A), self._y.chunk(A)):
+        for i, (xb, yb) in enumerate(zip(self._x.chunk(A), self._y.chunk(A))):
             loss, denoise, align = self._micro(xb, yb, self._w)
+            tot += torch.stack([loss.detach().float(), denoise.mean(), align.mean()])
+            if i == A - 1:
+                self._begin_grad_sync(tot[0])
             with nvtx_range("backward"):
                 (loss / self._loss_divisor).backward()
-            tot += torch.stack([loss.detach().float(), denoise.mean(), align.mean()])
         tot /= A
-        any_nonfinite = self._all_reduce_grads(tot[0])
+        any_nonfinite = self._finish_grad_sync()
         with nvtx_range("optimizer"):
             gnorm = self._grad_norm_and_clip()
             if any_nonfinite is None:

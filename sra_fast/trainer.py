@@ -162,7 +162,8 @@ class Trainer:
                                         grad_accum=cfg.grad_accum, generator=self.generator,
                                         cuda_graph=cfg.cuda_graph,
                                         teacher_bf16=cfg.teacher_bf16, ema_impl=cfg.ema_impl,
-                                        grad_sync=grad_sync)
+                                        grad_sync=grad_sync,
+                                        grad_bucket_mb=cfg.grad_bucket_mb)
         except ValueError as e:   # a combination of settings the step cannot run
             raise RunError(str(e)) from e
         if self._scaler_state is not None and self.train_step.scaler is not None:
@@ -197,8 +198,11 @@ class Trainer:
                 self.model, self.opt, precision=self.cfg.precision, generator=self.generator,
                 grad_sync=world) is None:
             broadcast_module_(self.model)   # what DDP would do when wrapping it
-            self.print("[sra-fast] CUDA-graph step across processes: the step all-reduces the "
-                       "gradients itself, inside the graph, after the backward")
+            mb = self.cfg.grad_bucket_mb
+            how = (f"in {mb:g} MB buckets started during the backward" if mb
+                   else "in one all-reduce after the backward")
+            self.print(f"[sra-fast] CUDA-graph step across processes: the step all-reduces "
+                       f"the gradients itself, inside the graph, {how}")
             return self.model, world
         from torch.nn.parallel import DistributedDataParallel as DDP
         return DDP(self.model, device_ids=[self.device.index]

@@ -48,7 +48,7 @@ def main(out, batch_size, steps, sync="ddp"):
     cfg = TrainConfig(out_dir=out, exp_name="run", batch_size=int(batch_size),
                       max_steps=int(steps), log_every=1, ckpt_every=int(steps), sample_every=0,
                       kernels="ref", attn="math", threads=1, lr=1e-3, lr_warmup_steps=0,
-                      device="cpu", cuda_graph=sync == "own")
+                      device="cpu", cuda_graph=sync == "own", grad_bucket_mb=0.05)
     tr = Trainer(cfg, dataset=SmallDigits(), quiet=True,
                  objective_factory=lambda model, sra: SampleKeyedDraws.for_model(model, sra))
     tr.train()

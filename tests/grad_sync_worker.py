@@ -1,7 +1,8 @@
 """Worker for tests/test_grad_sync.py, run under torchrun with gloo on CPU: the same steps on
-this rank's batches with three gradient syncs - DDP (the eager default), the step's own
-flat all-reduce run eagerly (grad_sync), and the same inside the captured code path
-(cuda_graph="emulate": what a CUDA graph would replay) - saving the weights, EMA and optimizer
+this rank's batches with several gradient syncs - DDP (the eager default), the step's own
+all-reduce (grad_sync) run eagerly and inside the captured code path (cuda_graph="emulate":
+what a CUDA graph would replay), each as one bucket after the backward and as 20 KB buckets
+started during it - saving the weights, EMA and optimizer
 state after each into OUT/result-<rank>.pt.
 
 Usage: grad_sync_worker.py OUT ACCUM BAD_RANK (BAD_RANK: the rank whose second batch holds an
@@ -42,9 +43,10 @@ def run(variant, rank, accum, bad_rank):
     if variant == "ddp":
         kw = dict(student=torch.nn.parallel.DistributedDataParallel(
             m, gradient_as_bucket_view=True))
-    else:
-        kw = dict(grad_sync=dist.group.WORLD,
-                  cuda_graph="emulate" if variant == "emulate" else False)
+    else:   # "eager-<MB>" / "emulate-<MB>": grad_sync with buckets of MB megabytes
+        mode, mb = variant.split("-")
+        kw = dict(grad_sync=dist.group.WORLD, grad_bucket_mb=float(mb),
+                  cuda_graph="emulate" if mode == "emulate" else False)
     step = TrainStep(m, ema, obj, opt, precision="bf16", grad_accum=accum, generator=gen, **kw)
     for i, (x, y) in enumerate(batches(rank, bad_rank)):
         step(x, y, 0.5 if i else 1.0)
@@ -52,7 +54,13 @@ def run(variant, rank, accum, bad_rank):
     state = [p.detach().clone() for p in list(m.parameters()) + list(ema.parameters())]
     for st in opt.state.values():
         state += [v.detach().clone() for v in st.values()]
-    return {"state": state, "nonfinite": stats["nonfinite"], "steps": stats["steps"]}
+    res = {"state": state, "nonfinite": stats["nonfinite"], "steps": stats["steps"]}
+    sync = step._grad_sync
+    if sync is not None:   # how the last step's all-reduces went
+        names = [n for n, p in m.named_parameters() if p.requires_grad]
+        res.update(buckets=len(sync.buckets), in_backward=sync.launched_in_backward,
+                   first_bucket=[names[i] for i in sync.buckets[0]])
+    return res
 
 
 def main(out, accum, bad_rank):
@@ -60,7 +68,8 @@ def main(out, accum, bad_rank):
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     with ops.use_backend("ref"):
-        res = {v: run(v, rank, int(accum), int(bad_rank)) for v in ("ddp", "eager", "emulate")}
+        res = {v: run(v, rank, int(accum), int(bad_rank))
+               for v in ("ddp", "eager-0", "emulate-0", "eager-0.02", "emulate-0.02")}
     torch.save(res, Path(out) / f"result-{rank}.pt")
     dist.destroy_process_group()
 

@@ -1,7 +1,8 @@
 """The step's own gradient all-reduce (sra_fast.grad_sync), which lets the CUDA-graph step run
 under several processes: 2 gloo processes give bit-for-bit DDP's weights, EMA and optimizer
-state, eagerly and through the captured code path (cuda_graph="emulate"), with gradient
-accumulation and with a non-finite loss on one rank only (every rank skips that step)."""
+state, eagerly and through the captured code path (cuda_graph="emulate"), in one bucket or
+in buckets started during the backward, with gradient accumulation and with a non-finite
+loss on one rank only (every rank skips that step)."""
 from pathlib import Path
 
 import pytest
@@ -20,23 +21,31 @@ def test_own_all_reduce_is_bitwise_ddp_on_two_processes(tmp_path, accum, bad_ran
              WORKER, tmp_path, accum, bad_rank], cwd=REPO)
     r0 = torch.load(tmp_path / "result-0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "result-1.pt", weights_only=True)
-    init_moved = False
+    variants = ("eager-0", "emulate-0", "eager-0.02", "emulate-0.02")
     for r in (r0, r1):
         assert r["ddp"]["nonfinite"] == (1 if bad_rank >= 0 else 0)
-        for v in ("eager", "emulate"):
+        for v in variants:
             assert r[v]["nonfinite"] == r["ddp"]["nonfinite"] and r[v]["steps"] == 3
             a, b = r["ddp"]["state"], r[v]["state"]
             assert len(a) == len(b)
             bad = [i for i, (x, y) in enumerate(zip(a, b)) if not torch.equal(x, y)]
             assert not bad, f"{v}: {len(bad)} of {len(a)} tensors differ from DDP's"
-    for v in ("ddp", "eager", "emulate"):   # the replicas stay identical
+        for v in ("eager-0", "emulate-0"):       # one all-reduce, after the backward
+            assert r[v]["buckets"] == 1 and r[v]["in_backward"] == 0
+        for v in ("eager-0.02", "emulate-0.02"):
+            # 20 KB buckets in the order the gradients became ready (the alignment head's
+            # or the last layer's first, not the registration order's embedders), all
+            # started by the hooks while the backward ran
+            assert r[v]["buckets"] >= 5
+            assert r[v]["in_backward"] == r[v]["buckets"]
+            assert all(n.startswith(("ap_head.", "final_layer.")) for n in r[v]["first_bucket"])
+    for v in ("ddp",) + variants:   # the replicas stay identical
         assert all(torch.equal(x, y) for x, y in zip(r0[v]["state"], r1[v]["state"]))
     # and the ranks' different data did move the weights (a test of something)
     torch.manual_seed(0)
     from sra_fast.models.dit import SiT
     m = SiT(input_size=8, patch_size=2, hidden_size=64, depth=4, num_heads=4, num_classes=10)
-    init_moved = any(not torch.equal(p, q) for p, q in zip(m.parameters(), r0["eager"]["state"]))
-    assert init_moved
+    assert any(not torch.equal(p, q) for p, q in zip(m.parameters(), r0["eager-0"]["state"]))
 
 
 def test_flat_sync_refuses_what_it_cannot_sum(tmp_path):
