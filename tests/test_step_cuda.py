@@ -5,6 +5,7 @@ shadow; no host sync in either step; every attention backend that runs agrees wi
 (head_dim 64 and DiT-XL's 72)."""
 import contextlib
 import copy
+import datetime
 
 import pytest
 import torch
@@ -323,21 +324,25 @@ def nccl_world_of_one(tmp_path):
     if not dist.is_available() or not dist.is_nccl_available():
         pytest.skip("this torch has no NCCL")
     dist.init_process_group("nccl", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1,
-                            device_id=torch.device(DEV, torch.cuda.current_device()))
+                            device_id=torch.device(DEV, torch.cuda.current_device()),
+                            timeout=datetime.timedelta(seconds=120))
     try:
         yield dist.group.WORLD
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("accum", [1, 2])
-def test_graph_step_with_its_own_all_reduce_matches_eager(nccl_world_of_one, accum):
-    """grad_sync inside the CUDA graph (an NCCL all-reduce captured with the step) gives the
-    eager step's updates, skips a non-finite step, and replays without re-capturing."""
+@pytest.mark.parametrize("accum,bucket_mb", [(1, 0), (2, 0), (1, 0.05), (2, 0.05)])
+def test_graph_step_with_its_own_all_reduce_matches_eager(nccl_world_of_one, accum,
+                                                          bucket_mb):
+    """grad_sync inside the CUDA graph (NCCL all-reduces captured with the step: one after
+    the backward, or 50 KB buckets started from gradient hooks during it) gives the eager
+    step's updates, skips a non-finite step, and replays without re-capturing."""
     data = batches(4, bad=2)
     out = []
     for mode in (False, "strict"):
-        m, ema, opt, step = build(grad_accum=accum, mode=mode, grad_sync=nccl_world_of_one)
+        m, ema, opt, step = build(grad_accum=accum, mode=mode, grad_sync=nccl_world_of_one,
+                                  grad_bucket_mb=bucket_mb)
         p0 = params(m, ema)
         run(step, data)
         torch.cuda.synchronize()
@@ -348,6 +353,8 @@ def test_graph_step_with_its_own_all_reduce_matches_eager(nccl_world_of_one, acc
                        for p in m.parameters() if p.requires_grad)
     (pe, se, _), (pg, sg, g) = out
     assert g.graph_mode and g.captures == 1
+    if bucket_mb:
+        assert len(g._grad_sync.buckets) > 3 and g._grad_sync.launched_in_backward > 3
     assert se["steps"] == sg["steps"] == 4 and se["nonfinite"] == sg["nonfinite"] == 1
     for k in ("loss", "denoise_loss", "align_loss", "grad_norm"):
         assert sg[k] == pytest.approx(se[k], rel=2e-2), k
