@@ -15,6 +15,10 @@ fused AdamW, EMA; bf16 autocast; synthetic random latents, never zeros):
   ours-graph-fema ours-graph-t16 with ema_impl="fused": EMA lerp + shadow in one pass
   ours-graph-1p   ours-graph-t16 with ema_impl="adamw": AdamW + EMA + shadow in one pass
                   (sra_fast.ext.FusedEMA: the CUDA extension if built, else one foreach lerp)
+  ours-graph-sync ours-graph with the step's own gradient all-reduce (grad_sync, 25 MB
+                  buckets from gradient hooks) over a one-process NCCL group (gloo on CPU):
+                  what --cuda-graph costs under torchrun beyond ours-graph, communication
+                  time aside (one process has nothing to send)
 MFU = (analytic SRA FLOPs per image with the teacher stopped, sra_fast.flops) x img/s /
 (bf16 matmul rate measured in the same run): the same useful work for every provider, so MFU
 ratios equal img/s ratios. Timing: CUDA events per step, median (benchmarks/common.bench_ms).
@@ -71,7 +75,33 @@ PROVIDERS = {
                             ema_impl="fused"),
     "ours-graph-1p": dict(ops="auto", attn="auto", graph=True, teacher_bf16=True,
                           ema_impl="adamw"),
+    "ours-graph-sync": dict(ops="auto", attn="auto", graph=True, grad_sync=True),
 }
+
+
+_OWN_GROUP = {"made": False}
+
+
+def world_of_one(device) -> object:
+    """The default process group, made a one-process group here if there is none (NCCL on
+    CUDA, gloo on CPU; run_one destroys it again): for the ours-graph-sync provider."""
+    import datetime
+    import socket
+    dist = torch.distributed
+    if not dist.is_initialized():
+        _OWN_GROUP["made"] = True
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cuda = torch.device(device).type == "cuda"
+        dev = torch.device(device)
+        if cuda and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        dist.init_process_group("nccl" if cuda else "gloo",
+                                init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                                timeout=datetime.timedelta(seconds=120),
+                                **({"device_id": dev} if cuda else {}))
+    return dist.group.WORLD
 DEFAULT_PROVIDERS = "eager-ref,ours,ours-graph,ours-graph-t16,compile,compile-ro"
 DEFAULT_MODELS = "SiT-XL/2,SiT-B/2,DiT-XL/2"
 DEFAULT_BATCH = {"SiT-XL/2": 64, "DiT-XL/2": 64, "SiT-L/2": 64, "SiT-B/2": 256,
@@ -141,6 +171,9 @@ def run_one(model_name, batch, provider, args, device, peak_tflops, res=None):
         if PROVIDERS[provider].get("compile"):
             torch._dynamo.reset()
         cleanup()
+        if _OWN_GROUP["made"]:   # after the step (and its graph) are gone
+            _OWN_GROUP["made"] = False
+            torch.distributed.destroy_process_group()
     return row
 
 
@@ -169,7 +202,8 @@ def _run_one(row, model_name, batch, provider, args, device, peak_tflops, res):
                              cuda_graph=bool(spec.get("graph")),
                              teacher_bf16=bool(spec.get("teacher_bf16")),
                              teacher_full=bool(spec.get("teacher_full")),
-                             ema_impl=spec.get("ema_impl", "foreach"))
+                             ema_impl=spec.get("ema_impl", "foreach"),
+                             grad_sync=world_of_one(device) if spec.get("grad_sync") else None)
             if mode:
                 step._teacher = CompiledTeacher(ema, bt, mode)
             g = torch.Generator(device).manual_seed(1)

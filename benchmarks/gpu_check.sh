@@ -254,8 +254,9 @@ PLAN+=";SiT-XL/2@64=eager-ref,ours-graph-t16,ours-graph-fema,ours-graph-1p,ours"
 PLAN+=";SiT-B/2@256=compile-ro,eager-ref,ours"
 PLAN+=";DiT-XL/2@64=ours-graph,ours"
 PLAN+=";SiT-XL/2@32@512=ours-graph,eager-ref"
+PLAN+=";SiT-XL/2@64=ours-graph-sync"
 PLAN+=";SiT-XL/2@64=compile"
-[ "${GPU_CHECK_DRY:-0}" = "1" ] && PLAN="tiny-SiT@8=eager-ref,ours,ours-graph;tiny-DiT@8=ours-graph"
+[ "${GPU_CHECK_DRY:-0}" = "1" ] && PLAN="tiny-SiT@8=eager-ref,ours,ours-graph,ours-graph-sync;tiny-DiT@8=ours-graph"
 L=$(limit_for STEP)
 part bench_step "$L" "$PY" benchmarks/bench_step.py "${STEP_ARGS[@]}" --plan "$PLAN" \
      --steps 12 --warmup 3 --budget-s $(( L > 35 ? L - 25 : 10 )) --compile-reserve-s 100 \

@@ -5,6 +5,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,14 +20,18 @@ def load_bench():
 def test_quick_runs_and_records(tmp_path, capsys):
     bench = load_bench()
     out = tmp_path / "bench_step.csv"
-    assert bench.main(["--quick", "--plan", "tiny-SiT@4=eager-ref,ours-graph;tiny-DiT@4=ours",
+    assert bench.main(["--quick", "--plan",
+                       "tiny-SiT@4=eager-ref,ours-graph,ours-graph-sync;tiny-DiT@4=ours",
                        "--steps", "1", "--csv", str(out)]) == 0
     text = capsys.readouterr().out
     assert text.rindex("x_eager_ref") > text.rindex("-- tiny-DiT")   # the table comes last
     rows = list(csv.DictReader(out.open()))
-    assert [r["provider"] for r in rows] == ["eager-ref", "ours-graph", "ours"]
-    assert rows[0]["status"] == "ok" and rows[2]["status"] == "ok"
-    assert rows[1]["status"].startswith("eager fallback")          # no CUDA graphs on CPU
+    assert [r["provider"] for r in rows] == ["eager-ref", "ours-graph", "ours-graph-sync",
+                                             "ours"]
+    assert rows[0]["status"] == "ok" and rows[3]["status"] == "ok"
+    for r in rows[1:3]:                                             # no CUDA graphs on CPU
+        assert r["status"].startswith("eager fallback")
+    assert not torch.distributed.is_initialized()   # its one-process group is gone again
     for r in rows:
         assert r["card"] and r["torch"] and r["git"] and float(r["img_s"]) > 0
     assert float(rows[0]["gflop_per_img"]) > 0 and float(rows[0]["mfu_pct"]) > 0
