@@ -20,7 +20,9 @@ Two ways to run it, same arithmetic:
                       torch.Generator is registered with the graph, or the default CUDA
                       generator is used). Where capture is impossible (CPU, fp16 with its
                       GradScaler, a DDP/compiled student, a non-fused optimizer) the step says
-                      why once and runs eagerly; cuda_graph="strict" raises instead.
+                      why once and runs eagerly; cuda_graph="strict" raises instead. Several
+                      processes: pass grad_sync (the gradient all-reduce is then captured
+                      too) and the model itself as the student, not DDP.
 Graph warm-up runs real steps whose update is forced to be skipped (the same found_inf path
 as a non-finite step), and the RNG and statistics are restored afterwards, so capturing
 changes no weight, optimizer state, EMA or random stream: the graph step's first update is
@@ -149,8 +151,8 @@ class TrainStep:
                    EMA/shadow as "foreach").
       grad_sync    None, or a torch.distributed process group (dist.group.WORLD for all):
                    the step averages the gradients over it itself (sra_fast.grad_sync:
-                   one all-reduce of a flat buffer after the backward), eagerly or inside
-                   the captured graph. For several processes in graph mode; `student` must
+                   bucketed all-reduces of a flat buffer, started during the backward),
+                   eagerly or inside the captured graph. For several processes in graph mode; `student` must
                    then be the model itself, not a DDP wrapper.
       grad_bucket_mb with grad_sync: megabytes per bucket whose all-reduce starts during
                    the backward (0: one all-reduce after it).
