@@ -170,12 +170,6 @@ class FlatGradSync:
         self.begin(nonfinite)
         return self.finish()
 
-    def close(self) -> None:
-        """Remove the hooks from the parameters."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-
 
 @torch.no_grad()
 def broadcast_module_(module: torch.nn.Module, src: int = 0, group=None) -> None:
