@@ -58,15 +58,12 @@ class FlatGradSync:
         self._works = []
         self._next = 0
         self.launched_in_backward = 0   # buckets started by hooks at the last step
-        if bucket_mb == 0:
-            self.order = list(range(len(self.params)))
-            self._layout(self.order, one_bucket=True)
-            self._hooks = []
-        else:
-            self.order = None   # learned at the first step
-            self._layout(list(range(len(self.params))), one_bucket=True)
-            self._hooks = [p.register_post_accumulate_grad_hook(self._ready_hook(i))
-                           for i, p in enumerate(self.params)]
+        # one bucket in registration order; with buckets, the order is learned at the
+        # first step (None until then) and the hooks start them
+        self._layout(range(len(self.params)), one_bucket=True)
+        self.order = None if bucket_mb else list(range(len(self.params)))
+        self._hooks = [p.register_post_accumulate_grad_hook(self._ready_hook(i))
+                       for i, p in enumerate(self.params)] if bucket_mb else []
 
     # -------------------------------------------------------------- layout
     def _layout(self, order, one_bucket=False):
