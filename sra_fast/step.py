@@ -277,19 +277,22 @@ class TrainStep:
         w = self._grad_sync.world_size if self._grad_sync is not None else 1
         return self.grad_accum * w
 
-    def _begin_grad_sync(self, loss_sum):
-        """With grad_sync, before the last micro-batch's backward: from here on buckets of
-        ready gradients start their all-reduce; `loss_sum` (this process's losses so far)
-        tells the others whether to skip the step."""
+    def _begin_grad_sync(self, loss_sum, first: bool, last: bool):
+        """With grad_sync, before every micro-batch's backward: its gradients go into the
+        flat buffer as they become ready; on the last, buckets of ready gradients start their
+        all-reduce, and `loss_sum` (this process's losses) tells the others whether to skip
+        the step."""
         if self._grad_sync is not None:
-            self._grad_sync.begin(~torch.isfinite(loss_sum))
+            self._grad_sync.begin(~torch.isfinite(loss_sum) if last else None,
+                                  first=first, last=last)
 
-    def _finish_grad_sync(self):
-        """With grad_sync, after the backward: the summed gradients are in place; returns
-        whether any process's loss was not finite (0-d bool). Without: None."""
+    def _finish_grad_sync(self, last: bool):
+        """With grad_sync, after every micro-batch's backward; after the last, the summed
+        gradients are in place and it returns whether any process's loss was not finite
+        (0-d bool). Otherwise None."""
         if self._grad_sync is None:
             return None
-        with nvtx_range("all-reduce wait"):
+        with nvtx_range("all-reduce wait" if last else "gradient accumulate"):
             return self._grad_sync.finish()
 
     def _grad_norm_and_clip(self) -> torch.Tensor:
@@ -376,13 +379,12 @@ class TrainStep:
             with ctx:
                 loss, denoise, align = self._micro(xb, yb, weight)
                 tot += torch.stack([loss.detach().float(), denoise.mean(), align.mean()])
-                if sync:
-                    self._begin_grad_sync(tot[0])
+                self._begin_grad_sync(tot[0], first=i == 0, last=sync)
                 scaled = loss / self._loss_divisor
                 with nvtx_range("backward"):
                     (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                any_nonfinite = self._finish_grad_sync(last=sync)
         tot /= self.grad_accum
-        any_nonfinite = self._finish_grad_sync()
         with nvtx_range("optimizer"):
             if self.scaler:
                 self.scaler.unscale_(self.opt)
@@ -479,12 +481,11 @@ class TrainStep:
         for i, (xb, yb) in enumerate(zip(self._x.chunk(A), self._y.chunk(A))):
             loss, denoise, align = self._micro(xb, yb, self._w)
             tot += torch.stack([loss.detach().float(), denoise.mean(), align.mean()])
-            if i == A - 1:
-                self._begin_grad_sync(tot[0])
+            self._begin_grad_sync(tot[0], first=i == 0, last=i == A - 1)
             with nvtx_range("backward"):
                 (loss / self._loss_divisor).backward()
+            any_nonfinite = self._finish_grad_sync(last=i == A - 1)
         tot /= A
-        any_nonfinite = self._finish_grad_sync()
         with nvtx_range("optimizer"):
             gnorm = self._grad_norm_and_clip()
             if any_nonfinite is None:
