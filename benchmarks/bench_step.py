@@ -232,6 +232,9 @@ def _run_one(row, model_name, batch, provider, args, device, peak_tflops, res):
             row.update({
                 "ms": ms, "img_s": img_s,
                 "peak_gib": (torch.cuda.max_memory_allocated() / 2 ** 30) if is_cuda else float("nan"),
+                # what the caching allocator held at most (graph pools, cache): what runs out
+                "reserved_gib": (torch.cuda.max_memory_reserved() / 2 ** 30) if is_cuda
+                else float("nan"),
                 "mfu_pct": 100 * flops * img_s / (peak_tflops * 1e12),
                 "tflops": flops * img_s / 1e12,
                 "gflop_per_img": flops / 1e9,
@@ -290,8 +293,8 @@ def add_ratios(rows: list[dict]) -> None:
         r["x_best_compile"] = v / max(comp) if v and comp else None
 
 
-TABLE_COLS = ["model", "res", "batch", "provider", "ms", "img_s", "peak_gib", "mfu_pct",
-              "x_eager_ref", "x_compile", "x_best_compile", "first_step_s", "status"]
+TABLE_COLS = ["model", "res", "batch", "provider", "ms", "img_s", "peak_gib", "reserved_gib",
+              "mfu_pct", "x_eager_ref", "x_compile", "x_best_compile", "first_step_s", "status"]
 
 
 def print_summary(rows: list[dict], info: dict | None = None, peak: float | None = None):
