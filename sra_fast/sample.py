@@ -206,7 +206,8 @@ def _run(a, env) -> Path | None:
     model.to(dev)
     kind = info["kind"]
     sampler = a.sampler or ("ddpm" if kind == "dit" else "sde")
-    steps = a.num_steps or (250 if sampler in ("sde", "ddpm") else 50)
+    steps = a.num_steps if a.num_steps is not None else (250 if sampler in ("sde", "ddpm")
+                                                          else 50)
     scfg = SamplerConfig(sampler=sampler, steps=steps, cfg_scale=a.cfg_scale,
                          guidance_low=a.guidance_low, guidance_high=a.guidance_high,
                          cfg_channels=a.cfg_channels, t_min=a.t_min,

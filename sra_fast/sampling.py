@@ -26,6 +26,7 @@ import torch
 
 SAMPLERS = ("euler", "heun", "sde", "ddpm")
 CFG_CHANNELS = ("all", "first3")
+PATH_TYPES = ("linear", "cosine")
 
 
 @dataclasses.dataclass
@@ -55,6 +56,11 @@ class SamplerConfig:
                              "must satisfy 0 <= low <= high <= 1")
         if self.path_type == "cos":
             self.path_type = "cosine"
+        if self.path_type not in PATH_TYPES:
+            raise ValueError(f"unknown path_type {self.path_type!r}; choose one of {PATH_TYPES}")
+        if self.sampler == "sde" and not 0.0 < self.t_min < 1.0:
+            raise ValueError(f"--t-min must be in (0, 1) (the SDE's last stochastic time), "
+                             f"got {self.t_min}")
         return self
 
 
@@ -137,21 +143,26 @@ def sample_sit(model, z, y, cfg: SamplerConfig, generator=None):
     x = z.to(torch.float64)
     n = x.shape[0]
 
-    def vel(x_, t_):
-        return g(x_, torch.full((n,), t_, device=x.device, dtype=torch.float64), y, t_)
+    def vel(x_, t_, t_guide=None):
+        # guidance is on or off for a whole step: REPA's Heun decides both of its
+        # evaluations by the step's start time
+        return g(x_, torch.full((n,), t_, device=x.device, dtype=torch.float64), y,
+                 t_ if t_guide is None else t_guide)
 
+    # the released grids, from torch.linspace in float64: the guidance interval test is
+    # exact, so a grid point one ulp off a bound (numpy's linspace) flips its guidance
     if cfg.sampler in ("euler", "heun"):
-        ts = np.linspace(1.0, 0.0, cfg.steps + 1)
+        ts = torch.linspace(1.0, 0.0, cfg.steps + 1, dtype=torch.float64).tolist()
         for i, (tc, tn) in enumerate(zip(ts[:-1], ts[1:])):
-            d = vel(x, float(tc))
+            d = vel(x, tc)
             x_next = x + (tn - tc) * d
             if cfg.sampler == "heun" and i < cfg.steps - 1:
-                d2 = vel(x_next, float(tn))
+                d2 = vel(x_next, tn, t_guide=tc)
                 x_next = x + (tn - tc) * (0.5 * d + 0.5 * d2)
             x = x_next
         return x.to(torch.float32)
     # Euler-Maruyama, released schedule
-    ts = np.concatenate([np.linspace(1.0, cfg.t_min, cfg.steps), [0.0]])
+    ts = torch.linspace(1.0, cfg.t_min, cfg.steps, dtype=torch.float64).tolist() + [0.0]
     for tc, tn in zip(ts[:-2], ts[1:-1]):
         tc, dt = float(tc), float(tn - tc)
         v = vel(x, tc)
@@ -167,11 +178,17 @@ def sample_sit(model, z, y, cfg: SamplerConfig, generator=None):
 
 # ---------------------------------------------------------------------------- DiT
 def space_timesteps(num_timesteps: int, count: int) -> list[int]:
-    """improved-DDPM's space_timesteps for a single section: `count` evenly spaced steps."""
+    """improved-DDPM's space_timesteps for a single section: `count` evenly spaced steps.
+    Its index is a running sum of the fractional stride, rounded (not round(i * stride): the
+    two differ by one timestep for 278 of the 1000 possible counts)."""
     if count > num_timesteps:
         raise ValueError(f"cannot take {count} steps out of {num_timesteps}")
     stride = (num_timesteps - 1) / (count - 1) if count > 1 else 1
-    return sorted({round(i * stride) for i in range(count)})
+    taken, cur = set(), 0.0
+    for _ in range(count):
+        taken.add(round(cur))
+        cur += stride
+    return sorted(taken)
 
 
 class SpacedDDPM:
@@ -246,8 +263,10 @@ def sample(model, z, y, cfg: SamplerConfig, kind: str, generator=None):
 
 # ---------------------------------------------------------------------------- images
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] images (N,C,H,W) -> uint8 NHWC, as DiT/SiT's sample_ddp (127.5x + 128)."""
-    return torch.clamp(127.5 * x.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    """[-1, 1] images (N,C,H,W) -> uint8 NHWC, as the released SRA (and REPA) generate.py:
+    clamp(255 * (x + 1) / 2), truncated (DiT/SiT's sample_ddp, 127.5x + 128, is one level
+    higher on half the values)."""
+    return torch.clamp(255.0 * ((x.float() + 1) / 2.0), 0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
 def image_grid(images_u8: np.ndarray, nrow: int, pad: int = 2, min_tile: int = 64):

@@ -125,10 +125,24 @@ def test_ddpm_respaced_reaches_the_data_point():
     assert m.ts[0] == 999 and m.ts[-1] == 0 and len(m.ts) == 50
 
 
+def _improved_ddpm_single_section(num_timesteps, count):
+    """improved-diffusion's space_timesteps(num_timesteps, [count]), as its loop runs it."""
+    frac_stride = 1 if count <= 1 else (num_timesteps - 1) / (count - 1)
+    cur, taken = 0.0, []
+    for _ in range(count):
+        taken.append(round(cur))
+        cur += frac_stride
+    return set(taken)
+
+
 def test_space_timesteps_like_improved_ddpm():
     s = space_timesteps(1000, 250)
     assert len(s) == 250 and s[0] == 0 and s[-1] == 999
     assert space_timesteps(1000, 1000) == list(range(1000))
+    # every count: a running sum of the stride (round(i * stride) differs at 21, 23, 31...)
+    for n in range(1, 1001):
+        assert space_timesteps(1000, n) == sorted(_improved_ddpm_single_section(1000, n)), n
+    assert 499 in space_timesteps(1000, 21) and 500 not in space_timesteps(1000, 21)
 
 
 def test_unrespaced_tables_match_training_diffusion():
@@ -177,7 +191,48 @@ def test_cfg_needs_a_null_class():
         GuidedModel(m, SamplerConfig("euler", cfg_scale=2.0), 4)
 
 
+@pytest.mark.parametrize("sampler,steps,low", [("euler", 50, 0.2), ("heun", 50, 0.2),
+                                                ("sde", 25, 0.2)])
+def test_time_grids_are_the_released_torch_grids(sampler, steps, low):
+    """Grid points equal torch.linspace's in float64 (as the released samplers build them):
+    here one lands exactly on the guidance bound 0.2 (numpy's linspace gives 0.19999...96
+    there), so the step at 0.2 is guided, as in the released code."""
+    m = Const(2)
+    cfg = SamplerConfig(sampler, steps=steps, cfg_scale=2.0, guidance_low=low)
+    sample_sit(m, torch.zeros(1, 2, 2, 2), torch.tensor([1]), cfg,
+               generator=torch.Generator().manual_seed(0))
+    if sampler == "sde":
+        grid = torch.linspace(1.0, 0.04, steps, dtype=torch.float64).tolist()
+    else:
+        grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
+    k = grid.index(0.2)                       # the bound itself is a grid point
+    # the evaluation(s) of the step starting at grid[k] (Heun: two per step)
+    first = 2 * k if sampler == "heun" else k
+    assert m.batches[first] == 2, m.batches   # guided: batch doubled
+    assert m.batches[first + (2 if sampler == "heun" else 1)] == 1   # the next one: not
+
+
+def test_heun_guides_both_evaluations_of_a_step_by_its_start_time():
+    """REPA's Heun decides guidance once per step, by t_cur: the step from 0.72 to 0.70 is
+    unguided (0.72 > 0.7) in both of its evaluations, though the second runs at 0.70."""
+    m = Const(2)
+    cfg = SamplerConfig("heun", steps=50, cfg_scale=2.0, guidance_high=0.7)
+    sample_sit(m, torch.zeros(1, 2, 2, 2), torch.tensor([1]), cfg)
+    grid = torch.linspace(1.0, 0.0, 51, dtype=torch.float64).tolist()
+    assert len(m.batches) == 99
+    for i in range(50):   # evaluations 2i (at t_i) and 2i+1 (at t_{i+1}, not after the last)
+        want = 2 if grid[i] <= 0.7 else 1
+        pair = m.batches[2 * i:2 * i + 2]
+        assert pair == [want] * len(pair), (grid[i], pair)
+
+
 def test_sampler_config_validation():
+    for bad in (0.0, -0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match="t-min"):
+            SamplerConfig("sde", t_min=bad).validate("sit")
+    SamplerConfig("euler", t_min=0.0).validate("sit")   # the ODEs do not use it
+    with pytest.raises(ValueError, match="unknown path_type 'Linear'"):
+        SamplerConfig("sde", path_type="Linear").validate("sit")
     with pytest.raises(ValueError, match="DiT models sample with ddpm"):
         SamplerConfig("sde").validate("dit")
     with pytest.raises(ValueError, match="SiT models"):
@@ -189,6 +244,7 @@ def test_sampler_config_validation():
 def test_image_helpers():
     x = torch.tensor([[-1.0, 0.0], [1.0, 2.0]]).reshape(1, 1, 2, 2)
     u8 = to_uint8(x)
-    assert u8.shape == (1, 2, 2, 1) and u8.flatten().tolist() == [0, 128, 255, 255]
+    # the released SRA/REPA generate.py: clamp(255 * (x + 1) / 2), truncated
+    assert u8.shape == (1, 2, 2, 1) and u8.flatten().tolist() == [0, 127, 255, 255]
     img = image_grid(np.zeros((10, 16, 16, 1), np.uint8), nrow=4, pad=2, min_tile=16)
     assert img.size == (4 * 18 + 2, 3 * 18 + 2) and img.mode == "RGB"

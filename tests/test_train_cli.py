@@ -98,6 +98,15 @@ def test_embedded_digits_default_shortened(tmp_path, monkeypatch, capsys):
         "error: out of device memory while sampling: --batch-size 4 per process; pass a "
         "smaller one. CUDA out of memory. Tried to allocate 8.00 GiB."]
     monkeypatch.setattr(S, "sample", real)
+    # settings that would silently mean something else: one line each, no output
+    ck = ["--ckpt", str(run / "checkpoints" / "0000004.pt"), "--num-samples", "2", "--out",
+          str(tmp_path / "f.npz"), "--device", "cpu"]
+    for extra, msg in ((["--sampler", "euler", "--num-steps", "0"], "--num-steps must be >= 1"),
+                       (["--sampler", "sde", "--num-steps", "2", "--t-min", "0"],
+                        "--t-min must be in (0, 1)")):
+        assert S.main(ck + extra) == 2
+        assert msg in capsys.readouterr().err
+    assert not (tmp_path / "f.npz").exists()
     assert S.main(args + ["--batch-size", "2"]) == 0
     assert np.load(tmp_path / "e.npz")["arr_0"].shape == (4, 8, 8, 3)
 
