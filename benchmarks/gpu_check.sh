@@ -303,7 +303,7 @@ fi
 # CUDA graph with the bf16 teacher shadow, logging, a checkpoint, a sample grid), 60 steps of
 # the embedded digits run
 TRAIN_ARGS=(--max-steps 60 --precision bf16 --log-every 20 --ckpt-every 30 --sample-every 60
-            --sample-steps 10 --out-dir "$WORK/train_smoke" --exp-name gpu-check)
+            --sample-num-steps 10 --out-dir "$WORK/train_smoke" --exp-name gpu-check)
 [ "${GPU_CHECK_DRY:-0}" = "1" ] || TRAIN_ARGS+=(--device cuda --cuda-graph --teacher-bf16)
 rm -rf "$WORK/train_smoke"
 part train_smoke "$(limit_for TRAIN)" "$PY" train.py "${TRAIN_ARGS[@]}"

@@ -84,12 +84,18 @@ class TrainConfig:
     block_out_t: int | None = _f(None, "teacher (EMA) block aligned to (SiT-XL 20, DiT-XL 16, "
                                  "B 8, T 4)")
     t_max: float = _f(0.2, "teacher time offset: t' = t - U(0, t_max)")
-    loss_type: str = _f("cos", "alignment loss: cos (token-wise, recommended), cos-released "
-                        "(the released code's dim=1 cosine), smooth-l1, l1, l2",
-                        choices=("cos", "cos-released", "smooth-l1", "l1", "l2"))
-    align_weight: float = _f(0.5, "alignment weight lambda (the constant of --weight-schedule)")
-    weight_schedule: str = _f("constant", "alignment weight schedule over epochs",
-                              choices=("constant", "smooth-l1-decay-sit-256",
+    loss_type: str | None = _f(None, "alignment loss: cos (token-wise cosine over the "
+                               "features, recommended; NOT the released code's 'cos', which "
+                               "is cos-released here), cos-released (the released dim=1 "
+                               "cosine, over the tokens), smooth-l1, l1, l2 (default: cos for "
+                               "SiT; smooth-l1 for DiT, the released DiT-SRA's only loss)",
+                               choices=("cos", "cos-released", "smooth-l1", "l1", "l2"))
+    align_weight: float = _f(0.5, "alignment weight lambda of the constant schedule")
+    weight_schedule: str = _f("auto", "alignment weight over epochs; auto: as the released "
+                              "code ties it to the loss (constant --align-weight for cos and "
+                              "cos-released; otherwise the smooth-L1 decay of the model kind "
+                              "at 256 or 512 px, from --resolution or the data)",
+                              choices=("auto", "constant", "smooth-l1-decay-sit-256",
                                        "smooth-l1-decay-sit-512", "smooth-l1-decay-dit-256",
                                        "smooth-l1-decay-dit-512"))
     path_type: str = _f("linear", "SiT interpolation path", choices=("linear", "cosine", "cos"))
@@ -116,8 +122,7 @@ class TrainConfig:
                                        "which must divide across the processes",
                                        runtime=True)
     grad_accum: int = _f(1, "gradient-accumulation micro-steps per optimizer step (each "
-                         "process's batch is split into this many)",
-                         aliases=("--gradient-accumulation-steps",), runtime=True)
+                         "process's batch is split into this many)", runtime=True)
     lr: float | None = _f(None, "AdamW learning rate (preset: 1e-3 digits, 1e-4 latents)",
                           aliases=("--learning-rate",))
     lr_warmup_steps: int | None = _f(None, "linear learning-rate warm-up steps (preset: 100 "
@@ -169,7 +174,7 @@ class TrainConfig:
     keep_ckpts: int = _f(0, "keep only the newest N checkpoints (0: keep all)", runtime=True)
     sample_every: int | None = _f(None, "write a sample grid every N steps (and at the end; 0: "
                                   "only at the end) (preset: 600 digits, 10,000 latents)",
-                                  runtime=True)
+                                  aliases=("--sample-steps",), runtime=True)
     resume: str | None = _f(None, "'auto' (newest complete checkpoint of this run, if any) or a "
                             "checkpoint path / folder (ours or a released one)",
                             aliases=("--resume-ckpt",), runtime=True)
@@ -203,8 +208,8 @@ class TrainConfig:
     # ---------------------------------------------------------------- sample grids
     sample_sampler: str = _f("heun", "sampler for training-time grids",
                              choices=("euler", "heun", "sde", "ddpm"), runtime=True)
-    sample_steps: int | None = _f(None, "steps of the grid sampler (preset: 30 digits, 50 "
-                                  "latents)", runtime=True)
+    sample_num_steps: int | None = _f(None, "steps of the grid sampler (preset: 30 digits, 50 "
+                                      "latents)", runtime=True)
     sample_cfg_scale: float | None = _f(None, "CFG scale of the grids (preset: 3.0 digits, 4.0 "
                                         "latents as in the released code)", runtime=True)
     sample_weights: str | None = _f(None, "weights the grids are drawn with: ema or student "
@@ -219,6 +224,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
+        d = {RENAMED.get(k, k): v for k, v in d.items()}
         unknown = sorted(set(d) - names)
         if unknown:
             print(f"[sra-fast] warning: ignoring unknown config keys {unknown}", file=sys.stderr)
@@ -281,7 +287,21 @@ class TrainConfig:
         if c.ema_impl == "adamw" and c.precision == "fp16":
             raise ValueError("--ema-impl adamw runs torch's fused AdamW arithmetic, which a "
                              "GradScaler (--precision fp16) cannot drive; use bf16 or fp32")
-        c.sra_config().validate(model_depth(c.model))
+        if c.loss_type is None:   # the released default of the model's code base
+            c.loss_type = "smooth-l1" if model_kind(c.model) == "dit" else "cos"
+        if c.weight_schedule == "auto" and c.loss_type.startswith("cos"):
+            c.weight_schedule = "constant"
+        if c.weight_schedule != "constant" and c.align_weight != 0.5:
+            raise ValueError(f"--align-weight {c.align_weight} has no effect: the weight of "
+                             f"--loss-type {c.loss_type} follows the released smooth-L1 decay "
+                             f"(--weight-schedule {c.weight_schedule}); pass --weight-schedule "
+                             "constant to use a constant weight")
+        # "auto" with a non-cosine loss needs the resolution (the trainer settles it once
+        # the data is open); the rest is checked now
+        sra = c.sra_config()
+        if sra.weight_schedule == "auto":
+            sra.weight_schedule = "constant"
+        sra.validate(model_depth(c.model))
         if c.sample_sampler == "ddpm" and model_kind(c.model) != "dit":
             raise ValueError("--sample-sampler ddpm is for DiT models; SiT uses euler, heun or sde")
         if model_kind(c.model) == "dit" and c.sample_sampler != "ddpm":
@@ -297,6 +317,9 @@ class TrainConfig:
                 if not f.metadata.get("runtime")}
 
 
+# config keys of earlier versions -> their names now (config.json, checkpoints, --config)
+RENAMED = {"sample_steps": "sample_num_steps"}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The embedded run: 1200 steps of a 1.9M-parameter SiT (patch 2 on the 8x8 digits: 16
     # tokens), about 3 minutes on 2 CPU cores. The EMA decay is short (0.995) because the
@@ -304,13 +327,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the grids are drawn with -- would still be mostly its random initialisation.
     "digits": dict(model="SiT-T/2", batch_size=64, lr=1e-3, lr_warmup_steps=100,
                    ema_decay=0.995, max_steps=1200, precision="fp32", num_workers=0,
-                   log_every=25, ckpt_every=600, sample_every=600, sample_steps=30,
+                   log_every=25, ckpt_every=600, sample_every=600, sample_num_steps=30,
                    sample_cfg_scale=3.0, sample_weights="ema"),
     # The released SiT-XL/2 + SRA recipe (per-GPU batch 32, 8 GPUs -> 256).
     "latents": dict(model="SiT-XL/2", batch_size=32, lr=1e-4, lr_warmup_steps=0,
                     ema_decay=0.9999, max_steps=4_100_000, epochs=801, precision="bf16",
                     num_workers=4, log_every=100, ckpt_every=50_000, sample_every=10_000,
-                    sample_steps=50, sample_cfg_scale=4.0, sample_weights="ema"),
+                    sample_num_steps=50, sample_cfg_scale=4.0, sample_weights="ema"),
 }
 
 
@@ -355,6 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=None, help="JSON file of config values (flags given "
                    "on the command line override it)")
+    # a released spelling whose meaning differs here: refused rather than silently changed
+    p.add_argument("--gradient-accumulation-steps", dest="released_grad_accum", type=int,
+                   default=None, help="refused: the released code's K micro-batches of "
+                   "--batch-size each; here --grad-accum K splits --batch-size into K (pass "
+                   "--batch-size B*K --grad-accum K for the released meaning)")
     return add_config_args(p)
 
 
@@ -362,6 +390,12 @@ def parse_config(argv=None) -> TrainConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
     values = vars(args)
+    k = values.pop("released_grad_accum")
+    if k is not None:
+        parser.error(f"--gradient-accumulation-steps {k}: in the released code each of the {k} "
+                     f"micro-steps loads a whole --batch-size batch; here --grad-accum splits "
+                     f"--batch-size into micro-batches. For the released meaning pass "
+                     f"--batch-size <B*{k}> --grad-accum {k}")
     cfg_file = values.pop("config")
     if cfg_file:
         with open(cfg_file) as fh:

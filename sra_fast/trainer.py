@@ -33,7 +33,7 @@ from .distributed import (DistEnv, all_gather_objects, all_reduce_, barrier, cle
                           derive_seed, init_distributed, stderr_line)
 from .grad_sync import broadcast_module_
 from .metrics_log import MetricsLogger, flops_per_image, peak_tflops
-from .objective import SRAObjective, align_weight, make_ema
+from .objective import SRAObjective, align_weight, make_ema, released_weight_schedule
 from .ops.attention import set_attention_backend
 from .sampling import (SamplerConfig, decode_latents, grid_labels, image_grid, load_vae,
                        sample, to_uint8)
@@ -121,6 +121,9 @@ class Trainer:
         # ------------------------------------------------------------ model, teacher, step
         torch.manual_seed(cfg.seed)
         self.kind = model_kind(cfg.model)
+        if cfg.weight_schedule == "auto":   # the released decay of a non-cosine loss
+            res = cfg.resolution or (8 * H if ds.kind == "moments" else 256)
+            cfg.weight_schedule = released_weight_schedule(cfg.loss_type, self.kind, res)
         self.model_config = dict(name=cfg.model, input_size=H, in_channels=C,
                                  num_classes=self.num_classes, class_dropout_prob=cfg.cfg_prob,
                                  qk_norm=cfg.qk_norm, kind=self.kind, data_kind=ds.kind,
@@ -733,7 +736,7 @@ class Trainer:
         C, H, W = self.ds.sample_shape
         z = torch.randn((len(labels), C, H, W), device=self.device, generator=g)
         y = torch.tensor(labels, device=self.device)
-        scfg = SamplerConfig(sampler=cfg.sample_sampler, steps=cfg.sample_steps,
+        scfg = SamplerConfig(sampler=cfg.sample_sampler, steps=cfg.sample_num_steps,
                              cfg_scale=cfg.sample_cfg_scale, path_type=cfg.path_type)
         from .step import autocast_ctx
         with autocast_ctx(cfg.precision, self.device):
@@ -751,7 +754,7 @@ class Trainer:
         img.save(self.run_dir / "samples.png.tmp.png")
         os.replace(self.run_dir / "samples.png.tmp.png", self.run_dir / "samples.png")
         self.logger.event(self.step, "samples", path=str(out), sampler=cfg.sample_sampler,
-                          steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg_scale,
+                          steps=cfg.sample_num_steps, cfg_scale=cfg.sample_cfg_scale,
                           weights=cfg.sample_weights)
         return out
 

@@ -62,6 +62,17 @@ def test_align_loss_matches_reference(shape, dtype, kind, kernel_device, assert_
     _check(*shape, kind, dtype, kernel_device, assert_kernel_close)
 
 
+@pytest.mark.parametrize("kind", R.ALIGN_LOSSES)
+def test_align_loss_bf16_student_fp32_teacher(kind, kernel_device, assert_kernel_close):
+    """What the step passes: the student's bf16 head output against the teacher's fp32
+    hidden state, uncast (a bf16 cast would round the target and cost a pass)."""
+    s, t, gl = _inputs(2, 7, 1000, kind, torch.bfloat16, kernel_device, 3)
+    g = torch.Generator().manual_seed(4)
+    t = t.float() + 1e-3 * torch.randn(t.shape, generator=g).to(kernel_device)  # not bf16 values
+    _check(2, 7, 1000, kind, torch.bfloat16, kernel_device, assert_kernel_close,
+           inputs=(s, t, gl))
+
+
 @pytest.mark.parametrize("kind", ["cos", "cos-released"])
 def test_align_loss_fp16(kind, kernel_device, assert_kernel_close):
     _check(2, 7, 1000, kind, torch.float16, kernel_device, assert_kernel_close, seed=1)

@@ -145,7 +145,7 @@ def test_sampling_across_ranks_matches_one_process(tmp_path, restore_backends): 
     from sra_fast.config import TrainConfig
     from sra_fast.trainer import Trainer
     Trainer(TrainConfig(out_dir=str(tmp_path), max_steps=2, batch_size=16, log_every=1,
-                        ckpt_every=2, sample_every=0, sample_steps=1, kernels="ref",
+                        ckpt_every=2, sample_every=0, sample_num_steps=1, kernels="ref",
                         threads=1), quiet=True).train()
     ck = tmp_path / "digits" / "checkpoints" / "0000002.pt"
     args = ["--ckpt", ck, "--num-samples", "7", "--batch-size", "2", "--sampler", "sde",

@@ -144,7 +144,7 @@ def test_encoded_folder_trains_and_samples_through_the_vae(tmp_path, image_folde
     _encode(image_folder, data, tiny_vae)
     runs = tmp_path / "runs"
     run_cli([REPO / "train.py", "--data-dir", data, "--model", "SiT-T/2", "--batch-size", 2,
-             "--max-steps", 2, "--ckpt-every", 2, "--sample-every", 2, "--sample-steps", 2,
+             "--max-steps", 2, "--ckpt-every", 2, "--sample-every", 2, "--sample-num-steps", 2,
              "--vae", tiny_vae, "--out-dir", runs, "--exp-name", "e", "--precision", "fp32",
              "--num-workers", 0], cwd=tmp_path)
     from PIL import Image

@@ -61,7 +61,7 @@ def test_latent_folder_train_resume_sample(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_embedded_digits_default_shortened(tmp_path, monkeypatch, capsys):
-    p = run_cli([TRAIN, "--max-steps", "4", "--ckpt-every", "4", "--sample-steps", "2",
+    p = run_cli([TRAIN, "--max-steps", "4", "--ckpt-every", "4", "--sample-num-steps", "2",
                  "--batch-size", "16"], cwd=tmp_path)
     assert "SiT-T/2" in p.stdout and "sklearn digits" in p.stdout
     # stderr is no terminal here: plain progress lines instead of a redrawn bar

@@ -11,6 +11,7 @@ import torch
 
 from sra_fast.checkpoint import CheckpointError
 from sra_fast.config import TrainConfig, build_parser, parse_config
+from sra_fast.objective import released_weight_schedule
 from sra_fast.data import DigitsDataset
 from sra_fast.distributed import DistEnv
 from sra_fast.metrics_log import read_metrics
@@ -31,7 +32,7 @@ class SmallDigits(DigitsDataset):
 
 def digits_cfg(tmp_path, **kw):
     base = dict(out_dir=str(tmp_path / "runs"), batch_size=16, max_steps=4, log_every=2,
-                ckpt_every=100, sample_every=0, sample_steps=2, kernels="ref", threads=1)
+                ckpt_every=100, sample_every=0, sample_num_steps=2, kernels="ref", threads=1)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -48,9 +49,49 @@ def test_flags_are_kebab_case_and_released_names_work(tmp_path):
                         "--attn", "math", "--num-workers", "2"])
     assert (cfg.model, cfg.block_out_s, cfg.block_out_t, cfg.grad_accum, cfg.resume,
             cfg.attn) == ("SiT-XL/2", 8, 20, 2, "auto", "math")
-    rel = parse_config(["--learning-rate", "3e-4", "--gradient-accumulation-steps", "4",
-                        "--mixed-precision", "no", "--max-train-steps", "7"]).resolve()
-    assert (rel.lr, rel.grad_accum, rel.precision, rel.max_steps) == (3e-4, 4, "fp32", 7)
+    rel = parse_config(["--learning-rate", "3e-4", "--mixed-precision", "no",
+                        "--max-train-steps", "7", "--sample-steps", "500"]).resolve()
+    assert (rel.lr, rel.precision, rel.max_steps) == (3e-4, "fp32", 7)
+    assert rel.sample_every == 500   # the released --sample-steps: how often grids are drawn
+    assert rel.sample_num_steps == 30   # (the grid sampler's steps are --sample-num-steps)
+
+
+def test_released_spellings_that_mean_something_else_here_are_refused(capsys):
+    """The released --gradient-accumulation-steps K takes K whole --batch-size batches per
+    step; our --grad-accum splits --batch-size. Accepting it as an alias would silently train
+    with a K times smaller batch."""
+    with pytest.raises(SystemExit) as e:
+        parse_config(["--batch-size", "64", "--gradient-accumulation-steps", "4"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--batch-size <B*4> --grad-accum 4" in err
+
+
+def test_the_weight_follows_the_loss_as_in_the_released_code():
+    """auto: constant --align-weight for the cosine losses; the released smooth-L1 decay of
+    the model kind for the others (SiT prefactor 2, DiT 0.4), 512px form at 512px; DiT's
+    default loss is smooth-L1, the released DiT-SRA's only one."""
+    sit = TrainConfig(data_dir="x").resolve()
+    assert (sit.loss_type, sit.weight_schedule, sit.align_weight) == ("cos", "constant", 0.5)
+    assert TrainConfig(data_dir="x", loss_type="cos-released").resolve().weight_schedule == \
+        "constant"
+    dit = TrainConfig(data_dir="x", model="DiT-XL/2").resolve()
+    assert (dit.loss_type, dit.weight_schedule) == ("smooth-l1", "auto")   # res: from the data
+    with pytest.raises(ValueError, match="--align-weight 1.0 has no effect"):
+        TrainConfig(data_dir="x", loss_type="smooth-l1", align_weight=1.0).resolve()
+    TrainConfig(data_dir="x", loss_type="smooth-l1", align_weight=1.0,
+                weight_schedule="constant").resolve()
+    assert released_weight_schedule("smooth-l1", "sit", 256) == "smooth-l1-decay-sit-256"
+    assert released_weight_schedule("l2", "sit", 512) == "smooth-l1-decay-sit-512"
+    assert released_weight_schedule("smooth-l1", "dit", 256) == "smooth-l1-decay-dit-256"
+    assert released_weight_schedule("cos", "dit", 512) == "constant"
+
+
+def test_a_dit_run_settles_auto_on_the_released_dit_decay(tmp_path):
+    tr = Trainer(digits_cfg(tmp_path, model="DiT-T/2"), dataset=SmallDigits(), quiet=True)
+    assert (tr.cfg.loss_type, tr.cfg.weight_schedule) == ("smooth-l1", "smooth-l1-decay-dit-256")
+    saved = json.loads((tr.run_dir / "config.json").read_text())
+    assert saved["weight_schedule"] == "smooth-l1-decay-dit-256"   # a concrete run identity
     help_text = build_parser().format_help()
     for flag in ("--block-out-s", "--t-max", "--ema-decay", "--resume", "--kernels"):
         assert flag in help_text

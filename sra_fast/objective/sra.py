@@ -45,6 +45,16 @@ def align_weight(schedule: str, epoch: int, constant: float = 0.5) -> float:
     return pre * 0.1 ** e
 
 
+def released_weight_schedule(loss_type: str, kind: str, resolution: int) -> str:
+    """The schedule the released code ties to a loss: a constant (--align-weight, 0.5) for the
+    cosine losses; for every other loss the smooth-L1 decay of the model's kind ("sit" or
+    "dit"), in its 512px form at 512px, its 256px form otherwise (the released train.py
+    branches on --resolution == 256 / else)."""
+    if loss_type.startswith("cos"):
+        return "constant"
+    return f"smooth-l1-decay-{kind}-{512 if resolution == 512 else 256}"
+
+
 @dataclasses.dataclass
 class SRAConfig:
     block_out_s: int = 8
@@ -142,6 +152,8 @@ class SRAObjective:
             denoise = self.transport.loss(out, target)
         else:
             denoise = self.diffusion.loss(out, x0, x_t, eps, t)
-        align = ops.align_loss(h_s, h_t.to(h_s.dtype).detach(), cfg.loss_type)
+        # the teacher's hidden state as it is (fp32 residual stream under autocast): a cast
+        # to h_s's bf16 would round the target and cost a pass; the loss reads either dtype
+        align = ops.align_loss(h_s, h_t.detach(), cfg.loss_type)
         loss = denoise.mean() + weight * align.mean()
         return loss, denoise.detach(), align.detach()
