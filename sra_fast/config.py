@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from typing import Any
 
@@ -243,6 +244,7 @@ class TrainConfig:
     def resolve(self) -> "TrainConfig":
         """Fill preset fields and check values; returns a new config."""
         c = dataclasses.replace(self)
+        grid_cfg_given = c.sample_cfg_scale is not None
         preset = PRESETS[c.preset]
         for k, v in preset.items():
             if getattr(c, k) is None:
@@ -275,6 +277,7 @@ class TrainConfig:
             raise ValueError(f"--grad-clip must be > 0 (inf turns clipping off), got {c.grad_clip}")
         if c.batch_size is not None and c.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {c.batch_size}")
+        _check_numbers(c)
         if not c.grad_bucket_mb >= 0:
             raise ValueError(f"--grad-bucket-mb must be >= 0 (0: one all-reduce after the "
                              f"backward), got {c.grad_bucket_mb}")
@@ -306,6 +309,17 @@ class TrainConfig:
             raise ValueError("--sample-sampler ddpm is for DiT models; SiT uses euler, heun or sde")
         if model_kind(c.model) == "dit" and c.sample_sampler != "ddpm":
             c.sample_sampler = "ddpm"
+        # the grids' settings, checked now rather than at the first grid, thousands of steps in
+        if c.cfg_prob == 0 and c.sample_cfg_scale != 1.0:
+            if grid_cfg_given:
+                raise ValueError(f"--sample-cfg-scale {c.sample_cfg_scale} needs the null class, "
+                                 "which --cfg-prob 0 leaves out of the model: pass "
+                                 "--sample-cfg-scale 1")
+            c.sample_cfg_scale = 1.0   # no guidance without the null class
+        from .sampling import SamplerConfig
+        SamplerConfig(sampler=c.sample_sampler, steps=c.sample_num_steps,
+                      cfg_scale=c.sample_cfg_scale, path_type=c.path_type).validate(
+                          model_kind(c.model))
         return c
 
     def identity(self) -> dict:
@@ -315,6 +329,39 @@ class TrainConfig:
         global batch is reported on resume."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if not f.metadata.get("runtime")}
+
+
+def _check_numbers(c: TrainConfig):
+    """Values that would otherwise train nonsense, or fail deep inside, thousands of steps in."""
+    def bad(flag, want, got):
+        raise ValueError(f"--{flag} must be {want}, got {got}")
+    fin = math.isfinite
+    if not (fin(c.lr) and c.lr > 0):
+        bad("lr", "a finite number > 0", c.lr)
+    for flag, v in (("adam-beta1", c.adam_beta1), ("adam-beta2", c.adam_beta2)):
+        if not 0.0 <= v < 1.0:
+            bad(flag, "in [0, 1)", v)
+    if not (fin(c.adam_eps) and c.adam_eps > 0):
+        bad("adam-eps", "a finite number > 0", c.adam_eps)
+    if not (fin(c.weight_decay) and c.weight_decay >= 0):
+        bad("weight-decay", "a finite number >= 0", c.weight_decay)
+    if not 0.0 <= c.ema_decay <= 1.0:
+        bad("ema-decay", "in [0, 1]", c.ema_decay)
+    if not (fin(c.align_weight) and c.align_weight >= 0):
+        bad("align-weight", "a finite number >= 0", c.align_weight)
+    for flag, v, lo in (("global-batch-size", c.global_batch_size, 1),
+                        ("max-steps", c.max_steps, 1), ("epochs", c.epochs, 1),
+                        ("threads", c.threads, 1), ("num-workers", c.num_workers, 0),
+                        ("lr-warmup-steps", c.lr_warmup_steps, 0),
+                        ("keep-ckpts", c.keep_ckpts, 0), ("sample-num-steps", c.sample_num_steps, 1)):
+        if v is not None and v < lo:
+            bad(flag, f">= {lo}", v)
+    if c.peak_tflops is not None and not (fin(c.peak_tflops) and c.peak_tflops > 0):
+        bad("peak-tflops", "a finite number > 0", c.peak_tflops)
+    if c.sample_cfg_scale is not None and not fin(c.sample_cfg_scale):
+        bad("sample-cfg-scale", "finite", c.sample_cfg_scale)
+    if c.exp_name in ("", ".", ".."):
+        bad("exp-name", "a folder name", repr(c.exp_name))
 
 
 # config keys of earlier versions -> their names now (config.json, checkpoints, --config)
@@ -398,9 +445,50 @@ def parse_config(argv=None) -> TrainConfig:
                      f"--batch-size <B*{k}> --grad-accum {k}")
     cfg_file = values.pop("config")
     if cfg_file:
-        with open(cfg_file) as fh:
-            base = json.load(fh)
-        explicit = {k: v for k, v in values.items() if v != parser.get_default(k)}
-        base.update(explicit)
+        try:
+            with open(cfg_file) as fh:
+                base = json.load(fh)
+        except (OSError, ValueError) as e:
+            parser.error(f"--config {cfg_file}: {getattr(e, 'strerror', None) or e}")
+        if not isinstance(base, dict):
+            parser.error(f"--config {cfg_file}: a JSON object of config values is needed, got "
+                         f"a {type(base).__name__}")
+        base = {RENAMED.get(k, k): v for k, v in base.items()}
+        wrong = _wrong_types(base)
+        if wrong:
+            parser.error(f"--config {cfg_file}: {wrong}")
+        # the flags given on the command line win, also where they equal their default
+        given = _given_dests(parser, argv)
+        base.update({k: v for k, v in values.items() if k in given})
         return TrainConfig.from_dict(base)
     return TrainConfig(**values)
+
+
+def _given_dests(parser: argparse.ArgumentParser, argv) -> set:
+    """The config fields set on the command line (parsed again with no defaults)."""
+    quiet = argparse.ArgumentParser(add_help=False)
+    for a in parser._actions:
+        if a.dest == "help":
+            continue
+        kw = dict(dest=a.dest, default=argparse.SUPPRESS)
+        if isinstance(a, argparse.BooleanOptionalAction):
+            quiet.add_argument(*a.option_strings, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            quiet.add_argument(*a.option_strings, type=a.type, **kw)
+    return set(vars(quiet.parse_args(argv)))
+
+
+def _wrong_types(values: dict) -> str | None:
+    """'KEY: want TYPE, got VALUE' for the first value of the wrong type, else None."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for k, v in values.items():
+        if k not in fields or v is None:
+            continue
+        typ = _arg_type(fields[k])
+        ok = (isinstance(v, bool) if typ is bool else
+              isinstance(v, int) and not isinstance(v, bool) if typ is int else
+              isinstance(v, (int, float)) and not isinstance(v, bool) if typ is float else
+              isinstance(v, str))
+        if not ok:
+            return f"{k} must be {typ.__name__}, got {v!r}"
+    return None

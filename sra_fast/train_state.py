@@ -87,6 +87,11 @@ def ckpt_path(run_dir, step: int) -> Path:
     return ckpt_dir(run_dir) / f"{step:07d}.pt"
 
 
+def checkpoint_step(path) -> int:
+    """The step in a checkpoint's file name (0000020.pt -> 20)."""
+    return int(CKPT_RE.match(Path(path).name).group(1))
+
+
 def list_checkpoints(folder) -> tuple[list[Path], list[Path]]:
     """(complete checkpoints newest first, partial leftovers) in a checkpoints folder."""
     folder = Path(folder)
@@ -143,14 +148,17 @@ def save_training_checkpoint(run_dir, *, step, epoch, model, ema, opt, config: d
         atomic_write_text(path.with_suffix(".json"), json.dumps(
             {"steps": int(step), "epoch": int(epoch), "data_position": data_position,
              "config": config}, indent=1))
-    except OSError as e:   # disk full, quota, permissions: say so in one line, keep the rest
+    except (OSError, RuntimeError) as e:
+        # disk full, quota, permissions: say so in one line, keep the rest (torch.save
+        # reports a failed write as a RuntimeError of its stream writer)
         complete, _ = list_checkpoints(path.parent)
         newest = next((c for c in complete if c != path), None)
-        raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}. The "
+        why = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [repr(e)])[0]
+        raise CheckpointError(f"could not write checkpoint {path}: {why}. The "
                               f"newest complete checkpoint is {newest or '(none)'}") from e
-    if keep > 0:
+    if keep > 0:   # the newest `keep` by step, never the one just written
         complete, _ = list_checkpoints(path.parent)
-        for old in complete[keep:]:
+        for old in [c for c in complete if c != path][keep - 1:]:
             old.unlink(missing_ok=True)
             old.with_suffix(".json").unlink(missing_ok=True)
     return path

@@ -39,7 +39,8 @@ from .sampling import (SamplerConfig, decode_latents, grid_labels, image_grid, l
                        sample, to_uint8)
 from .step import GraphCaptureError, TrainStep, graph_refusal, make_optimizer
 from .stop_signals import StopSignals, ignore_stop_signals, signal_name
-from .train_state import (adapt_released_optimizer, capture_rng, find_resume_checkpoint,
+from .train_state import (adapt_released_optimizer, capture_rng, checkpoint_step,
+                          find_resume_checkpoint,
                           generator_state_fits, is_released, list_checkpoints,
                           read_checkpoint, restore_rng,
                           save_training_checkpoint, ckpt_dir, atomic_write_text)
@@ -84,7 +85,10 @@ class Trainer:
         self.env = env = env or init_distributed(cfg.device)
         self.quiet = quiet
         self.main = env.is_main
-        setup_backends(cfg, env)
+        try:
+            setup_backends(cfg, env)
+        except (RuntimeError, ValueError) as e:   # e.g. --attn flash_attn, not installed
+            raise RunError(str(e)) from None
         self.device = env.device
         self.run_dir = Path(cfg.out_dir) / cfg.exp_name
 
@@ -255,11 +259,22 @@ class Trainer:
     # ---------------------------------------------------------------- run folder
     def _check_run_dir(self):
         cfg = self.cfg
+        if self.main:   # now, not at the first checkpoint or grid
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise RunError(f"cannot make the run folder {self.run_dir}: "
+                               f"{e.strerror or e}") from None
+            if not os.access(self.run_dir, os.W_OK | os.X_OK):
+                raise RunError(f"the run folder {self.run_dir} is not writable")
         cfg_file = self.run_dir / "config.json"
         if cfg_file.is_file():
             try:
-                old = TrainConfig.from_dict(json.loads(cfg_file.read_text()))
-            except (json.JSONDecodeError, TypeError) as e:
+                saved = json.loads(cfg_file.read_text())
+                if not isinstance(saved, dict):
+                    raise TypeError(f"a JSON object is needed, got a {type(saved).__name__}")
+                old = TrainConfig.from_dict(saved)
+            except (json.JSONDecodeError, TypeError, OSError) as e:
                 raise RunError(f"{cfg_file}: unreadable run config ({e})") from None
             diff = _diff_keys(old.identity(), cfg.identity())
             if diff:
@@ -316,8 +331,22 @@ class Trainer:
         if ck is not None:
             self._restore(ck, path)
             self.resumed_from = Path(path).resolve()
+            if cfg.resume != "auto":
+                self._refuse_branching()
         elif cfg.init_from:
             self._init_from(cfg.init_from)
+
+    def _refuse_branching(self):
+        """An explicit --resume from an older step than this run folder's newest checkpoint
+        would write a second history beside the first: its checkpoints interleave by step,
+        --keep-ckpts prunes by step, and a later --resume auto picks the abandoned newest."""
+        complete, _ = list_checkpoints(ckpt_dir(self.run_dir))
+        newer = [c for c in complete if checkpoint_step(c) > self.step]
+        if newer:
+            raise RunError(f"{self.run_dir} already has checkpoints after step {self.step} "
+                           f"(newest {newer[0].name}); continuing from {self.resumed_from} "
+                           "would mix two histories in one folder: move the newer ones away, "
+                           "or resume into another --exp-name")
 
     def _load_weights(self, ck: dict, path):
         head = self.cfg.init_missing_head
@@ -722,6 +751,9 @@ class Trainer:
                 self.warn("warning: no sample grid: " + out_of_memory_line(
                     e, f"at step {self.step}", "training goes on"))
                 torch.cuda.empty_cache()
+            except OSError as e:   # a full disk, a read-only folder: costs the grid only
+                self.warn(f"warning: no sample grid at step {self.step}: could not write it "
+                          f"({e.strerror or e}); training goes on")
             barrier(self.env)
         return out
 
@@ -785,7 +817,10 @@ def main(argv=None) -> int:
 
     trainer = None
     try:
-        env = init_distributed(cfg.device)
+        try:
+            env = init_distributed(cfg.device)
+        except RuntimeError as e:   # --device cuda without CUDA, more ranks than GPUs...
+            raise RunError(error_line(e)) from None
         trainer = Trainer(cfg, env)
         result = trainer.train()
         cleanup(env)   # only on success: destroying the process group while other ranks

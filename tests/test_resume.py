@@ -56,6 +56,38 @@ def test_resume_auto_skips_partial_and_broken_checkpoints(tmp_path, capsys):
     assert "resumed from" in err.out and "0000002.pt: step 2" in err.out
 
 
+def test_resuming_an_older_step_into_the_same_run_is_refused(tmp_path):
+    """Steps 2 and 4 exist; --resume .../0000002.pt would write a second history whose step-4
+    checkpoint replaces the first's (and --keep-ckpts prunes by step): refused, one line."""
+    from sra_fast.trainer import RunError
+    data = make_released_latents(tmp_path / "d", n=16)
+    _run(tiny_latent_config(tmp_path / "r", data, max_steps=4, ckpt_every=2))
+    ck = tmp_path / "r" / "run" / "checkpoints"
+    with pytest.raises(RunError, match="already has checkpoints after step 2 \\(newest "
+                                       "0000004.pt\\)"):
+        Trainer(tiny_latent_config(tmp_path / "r", data, max_steps=6, ckpt_every=2,
+                                   resume=str(ck / "0000002.pt")), quiet=True)
+    # into another run folder it is a branch of its own: fine
+    tr = _run(tiny_latent_config(tmp_path / "r", data, max_steps=4, ckpt_every=2,
+                                 exp_name="branch", resume=str(ck / "0000002.pt")))
+    assert tr.step == 4
+    assert sorted(p.name for p in ck.glob("*.pt")) == ["0000002.pt", "0000004.pt"]
+
+
+def test_keep_ckpts_never_prunes_the_checkpoint_just_written(tmp_path):
+    from sra_fast.train_state import save_training_checkpoint
+    data = make_released_latents(tmp_path / "d", n=16)
+    tr = _run(tiny_latent_config(tmp_path / "r", data, max_steps=4, ckpt_every=2,
+                                 keep_ckpts=2))
+    ck = tmp_path / "r" / "run" / "checkpoints"
+    assert sorted(p.name for p in ck.glob("*.pt")) == ["0000002.pt", "0000004.pt"]
+    # a step below the others (after a skipped unreadable newest, say) stays
+    p = save_training_checkpoint(tr.run_dir, step=1, epoch=0, model=tr.model, ema=tr.ema,
+                                 opt=tr.opt, config={}, data_position={}, rng={}, keep=2)
+    assert p.exists()
+    assert sorted(p.name for p in ck.glob("*.pt")) == ["0000001.pt", "0000004.pt"]
+
+
 def test_resume_auto_with_only_partial_checkpoints_starts_fresh(tmp_path, capsys):
     data = make_released_latents(tmp_path / "d", n=16)
     ck = tmp_path / "r" / "run" / "checkpoints"

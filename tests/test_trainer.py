@@ -121,6 +121,90 @@ def test_config_file_with_overrides(tmp_path):
     assert cfg.lr == 0.01 and cfg.seed == 9
 
 
+@pytest.mark.parametrize("kw,msg", [
+    (dict(lr=-1.0), "--lr must be a finite number > 0"),
+    (dict(lr=float("nan")), "--lr must be a finite number > 0"),
+    (dict(adam_beta1=1.5), "--adam-beta1 must be in [0, 1)"),
+    (dict(adam_eps=-1.0), "--adam-eps must be a finite number > 0"),
+    (dict(weight_decay=-1.0), "--weight-decay must be a finite number >= 0"),
+    (dict(ema_decay=2.0), "--ema-decay must be in [0, 1]"),
+    (dict(align_weight=float("nan")), "--align-weight must be a finite number >= 0"),
+    (dict(global_batch_size=0), "--global-batch-size must be >= 1"),
+    (dict(max_steps=-5), "--max-steps must be >= 1"),
+    (dict(epochs=-1), "--epochs must be >= 1"),
+    (dict(threads=-2), "--threads must be >= 1"),
+    (dict(num_workers=-1), "--num-workers must be >= 0"),
+    (dict(lr_warmup_steps=-1), "--lr-warmup-steps must be >= 0"),
+    (dict(keep_ckpts=-1), "--keep-ckpts must be >= 0"),
+    (dict(peak_tflops=-1.0), "--peak-tflops must be a finite number > 0"),
+    (dict(exp_name=""), "--exp-name must be a folder name"),
+    (dict(sample_num_steps=0), "--sample-num-steps must be >= 1"),
+    (dict(cfg_prob=0.0, sample_cfg_scale=4.0), "needs the null class"),
+])
+def test_nonsense_values_are_refused_before_training(kw, msg):
+    """Each of these trained garbage, exited 0 with nothing done, or failed deep inside
+    (some only at the first sample grid, thousands of steps in)."""
+    with pytest.raises(ValueError) as e:
+        TrainConfig(**kw).resolve()
+    assert msg in str(e.value)
+
+
+def test_no_null_class_means_unguided_grids():
+    assert TrainConfig(cfg_prob=0.0).resolve().sample_cfg_scale == 1.0
+
+
+def test_config_file_errors_are_one_line(tmp_path, capsys):
+    bad = {"missing": None, "json": "{lr: 1", "list": "[1, 2]", "type": '{"lr": "fast"}'}
+    for name, text in bad.items():
+        p = tmp_path / f"{name}.json"
+        if text is not None:
+            p.write_text(text)
+        with pytest.raises(SystemExit) as e:
+            parse_config(["--config", str(p)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"--config {p}" in err, err
+    assert "lr must be float, got 'fast'" in err
+
+
+def test_a_command_line_flag_equal_to_its_default_still_overrides_the_file(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"t_max": 0.5, "seed": 5, "lr": 0.01, "sample_steps": 7}))
+    cfg = parse_config(["--config", str(p), "--t-max", "0.2", "--seed", "0"])
+    assert (cfg.t_max, cfg.seed, cfg.lr) == (0.2, 0, 0.01)
+    assert cfg.sample_num_steps == 7   # an earlier version's key, renamed
+
+
+def test_setup_errors_are_one_line_exit_2(tmp_path, capsys):
+    from sra_fast.ops.attention import flash_attn_available
+    from sra_fast.trainer import main
+    (tmp_path / "f").write_text("a file")
+    cases = [(["--out-dir", str(tmp_path / "f")], "cannot make the run folder")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "CUDA is not available"))
+    if not flash_attn_available():
+        cases.append((["--attn", "flash_attn"], "flash_attn"))
+    for argv, msg in cases:
+        assert main(argv + ["--max-steps", "1", "--threads", "1"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and msg in err[0], err
+
+
+def test_a_grid_that_cannot_be_written_costs_the_grid_not_the_run(tmp_path, monkeypatch,
+                                                                    capsys):
+    from PIL import Image
+
+    def full(self, *a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Image.Image, "save", full)
+    tr = Trainer(digits_cfg(tmp_path, max_steps=4, ckpt_every=4, sample_every=2),
+                 dataset=SmallDigits(64))
+    tr.train()
+    assert tr.step == 4 and (tr.run_dir / "checkpoints" / "0000004.pt").exists()
+    err = capsys.readouterr().err
+    assert "no sample grid at step 2: could not write it (No space left on device)" in err
+
+
 # ------------------------------------------------------------------------ a short run
 def test_short_digits_run_leaves_checkpoint_metrics_and_grid(tmp_path):
     cfg = digits_cfg(tmp_path, max_steps=6, ckpt_every=3, sample_every=3)
