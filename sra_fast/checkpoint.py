@@ -51,10 +51,10 @@ def load_checkpoint(path, trust: bool = False, map_location="cpu") -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if trust:
-        return _load(path, map_location, weights_only=False)
+        return _a_dict(_load(path, map_location, weights_only=False), path)
     try:
         with torch.serialization.safe_globals(ALLOWED_GLOBALS):
-            return _load(path, map_location, weights_only=True)
+            ck = _load(path, map_location, weights_only=True)
     except Exception as e:
         if "Unsupported global" in str(e) or "GLOBAL" in str(e):   # (not a damaged file)
             raise CheckpointError(
@@ -63,6 +63,16 @@ def load_checkpoint(path, trust: bool = False, map_location="cpu") -> dict:
                 "trust=True (--trust-checkpoint).") from None
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_reason(e)})") \
             from None
+    return _a_dict(ck, path)
+
+
+def _a_dict(ck, path) -> dict:
+    """Every checkpoint (ours, released, a bare state dict) is a dict; torch.save of a bare
+    tensor or list loads fine but is none of them."""
+    if not isinstance(ck, dict):
+        raise CheckpointError(f"{path}: holds a {type(ck).__name__}, not a checkpoint (a dict "
+                              "of state dicts or a state dict)")
+    return ck
 
 
 def state_dict_from(ckpt: dict, which: str = "ema") -> dict:

@@ -1,7 +1,9 @@
 """Metrics: a JSONL file always, TensorBoard when it is installed, and the MFU estimate.
 
 One JSON object per line ({"step": ..., "loss": ..., ...}); appending keeps a resumed run's
-history in one file. Only rank 0 writes.
+history in one file. A run that starts at step S (resumed, or fresh) first drops the records
+after S: they belong to a run that died before its next checkpoint, and the steps are about
+to be trained again. Only rank 0 writes.
 """
 from __future__ import annotations
 
@@ -67,20 +69,43 @@ def flops_per_image(model, cfg) -> float | None:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir, enabled: bool = True, tensorboard: bool = True,
+                 start_step: int = 0):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.tb = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._drop_after(start_step)
         self._fh = open(self.path, "a", buffering=1)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+                # purge_step: TensorBoard hides the lost run's events from that step on
+                self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_step + 1)
             except Exception:   # tensorboard not installed: JSONL only
                 self.tb = None
+
+    def _drop_after(self, step: int):
+        """Rewrite the file (atomically) without records after `step` or torn lines."""
+        if not self.path.is_file():
+            return
+        keep, dropped = [], 0
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+                ok = not (isinstance(rec, dict) and int(rec.get("step", 0)) > step)
+            except (ValueError, TypeError):
+                ok = False
+            if ok:
+                keep.append(line)
+            elif line.strip():
+                dropped += 1
+        if dropped:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            tmp.replace(self.path)
 
     def log(self, step: int, **values):
         if not self.enabled:

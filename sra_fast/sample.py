@@ -8,8 +8,8 @@ Writes OUT.npz (arr_0: uint8 NHWC images, labels: int64 classes) and OUT.json be
 every sampler setting, the checkpoint's SHA-256, the seed and the versions, so an FID can
 be reproduced. Sample i always gets the same noise and label (they derive from (seed, i)),
 whatever the number of processes. Each process writes finished batches to OUT.parts/ (a
-crashed run resumes there); rank 0 assembles the .npz, written to a temporary name and
-renamed. Checkpoints: ours (model built from the stored config) or released ones (built
+crashed run resumes there, only with the same checkpoint content and settings); rank 0
+assembles the .npz, written to a temporary name and renamed. Checkpoints: ours (model built from the stored config) or released ones (built
 from their args, or --model/--resolution/--num-classes).
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -188,6 +189,87 @@ def _atomic_savez(path: Path, **arrays):
         raise
 
 
+def _check_args(a):
+    """Settings that need no checkpoint, checked before anything is loaded or drawn."""
+    for flag, v in (("--cfg-scale", a.cfg_scale), ("--guidance-low", a.guidance_low),
+                    ("--guidance-high", a.guidance_high), ("--t-min", a.t_min)):
+        if not math.isfinite(v):
+            raise ValueError(f"{flag} must be a finite number, got {v}")
+    if a.num_samples < 1 or a.batch_size < 1:
+        raise ValueError("--num-samples and --batch-size must be >= 1")
+    if a.grid:
+        grid = Path(a.grid)
+        _check_output_file(grid, "--grid", create_parents=False)
+        from PIL import Image
+        Image.init()
+        if grid.suffix.lower() not in Image.registered_extensions():
+            raise ValueError(f"--grid {grid}: unknown image file extension "
+                             f"{grid.suffix or '(none)'!r}; use e.g. .png")
+
+
+def _check_output_file(path: Path, flag: str, create_parents: bool):
+    """Fail now, not after hours of sampling, if `path` cannot be written as a file."""
+    if path.is_dir():
+        raise ValueError(f"{flag} {path}: is a folder; give a file name")
+    folder = path.parent
+    if not create_parents and not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise ValueError(f"{flag} {path}: folder {folder} {what}")
+    while not folder.exists() and folder != folder.parent:   # the folder that would hold it
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{flag} {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: folder {folder} is not writable")
+
+
+def _file_id(path: Path):
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _short(v):
+    return f"{v[:12]}..." if isinstance(v, str) and len(v) == 64 else repr(v)
+
+
+def _claim_parts(parts: Path, settings: dict):
+    """Create OUT.parts/ or resume in it: finished batches are reused only when they were
+    drawn from the same checkpoint content (SHA-256) with the same settings; anything else
+    is refused, never mixed in or silently deleted."""
+    try:
+        parts.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create {parts} ({e.strerror or e})") from None
+    meta = parts / "settings.json"
+    done = len(list(parts.glob("part-*.npz")))
+    try:
+        old = json.loads(meta.read_text()) if meta.is_file() else None
+    except (OSError, ValueError):
+        old = None
+    if done and not isinstance(old, dict):
+        raise ValueError(f"{parts} holds {done} finished batches but no readable settings.json, "
+                         "so which checkpoint and settings drew them is unknown; delete that "
+                         "folder to start over, or choose another --out")
+    if done:
+        # the path may differ (a moved or copied file): the content decides
+        diff = [k for k in sorted(set(old) | set(settings))
+                if k != "checkpoint" and old.get(k) != settings.get(k)]
+        if diff:
+            what = "; ".join(
+                ("the checkpoint's content (SHA-256 " if k == "checkpoint_sha256" else f"{k} (")
+                + f"{_short(old.get(k))} there, {_short(settings.get(k))} now)" for k in diff)
+            raise ValueError(f"{parts} holds {done} finished batches drawn with other settings: "
+                             f"{what}; delete that folder to start over, or choose another "
+                             "--out")
+    if old != settings:   # new, or a run that stopped before its first batch
+        tmp = meta.with_name(meta.name + ".tmp")
+        tmp.write_text(json.dumps(settings, indent=1))
+        os.replace(tmp, meta)
+
+
 def run(a) -> Path | None:
     env = init_distributed(a.device, timeout_min=180)
     if env.device.type == "cuda":
@@ -200,8 +282,16 @@ def run(a) -> Path | None:
 
 def _run(a, env) -> Path | None:
     dev = env.device
+    _check_args(a)
     ckpt_path = Path(a.ckpt)
+    before = _file_id(ckpt_path)
     ck = read_checkpoint(ckpt_path, a.trust_checkpoint)
+    # the content identifies the run (resume in OUT.parts/, OUT.json): hashed now, so the
+    # record is of the file that was loaded
+    ckpt_sha = sha256_file(ckpt_path) if env.is_main else None
+    if _file_id(ckpt_path) != before:
+        raise ValueError(f"checkpoint {ckpt_path} changed while it was being read; run again "
+                         "once it is complete")
     model, info = model_from_checkpoint(ck, a.weights, a.model, a.resolution, a.num_classes)
     model.to(dev)
     kind = info["kind"]
@@ -212,11 +302,22 @@ def _run(a, env) -> Path | None:
                          guidance_low=a.guidance_low, guidance_high=a.guidance_high,
                          cfg_channels=a.cfg_channels, t_min=a.t_min,
                          path_type=a.path_type or info["path_type"]).validate(kind)
-    if a.num_samples < 1 or a.batch_size < 1:
-        raise ValueError("--num-samples and --batch-size must be >= 1")
     out = Path(a.out) if a.out else ckpt_path.with_name(
         f"{ckpt_path.stem}-{sampler}{steps}-cfg{a.cfg_scale}-n{a.num_samples}-s{a.seed}.npz")
+    _check_output_file(out, "--out", create_parents=True)
+    if out.suffix != ".npz":
+        raise ValueError(f"--out {out}: must end in .npz (its settings go to "
+                         f"{out.with_suffix('.json').name} beside it)")
+    for path in (out, out.with_suffix(".json")):
+        if path.exists() and path.resolve() == ckpt_path.resolve():
+            raise ValueError(f"--out {out} would overwrite the checkpoint {ckpt_path}")
+    _check_output_file(out.with_suffix(".json"), "--out", create_parents=True)
     parts = out.with_name(out.name + ".parts")
+    labels = class_labels(a.classes, a.num_samples, info["num_classes"], a.seed)
+    decode = info["data_kind"] == "moments" and a.vae != "none"
+    if a.grid and info["data_kind"] == "moments" and not decode and env.is_main:
+        stderr_line(f"warning: --grid {a.grid} is not written: --vae none stores latents, "
+                    "not images")
     settings = {
         "checkpoint": str(ckpt_path.resolve()), "weights": a.weights, "model": info["name"],
         "kind": kind, "sampler": sampler, "num_steps": steps, "cfg_scale": a.cfg_scale,
@@ -227,21 +328,13 @@ def _run(a, env) -> Path | None:
         "vae": a.vae if info["data_kind"] == "moments" else None,
         "latent_scale": info["latent_scale"] if info["data_kind"] == "moments" else None,
         "num_classes": info["num_classes"], "input_size": info["input_size"],
+        "tf32": a.tf32 if dev.type == "cuda" else None, "checkpoint_sha256": ckpt_sha,
     }
     if "time_convention" in info:
         settings["time_convention"] = info["time_convention"]
     if env.is_main:
-        parts.mkdir(parents=True, exist_ok=True)
-        meta = parts / "settings.json"
-        old = json.loads(meta.read_text()) if meta.is_file() else None
-        if old is not None and old != settings and any(parts.glob("part-*.npz")):
-            raise ValueError(f"{parts} holds parts from other settings; delete it or "
-                             "change --out")
-        if old != settings:   # new, or a run that stopped before its first batch
-            meta.write_text(json.dumps(settings, indent=1))
+        _claim_parts(parts, settings)
     barrier(env)
-    labels = class_labels(a.classes, a.num_samples, info["num_classes"], a.seed)
-    decode = info["data_kind"] == "moments" and a.vae != "none"
     vae = load_vae(a.vae, dev) if decode else None
     C, S = info["in_channels"], info["input_size"]
     n_batches = -(-a.num_samples // a.batch_size)
@@ -280,7 +373,7 @@ def _run(a, env) -> Path | None:
             raise RuntimeError(f"{p} is missing after all processes finished")
         arr = np.load(p)[key]
         total[b * a.batch_size: b * a.batch_size + len(arr)] = arr
-    settings.update(checkpoint_sha256=sha256_file(ckpt_path), world_size=env.world_size,
+    settings.update(world_size=env.world_size,
                     sra_fast_version=__version__, torch_version=torch.__version__,
                     device=str(torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"),
                     created=time.strftime("%Y-%m-%dT%H:%M:%S"),

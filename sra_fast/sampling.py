@@ -49,6 +49,8 @@ class SamplerConfig:
             raise ValueError("SiT models sample with euler, heun or sde, not ddpm")
         if self.steps < 1:
             raise ValueError(f"--num-steps must be >= 1, got {self.steps}")
+        if not math.isfinite(self.cfg_scale):
+            raise ValueError(f"cfg_scale must be a finite number, got {self.cfg_scale}")
         if self.cfg_channels not in CFG_CHANNELS:
             raise ValueError(f"cfg_channels must be one of {CFG_CHANNELS}")
         if not 0.0 <= self.guidance_low <= self.guidance_high <= 1.0:

@@ -178,7 +178,7 @@ class Trainer:
         # consecutive non-finite steps, tracked on the device (no per-step sync)
         self._consec = torch.zeros((), device=self.device)
         self._max_consec = torch.zeros((), device=self.device)
-        self.logger = MetricsLogger(self.run_dir, enabled=self.main)
+        self.logger = MetricsLogger(self.run_dir, enabled=self.main, start_step=self.step)
         self._flops = flops_per_image(self.model, cfg)
         self._peak = peak_tflops(self.device, cfg.precision, cfg.peak_tflops)
         self._vae = None

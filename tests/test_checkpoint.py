@@ -58,6 +58,12 @@ def test_missing_and_garbage_files(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="bad.pt: not a readable PyTorch checkpoint"):
         load_checkpoint(bad)   # a damaged file, not an allow-list refusal
+    for i, obj in enumerate((torch.zeros(3), [1, 2])):   # loads, but is no checkpoint
+        p = tmp_path / f"obj{i}.pt"
+        torch.save(obj, p)
+        for trust in (False, True):
+            with pytest.raises(CheckpointError, match=f"obj{i}.pt: holds a "):
+                load_checkpoint(p, trust=trust)
 
 
 def test_zip_files_are_memory_mapped_and_old_format_files_still_load(tmp_path, monkeypatch):

@@ -74,6 +74,22 @@ def test_resuming_an_older_step_into_the_same_run_is_refused(tmp_path):
     assert sorted(p.name for p in ck.glob("*.pt")) == ["0000002.pt", "0000004.pt"]
 
 
+def test_a_resumed_run_drops_the_lost_runs_metrics_after_its_step(tmp_path):
+    """The run logged steps 1-4 but died before checkpoint 4: resumed from 2, it trains 3 and
+    4 again; metrics.jsonl must not hold two records for them (nor a torn last line)."""
+    from sra_fast.metrics_log import read_metrics
+    data = make_released_latents(tmp_path / "d", n=16)
+    cfg = dict(ckpt_every=2, log_every=1)
+    _run(tiny_latent_config(tmp_path / "r", data, max_steps=4, **cfg))
+    run = tmp_path / "r" / "run"
+    (run / "checkpoints" / "0000004.pt").unlink()
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 5, "loss": 0.1')      # torn by the crash
+    _run(tiny_latent_config(tmp_path / "r", data, max_steps=4, resume="auto", **cfg))
+    steps = [r["step"] for r in read_metrics(run) if "loss" in r]
+    assert steps == [1, 2, 3, 4]
+
+
 def test_keep_ckpts_never_prunes_the_checkpoint_just_written(tmp_path):
     from sra_fast.train_state import save_training_checkpoint
     data = make_released_latents(tmp_path / "d", n=16)

@@ -231,6 +231,8 @@ def test_sampler_config_validation():
         with pytest.raises(ValueError, match="t-min"):
             SamplerConfig("sde", t_min=bad).validate("sit")
     SamplerConfig("euler", t_min=0.0).validate("sit")   # the ODEs do not use it
+    with pytest.raises(ValueError, match="cfg_scale must be a finite number"):
+        SamplerConfig("sde", cfg_scale=float("nan")).validate("sit")
     with pytest.raises(ValueError, match="unknown path_type 'Linear'"):
         SamplerConfig("sde", path_type="Linear").validate("sit")
     with pytest.raises(ValueError, match="DiT models sample with ddpm"):

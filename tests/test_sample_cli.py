@@ -1,0 +1,168 @@
+"""`python -m sra_fast.sample` on bad input: one line on stderr, exit 2, nothing drawn, nothing
+lost or mixed. Runs in-process on a tiny pixel-space SiT checkpoint saved as the trainer does
+(model, ema, model_config), so no VAE and no training are needed."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import sra_fast.sample as S
+from sra_fast.config import build_model
+
+MODEL_CONFIG = dict(name="SiT-T/4", input_size=8, in_channels=1, num_classes=3,
+                    class_dropout_prob=0.1, qk_norm=False, kind="sit", data_kind="images",
+                    latent_scale=None)
+
+
+def save_ckpt(path, seed):
+    torch.manual_seed(seed)
+    kw = {k: MODEL_CONFIG[k] for k in ("input_size", "in_channels", "num_classes",
+                                        "class_dropout_prob", "qk_norm")}
+    m = build_model(MODEL_CONFIG["name"], **kw)
+    with torch.no_grad():   # the zero-initialised head would give the same samples for any seed
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    torch.save({"model": sd, "ema": sd, "model_config": dict(MODEL_CONFIG),
+                "config": {"path_type": "linear"}}, path)
+    return path
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    return save_ckpt(tmp_path / "model.pt", seed=0)
+
+
+def base_args(ckpt, out, *extra):
+    return ["--ckpt", str(ckpt), "--num-samples", "4", "--batch-size", "2", "--sampler", "euler",
+            "--num-steps", "2", "--device", "cpu", "--out", str(out), *extra]
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.fixture
+def no_sampling(monkeypatch):
+    """Fails the test if a single batch is drawn."""
+    def sample(*a, **k):
+        raise AssertionError("sampling started before the bad input was reported")
+    monkeypatch.setattr(S, "sample", sample)
+
+
+def crash_after_first_batch(monkeypatch):
+    real, calls = S.sample, []
+
+    def sample(*a, **k):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt   # killed while drawing the second batch
+        return real(*a, **k)
+    monkeypatch.setattr(S, "sample", sample)
+    return real
+
+
+def crash_after_first_batch_run(monkeypatch, capsys, args):
+    real = crash_after_first_batch(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        S.main(args)
+    monkeypatch.setattr(S, "sample", real)
+    capsys.readouterr()   # (its progress bar)
+
+
+def test_resume_refuses_parts_from_a_changed_checkpoint(tmp_path, ckpt, monkeypatch, capsys):
+    out = tmp_path / "s.npz"
+    parts = tmp_path / "s.npz.parts"
+    crash_after_first_batch_run(monkeypatch, capsys, base_args(ckpt, out))
+    assert (parts / "part-000000.npz").is_file()
+    first = np.load(parts / "part-000000.npz")["images"]
+
+    # another checkpoint of the same model, copied over the same path: refused, parts kept
+    original = ckpt.read_bytes()
+    save_ckpt(ckpt, seed=1)
+    assert S.main(base_args(ckpt, out)) == 2
+    line = one_error_line(capsys)
+    assert str(parts) in line and "checkpoint's content (SHA-256" in line
+    assert "delete that folder" in line and "--out" in line
+    assert not out.exists() and np.array_equal(np.load(parts / "part-000000.npz")["images"],
+                                               first)
+
+    # the original content back (at another path: the content decides): resumes, and the
+    # result is that of an uninterrupted run
+    moved = tmp_path / "moved.pt"
+    moved.write_bytes(original)
+    assert S.main(base_args(moved, out)) == 0
+    assert S.main(base_args(moved, tmp_path / "clean.npz")) == 0
+    a, b = np.load(out), np.load(tmp_path / "clean.npz")
+    assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
+    assert np.array_equal(a["arr_0"][:2], first)
+    meta = json.loads((tmp_path / "s.json").read_text())
+    assert meta["checkpoint_sha256"] == S.sha256_file(moved)
+    assert not parts.exists()
+
+
+def test_resume_refuses_parts_without_settings(tmp_path, ckpt, monkeypatch, capsys):
+    out = tmp_path / "s.npz"
+    parts = tmp_path / "s.npz.parts"
+    crash_after_first_batch_run(monkeypatch, capsys, base_args(ckpt, out))
+    (parts / "settings.json").unlink()
+    assert S.main(base_args(ckpt, out)) == 2
+    line = one_error_line(capsys)
+    assert str(parts) in line and "no readable settings.json" in line
+    assert (parts / "part-000000.npz").is_file() and not out.exists()
+
+
+@pytest.mark.parametrize("case", ["out-folder", "out-under-file", "out-is-ckpt", "out-not-npz",
+                                  "grid-missing-folder", "grid-folder", "grid-extension"])
+def test_bad_output_paths_are_refused_before_sampling(tmp_path, ckpt, no_sampling, capsys,
+                                                      case):
+    out, extra = tmp_path / "s.npz", []
+    (tmp_path / "afile").write_text("keep me")
+    if case == "out-folder":
+        out.mkdir()
+        expect = "is a folder"
+    elif case == "out-under-file":
+        out = tmp_path / "afile" / "s.npz"
+        expect = "is a file, not a folder"
+    elif case == "out-is-ckpt":
+        out = ckpt
+        expect = "must end in .npz"
+    elif case == "out-not-npz":
+        out = tmp_path / "afile"
+        expect = "must end in .npz"
+    elif case == "grid-missing-folder":
+        extra = ["--grid", str(tmp_path / "nope" / "g.png")]
+        expect = "does not exist"
+    elif case == "grid-folder":
+        (tmp_path / "g.png").mkdir()
+        extra = ["--grid", str(tmp_path / "g.png")]
+        expect = "is a folder"
+    else:
+        extra = ["--grid", str(tmp_path / "g.pngx")]
+        expect = "unknown image file extension"
+    before = ckpt.read_bytes()
+    assert S.main(base_args(ckpt, out, *extra)) == 2
+    line = one_error_line(capsys)
+    assert expect in line and ("--grid" if extra else "--out") in line
+    assert ckpt.read_bytes() == before and (tmp_path / "afile").read_text() == "keep me"
+    assert not list(tmp_path.glob("**/*.parts"))
+
+
+@pytest.mark.parametrize("flag,value", [("--cfg-scale", "nan"), ("--cfg-scale", "inf"),
+                                        ("--cfg-scale", "-inf"), ("--guidance-low", "nan"),
+                                        ("--guidance-high", "nan")])
+def test_non_finite_guidance_is_refused(tmp_path, ckpt, no_sampling, capsys, flag, value):
+    out = tmp_path / "s.npz"
+    assert S.main(base_args(ckpt, out, f"{flag}={value}")) == 2
+    assert one_error_line(capsys) == f"error: {flag} must be a finite number, got {value}"
+    assert not out.exists() and not (tmp_path / "s.npz.parts").exists()
+
+
+def test_rejected_classes_leave_no_parts_folder(tmp_path, ckpt, no_sampling, capsys):
+    out = tmp_path / "s.npz"
+    assert S.main(base_args(ckpt, out, "--classes", "1,99")) == 2
+    assert "ids must be in 0..2" in one_error_line(capsys)
+    assert not (tmp_path / "s.npz.parts").exists()
