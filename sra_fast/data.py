@@ -202,13 +202,22 @@ class PackedLatents(BatchDataset):
         self.name = f"packed latents {root}"
         try:
             self.meta = json.loads((root / "meta.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:   # ValueError: bad JSON or bad UTF-8
             raise DataError(f"{root}/meta.json: unreadable ({_one_line(e)})") from None
-        if self.meta.get("format") != PACKED_FORMAT:
+        if not isinstance(self.meta, dict) or self.meta.get("format") != PACKED_FORMAT:
             raise DataError(f"{root}/meta.json: not an sra-fast packed dataset")
-        self.labels = np.load(root / "labels.npy")
+        try:
+            self.labels = np.load(root / "labels.npy", allow_pickle=False)
+        except Exception as e:
+            raise DataError(f"{root}/labels.npy: unreadable ({_one_line(e)})") from None
+        if self.labels.ndim != 1 or not np.issubdtype(self.labels.dtype, np.integer):
+            raise DataError(f"{root}/labels.npy: array {self.labels.dtype} "
+                            f"{self.labels.shape}; expected integer (N,)")
         self._arr = None
-        arr = self.array
+        try:
+            arr = self.array
+        except Exception as e:   # missing, truncated (mmap longer than the file), pickled
+            raise DataError(f"{root}/latents.npy: unreadable ({_one_line(e)})") from None
         if arr.ndim != 4 or arr.shape[1] % 2 or arr.dtype not in (np.float32, np.float16):
             raise DataError(f"{root}/latents.npy: array {arr.dtype} {arr.shape}; expected "
                             "float32/float16 (N, 2C, H, W)")
@@ -218,6 +227,8 @@ class PackedLatents(BatchDataset):
         self.item_shape = tuple(arr.shape[1:])
         if num_classes is None:
             num_classes = self.meta.get("num_classes")
+            if not isinstance(num_classes, int) or isinstance(num_classes, bool):
+                num_classes = None   # a hand-edited meta.json: count the labels instead
         self.check_labels(num_classes, str(root))
 
     @property
@@ -246,19 +257,24 @@ def open_dataset(data_dir, num_classes: int | None = None) -> BatchDataset:
             ds.check_labels(num_classes, "digits")
         return ds
     root = Path(data_dir)
-    if not root.exists():
-        raise DataError(f"--data-dir {root} does not exist")
-    if not root.is_dir():
-        raise DataError(f"--data-dir {root} is not a folder")
-    if not any(root.iterdir()):
-        raise DataError(f"--data-dir {root} is empty")
-    if (root / "meta.json").is_file():
-        return PackedLatents(root, num_classes)
-    if (root / "packed" / "meta.json").is_file():
-        return PackedLatents(root / "packed", num_classes)
-    if (root / "vae-sd" / "dataset.json").is_file() or (root / "dataset.json").is_file():
-        return ReleasedLatents(root, num_classes)
-    partial = sorted(p.name for p in root.glob(".*.tmp-*"))
+    try:   # stat/listdir raise PermissionError on a folder we may not read
+        if not root.exists():
+            raise DataError(f"--data-dir {root} does not exist")
+        if not root.is_dir():
+            raise DataError(f"--data-dir {root} is not a folder")
+        if not any(root.iterdir()):
+            raise DataError(f"--data-dir {root} is empty")
+        if (root / "meta.json").is_file():
+            return PackedLatents(root, num_classes)
+        if (root / "packed" / "meta.json").is_file():
+            return PackedLatents(root / "packed", num_classes)
+        if (root / "vae-sd" / "dataset.json").is_file() or (root / "dataset.json").is_file():
+            return ReleasedLatents(root, num_classes)
+        partial = sorted(p.name for p in root.glob(".*.tmp-*"))
+    except OSError as e:
+        what = f" {e.filename}" if e.filename and Path(e.filename) != root else ""
+        raise DataError(f"--data-dir {root}: cannot read{what} "
+                        f"({e.strerror or _one_line(e)})") from None
     extra = f" (only an unfinished packed folder: {partial[0]})" if partial else ""
     raise DataError(f"--data-dir {root} holds neither vae-sd/dataset.json (released latent "
                     f"layout) nor meta.json (packed format){extra}")
@@ -273,6 +289,65 @@ def sample_posterior(moments: torch.Tensor, scale: float = LATENT_SCALE,
 
 
 # ---------------------------------------------------------------------------- packed writer
+PACKED_FILES = ("latents.npy", "labels.npy", "meta.json")
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _has_packed_meta(path: Path) -> bool:
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == PACKED_FORMAT
+
+
+def is_packed_folder(path) -> bool:
+    """True for a folder holding only what PackedWriter writes: the one kind of folder that
+    --overwrite may replace (anything else could be someone's data)."""
+    path = Path(path)
+    try:
+        names = {p.name for p in path.iterdir()}
+    except OSError:
+        return False
+    return names <= set(PACKED_FILES) and _has_packed_meta(path)
+
+
+def check_packed_dest(dest, overwrite: bool = False, sources=()) -> None:
+    """Refuse a packed-dataset destination whose replacement could lose data: one that is,
+    holds or lies inside a source folder (even with --overwrite), a non-empty folder without
+    --overwrite, and with it any folder that is not a packed dataset."""
+    dest = Path(dest)
+    real = dest.resolve()   # symlinks and "..": compare the folders actually meant
+    for src in sources:
+        s = Path(src).resolve()
+        if _within(real, s) or _within(s, real):
+            how = "is" if real == s else "is inside" if _within(real, s) else "contains"
+            raise DataError(f"{dest} {how} the source {src}; write the packed dataset to a "
+                            "folder outside it (replacing it could delete the source)")
+    try:
+        if not dest.exists():
+            return
+        if not dest.is_dir():
+            raise DataError(f"{dest} exists and is not a folder; choose another destination")
+        entries = sorted(p.name for p in dest.iterdir())
+    except OSError as e:
+        raise DataError(f"{dest}: cannot read ({e.strerror or _one_line(e)})") from None
+    if not entries:
+        return
+    if is_packed_folder(dest):
+        if not overwrite:
+            raise DataError(f"{dest} already holds a packed dataset; pass --overwrite to "
+                            "replace it")
+        return
+    what = ("holds other files besides a packed dataset" if _has_packed_meta(dest)
+            else "is not empty and is not a packed dataset")
+    raise DataError(f"{dest} {what} ({len(entries)} entries, e.g. {entries[0]}); choose a "
+                    "new or empty folder (--overwrite replaces only a packed dataset)")
+
+
 class PackedWriter:
     """Writes a packed dataset into a temporary folder; `commit` renames it into place.
 
@@ -280,21 +355,26 @@ class PackedWriter:
     (per-channel mean/std of the stored moments) accumulate as rows arrive.
     """
 
-    def __init__(self, dest, count: int, item_shape, dtype="float32", overwrite: bool = False):
+    def __init__(self, dest, count: int, item_shape, dtype="float32", overwrite: bool = False,
+                 sources=()):
         self.dest = Path(dest)
-        if (self.dest / "meta.json").exists() and not overwrite:
-            raise DataError(f"{self.dest} already holds a packed dataset; pass --overwrite to "
-                            "replace it")
+        self.overwrite, self.sources = overwrite, tuple(sources)
+        check_packed_dest(self.dest, overwrite, self.sources)
         if count <= 0:
             raise DataError("cannot pack an empty dataset")
         self.tmp = self.dest.parent / f".{self.dest.name}.tmp-{os.getpid()}"
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir(parents=True)
         self.count, self.item_shape = count, tuple(item_shape)
-        self.latents = np.lib.format.open_memmap(self.tmp / "latents.npy", mode="w+",
-                                                 dtype=np.dtype(dtype),
-                                                 shape=(count, *self.item_shape))
+        try:
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp)
+            self.tmp.mkdir(parents=True)
+            self.latents = np.lib.format.open_memmap(self.tmp / "latents.npy", mode="w+",
+                                                     dtype=np.dtype(dtype),
+                                                     shape=(count, *self.item_shape))
+        except OSError as e:   # e.g. the parent is a file, read-only, or the disk is full
+            self.abort()
+            raise DataError(f"{self.tmp}: cannot create the temporary folder "
+                            f"({e.strerror or _one_line(e)})") from None
         self.labels = np.full(count, -1, dtype=np.int64)
         c = self.item_shape[0]
         self._sum = np.zeros(c, np.float64)
@@ -340,6 +420,8 @@ class PackedWriter:
             json.dump(meta, fh, indent=1)
             fh.flush()
             os.fsync(fh.fileno())
+        # again: the destination may have changed while we packed (hours at ImageNet scale)
+        check_packed_dest(self.dest, self.overwrite, self.sources)
         old = None
         if self.dest.exists():
             old = self.dest.parent / f".{self.dest.name}.old-{os.getpid()}"
@@ -366,10 +448,13 @@ def convert_released_to_packed(src, dest, dtype: str = "float32", overwrite: boo
                                threads: int = 16, chunk: int = 4096, num_classes=None,
                                progress: bool = True) -> Path:
     """Released vae-sd layout -> packed format (threaded reads, atomic commit)."""
+    if threads < 1:
+        raise DataError(f"--threads must be >= 1, got {threads}")
     ds = ReleasedLatents(src, num_classes)
     n = len(ds)
     from .metrics_log import progress_bar
-    with PackedWriter(dest, n, ds.item_shape, dtype, overwrite) as w, \
+    # the source is the folder the latent files are in: DATA/packed beside DATA/vae-sd is fine
+    with PackedWriter(dest, n, ds.item_shape, dtype, overwrite, [ds.features_dir]) as w, \
             concurrent.futures.ThreadPoolExecutor(threads) as pool:
         bar = progress_bar(total=n, desc="packing", unit="img", disable=not progress)
         for start in range(0, n, chunk):

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import (DataError, PackedWriter, convert_released_to_packed, error_line,
-                   out_of_memory_line)
+from .data import (DataError, PackedWriter, check_packed_dest, convert_released_to_packed,
+                   error_line, out_of_memory_line)
 from .distributed import env_ranks, pick_device, stderr_line
 from .metrics_log import progress_bar
 
@@ -132,22 +132,46 @@ def encode_moments(vae, images_u8: torch.Tensor) -> np.ndarray:
     return torch.cat([d.mean, d.std], dim=1).float().cpu().numpy()
 
 
+def check_encode_flags(a) -> None:
+    """Numbers that would otherwise fail deep inside (a division, the DataLoader) or, worse,
+    quietly drop images (--max-images -1 is files[:-1])."""
+    if a.resolution < 8 or a.resolution % 8:
+        raise DataError(f"--resolution {a.resolution} must be a positive multiple of 8 "
+                        "(256 or 512)")
+    for flag, v, lo, hint in (("--batch-size", a.batch_size, 1, ""),
+                              ("--chunk-size", a.chunk_size, 1, ""),
+                              ("--num-workers", a.num_workers, 0, ""),
+                              ("--max-images", a.max_images, 1, " (or left out: all)"),
+                              ("--max-chunks", a.max_chunks, 1, " (or left out: all)")):
+        if v is not None and v < lo:
+            raise DataError(f"{flag} must be >= {lo}{hint}, got {v}")
+    if not a.wait_timeout >= 0:   # also nan
+        raise DataError(f"--wait-timeout must be >= 0 seconds (0: forever), got {a.wait_timeout}")
+
+
 def encode(a) -> int:
     rank, world, local_rank, _ = env_ranks()
     formats = {f.strip() for f in a.format.split(",") if f.strip()}
     if not formats or formats - {"packed", "released"}:
         raise DataError(f"--format {a.format!r}: use packed, released or packed,released")
-    if a.resolution % 8:
-        raise DataError(f"--resolution {a.resolution} must be a multiple of 8")
+    check_encode_flags(a)
     dest = Path(a.dest)
+    if dest.exists() and not dest.is_dir():
+        raise DataError(f"--dest {dest} exists and is not a folder")
+    src, out = Path(a.source).resolve(), dest.resolve()
+    if out == src or src in out.parents:   # the outputs would turn into class folders
+        raise DataError(f"--dest {dest} is or is inside --source {a.source}; choose a --dest "
+                        "outside the image folder")
     done_packed = (dest / "packed" / "meta.json").is_file()
     done_released = (dest / "vae-sd" / "dataset.json").is_file()
     if (("packed" in formats and done_packed) or ("released" in formats and done_released)) \
             and not a.overwrite:
         raise DataError(f"--dest {dest} already holds encoded latents; pass --overwrite or "
                         "choose another --dest")
+    if "packed" in formats:   # now, not after hours of encoding
+        check_packed_dest(dest / "packed", a.overwrite, [a.source])
     files, labels, classes = list_images(a.source)
-    if a.max_images:
+    if a.max_images is not None:
         files, labels = files[:a.max_images], labels[:a.max_images]
     n = len(files)
     work = dest / WORK
@@ -156,10 +180,19 @@ def encode(a) -> int:
              "chunk_size": a.chunk_size, "formats": sorted(formats)}
     digest = hashlib.sha256(json.dumps(index, sort_keys=True).encode()).hexdigest()
     if rank == 0:
-        work.mkdir(parents=True, exist_ok=True)
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DataError(f"--dest {dest}: cannot create {work} ({e.strerror})") from None
         idx_file = work / "index.json"
         if idx_file.is_file():
-            old = json.loads(idx_file.read_text())
+            try:
+                old = json.loads(idx_file.read_text())
+            except (OSError, ValueError):
+                old = None
+            if not isinstance(old, dict):
+                raise DataError(f"{idx_file} is unreadable (a damaged unfinished run); delete "
+                                f"{work} to start again")
             if old.get("digest") != digest:
                 raise DataError(f"{work} holds an unfinished run over other images or settings;"
                                 " delete it (or pass the same flags) to start again")
@@ -232,7 +265,8 @@ def encode(a) -> int:
         _atomic_text(dest / "vae-sd" / "dataset.json", json.dumps({"labels": entries}))
     if "packed" in formats:
         first = np.load(work / "chunk-000000.npy", mmap_mode="r")
-        with PackedWriter(dest / "packed", n, first.shape[1:], a.dtype, a.overwrite) as w:
+        with PackedWriter(dest / "packed", n, first.shape[1:], a.dtype, a.overwrite,
+                          [a.source]) as w:
             for c in range(n_chunks):
                 lo = c * a.chunk_size
                 arr = np.load(work / f"chunk-{c:06d}.npy")
@@ -295,6 +329,10 @@ def main(argv=None) -> int:
         return 0
     except DataError as e:
         stderr_line(f"error: {error_line(e)}")
+        return 2
+    except OSError as e:   # e.g. a full disk or a read-only --dest: finished chunks are kept
+        where = f"{e.filename}: " if e.filename else ""
+        stderr_line(f"error: {where}{e.strerror or error_line(e)}")
         return 2
     except torch.OutOfMemoryError as e:
         stderr_line("error: " + out_of_memory_line(

@@ -171,3 +171,95 @@ def test_labels_outside_num_classes(tmp_path):
     js.write_text(json.dumps({"labels": []}))
     with pytest.raises(DataError, match="empty dataset"):
         open_dataset(root)
+
+
+def _tree(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_convert_never_deletes_what_is_at_dest(tmp_path):
+    root = make_released_latents(tmp_path / "d", n=6)
+    source = _tree(root)
+    keep = tmp_path / "keep"
+    (keep / "code").mkdir(parents=True)
+    (keep / "paper.tex").write_text("important")
+    (keep / "code" / "a.py").write_text("x")
+    for overwrite in (False, True):   # not a packed dataset: never replaced
+        with pytest.raises(DataError, match="keep is not empty and is not a packed dataset"):
+            convert_released_to_packed(root, keep, overwrite=overwrite, progress=False)
+        # the source, or a folder holding it or inside it: refused even with --overwrite
+        with pytest.raises(DataError, match="contains the source"):
+            convert_released_to_packed(root, root, overwrite=overwrite, progress=False)
+        with pytest.raises(DataError, match=r"vae-sd is the source"):
+            convert_released_to_packed(root, root / "vae-sd", overwrite=overwrite,
+                                       progress=False)
+        with pytest.raises(DataError, match="is inside the source"):
+            convert_released_to_packed(root, root / "vae-sd" / "p", overwrite=overwrite,
+                                       progress=False)
+    assert _tree(keep) == ["code", "code/a.py", "paper.tex"]
+    assert _tree(root) == source
+    assert not list(tmp_path.glob(".*")) and not list(root.glob(".*"))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DataError, match="afile exists and is not a folder"):
+        convert_released_to_packed(root, tmp_path / "afile", overwrite=True, progress=False)
+    with pytest.raises(DataError, match="--threads must be >= 1, got 0"):
+        convert_released_to_packed(root, tmp_path / "p", threads=0, progress=False)
+    # DATA/packed beside DATA/vae-sd (as documented) and an empty folder are fine
+    convert_released_to_packed(root, root / "packed", progress=False)
+    (tmp_path / "empty").mkdir()
+    convert_released_to_packed(root, tmp_path / "empty", progress=False)
+    assert len(open_dataset(tmp_path / "empty")) == 6
+    # --overwrite replaces a packed dataset, but not one that somebody added files to
+    convert_released_to_packed(root, root / "packed", overwrite=True, progress=False)
+    (root / "packed" / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="holds other files besides a packed dataset"):
+        convert_released_to_packed(root, root / "packed", overwrite=True, progress=False)
+    assert (root / "packed" / "notes.txt").read_text() == "mine"
+
+
+def test_packed_writer_rechecks_dest_at_commit(tmp_path):
+    dest = tmp_path / "p"
+    with pytest.raises(DataError, match="not empty and is not a packed dataset"):
+        with PackedWriter(dest, 2, (8, 2, 2)) as w:
+            w.write(0, np.zeros((2, 8, 2, 2), np.float32), [0, 1])
+            dest.mkdir()                       # someone else's folder appears meanwhile
+            (dest / "x.txt").write_text("theirs")
+            w.commit()
+    assert _tree(dest) == ["x.txt"]
+    assert not list(tmp_path.glob(".*"))
+
+
+def _truncate(p):
+    f = p / "latents.npy"
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size - 300)
+
+
+@pytest.mark.parametrize("change, msg", [
+    (_truncate, r"latents.npy: unreadable \(mmap length"),
+    (lambda p: (p / "latents.npy").unlink(), r"latents.npy: unreadable"),
+    (lambda p: (p / "labels.npy").unlink(), r"labels.npy: unreadable"),
+    (lambda p: (p / "labels.npy").write_bytes(b"junk"), r"labels.npy: unreadable"),
+    (lambda p: np.save(p / "labels.npy", np.zeros((6, 2), np.int64)),
+     r"labels.npy: array int64 \(6, 2\); expected integer \(N,\)"),
+    (lambda p: (p / "meta.json").write_text("[1]"), "meta.json: not an sra-fast packed"),
+    (lambda p: (p / "meta.json").write_bytes(b"\xff{"), "meta.json: unreadable"),
+], ids=["latents-truncated", "latents-missing", "labels-missing", "labels-corrupt",
+        "labels-2d", "meta-list", "meta-not-utf8"])
+def test_damaged_packed_folders_are_named(tmp_path, change, msg):
+    root = make_released_latents(tmp_path / "d", n=6)
+    p = convert_released_to_packed(root, tmp_path / "p", progress=False)
+    change(p)
+    with pytest.raises(DataError, match=msg):
+        open_dataset(p)
+
+
+def test_unreadable_data_dir(tmp_path, monkeypatch):
+    (tmp_path / "noread").mkdir()
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+    monkeypatch.setattr(type(tmp_path), "iterdir", denied)   # as chmod 000 is for non-root
+    with pytest.raises(DataError, match=r"--data-dir .*noread: cannot read "
+                                        r"\(Permission denied\)$"):
+        open_dataset(tmp_path / "noread")

@@ -174,3 +174,81 @@ def test_out_of_memory_while_encoding_is_one_line(tmp_path, image_folder, tiny_v
         "error: out of device memory while encoding: --batch-size 2 images per encoder "
         "batch; pass a smaller one (finished chunks are kept). CUDA out of memory. Tried to "
         "allocate 4.00 GiB."]
+
+
+def _main(monkeypatch, capsys, *args):
+    """P.main in this process as rank 0 of 1: (exit code, stderr lines)."""
+    import sra_fast.preprocess as P
+    monkeypatch.setattr(P, "env_ranks", lambda: (0, 1, 0, 1))
+    rc = P.main([str(x) for x in args])
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("flags, msg", [
+    (["--max-images", "-1"], "--max-images must be >= 1 (or left out: all), got -1"),
+    (["--max-images", "0"], "--max-images must be >= 1 (or left out: all), got 0"),
+    (["--max-chunks", "-1"], "--max-chunks must be >= 1 (or left out: all), got -1"),
+    (["--chunk-size", "0"], "--chunk-size must be >= 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--num-workers", "-1"], "--num-workers must be >= 0, got -1"),
+    (["--wait-timeout", "nan"], "--wait-timeout must be >= 0 seconds (0: forever), got nan"),
+    (["--resolution", "0"], "--resolution 0 must be a positive multiple of 8 (256 or 512)"),
+    (["--resolution", "-8"], "--resolution -8 must be a positive multiple of 8 (256 or 512)"),
+], ids=["max-images-neg", "max-images-0", "max-chunks-neg", "chunk-size-0", "batch-size-0",
+        "num-workers-neg", "wait-timeout-nan", "resolution-0", "resolution-neg"])
+def test_bad_numbers_are_one_line_errors(tmp_path, image_folder, tiny_vae, monkeypatch,
+                                         capsys, flags, msg):
+    args = ["encode", "--source", image_folder, "--dest", tmp_path / "d", "--resolution", 64,
+            "--vae", tiny_vae, "--chunk-size", 2, "--batch-size", 2, "--num-workers", 0,
+            "--device", "cpu", *flags]
+    assert _main(monkeypatch, capsys, *args) == (2, [f"error: {msg}"])
+    assert not (tmp_path / "d").exists()
+
+
+def test_bad_dest_is_refused_before_encoding(tmp_path, image_folder, tiny_vae, monkeypatch,
+                                             capsys):
+    def enc(dest, *extra):
+        return _main(monkeypatch, capsys, "encode", "--source", image_folder, "--dest", dest,
+                     "--resolution", 64, "--vae", tiny_vae, "--num-workers", 0,
+                     "--device", "cpu", *extra)
+    (tmp_path / "afile").write_text("x")
+    assert enc(tmp_path / "afile") == (2, [f"error: --dest {tmp_path / 'afile'} exists and is "
+                                           "not a folder"])
+    rc, err = enc(tmp_path / "afile" / "d")
+    assert rc == 2 and err == [f"error: --dest {tmp_path / 'afile' / 'd'}: cannot create "
+                               f"{tmp_path / 'afile' / 'd' / '.sra-work'} (Not a directory)"]
+    rc, err = enc(image_folder / "out")
+    assert rc == 2 and err == [f"error: --dest {image_folder / 'out'} is or is inside --source "
+                               f"{image_folder}; choose a --dest outside the image folder"]
+    # DEST/packed that is somebody's folder is never replaced, --overwrite or not
+    (tmp_path / "d" / "packed").mkdir(parents=True)
+    (tmp_path / "d" / "packed" / "notes.txt").write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        rc, err = enc(tmp_path / "d", *extra)
+        assert rc == 2 and len(err) == 1 and "is not empty and is not a packed dataset" in err[0]
+    assert (tmp_path / "d" / "packed" / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "d" / ".sra-work").exists()
+    # a damaged work index of an unfinished run
+    (tmp_path / "e" / ".sra-work").mkdir(parents=True)
+    (tmp_path / "e" / ".sra-work" / "index.json").write_text("{not json")
+    rc, err = enc(tmp_path / "e")
+    assert rc == 2 and err == [f"error: {tmp_path / 'e' / '.sra-work' / 'index.json'} is "
+                               "unreadable (a damaged unfinished run); delete "
+                               f"{tmp_path / 'e' / '.sra-work'} to start again"]
+
+
+def test_convert_refuses_its_own_source(tmp_path, monkeypatch, capsys):
+    from trainer_fixtures import make_released_latents
+    root = make_released_latents(tmp_path / "lat", n=4)
+    before = sorted(p.name for p in (root / "vae-sd").rglob("*"))
+    for extra in ([], ["--overwrite"]):
+        rc, err = _main(monkeypatch, capsys, "convert", "--source", root, "--dest", root, *extra)
+        assert rc == 2 and err == [f"error: {root} contains the source {root / 'vae-sd'}; "
+                                   "write the packed dataset to a folder outside it "
+                                   "(replacing it could delete the source)"]
+    assert sorted(p.name for p in (root / "vae-sd").rglob("*")) == before
+    rc, err = _main(monkeypatch, capsys, "convert", "--source", root, "--dest", root / "p",
+                    "--threads", 0)
+    assert rc == 2 and err == ["error: --threads must be >= 1, got 0"]
+    rc, _ = _main(monkeypatch, capsys, "convert", "--source", root, "--dest", root / "packed")
+    assert rc == 0 and len(PackedLatents(root / "packed")) == 4
