@@ -353,7 +353,8 @@ def _check_numbers(c: TrainConfig):
                         ("max-steps", c.max_steps, 1), ("epochs", c.epochs, 1),
                         ("threads", c.threads, 1), ("num-workers", c.num_workers, 0),
                         ("lr-warmup-steps", c.lr_warmup_steps, 0),
-                        ("keep-ckpts", c.keep_ckpts, 0), ("sample-num-steps", c.sample_num_steps, 1)):
+                        ("keep-ckpts", c.keep_ckpts, 0),
+                        ("sample-num-steps", c.sample_num_steps, 1)):
         if v is not None and v < lo:
             bad(flag, f">= {lo}", v)
     if c.peak_tflops is not None and not (fin(c.peak_tflops) and c.peak_tflops > 0):
@@ -427,8 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "on the command line override it)")
     # a released spelling whose meaning differs here: refused rather than silently changed
     p.add_argument("--gradient-accumulation-steps", dest="released_grad_accum", type=int,
-                   default=None, help="refused: the released code's K micro-batches of "
-                   "--batch-size each; here --grad-accum K splits --batch-size into K (pass "
+                   metavar="K", default=None, help="refused: the released code's K "
+                   "micro-batches of --batch-size each; here --grad-accum K splits --batch-size into K (pass "
                    "--batch-size B*K --grad-accum K for the released meaning)")
     return add_config_args(p)
 

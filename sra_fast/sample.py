@@ -9,8 +9,9 @@ every sampler setting, the checkpoint's SHA-256, the seed and the versions, so a
 be reproduced. Sample i always gets the same noise and label (they derive from (seed, i)),
 whatever the number of processes. Each process writes finished batches to OUT.parts/ (a
 crashed run resumes there, only with the same checkpoint content and settings); rank 0
-assembles the .npz, written to a temporary name and renamed. Checkpoints: ours (model built from the stored config) or released ones (built
-from their args, or --model/--resolution/--num-classes).
+assembles the .npz, written to a temporary name and renamed. Checkpoints: ours (model built
+from the stored config) or released ones (built from their args, or
+--model/--resolution/--num-classes).
 """
 from __future__ import annotations
 

@@ -6,4 +6,5 @@ from .sra import (WEIGHT_SCHEDULES, SRAConfig, SRAObjective, align_weight,
 from .transport import PATHS, TIME_SAMPLERS, Transport
 
 __all__ = ["GaussianDiffusion", "ema_update", "make_ema", "WEIGHT_SCHEDULES", "SRAConfig",
-           "SRAObjective", "align_weight", "released_weight_schedule", "PATHS", "TIME_SAMPLERS", "Transport"]
+           "SRAObjective", "align_weight", "released_weight_schedule", "PATHS", "TIME_SAMPLERS",
+           "Transport"]
