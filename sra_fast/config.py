@@ -89,8 +89,9 @@ class TrainConfig:
                                "features, recommended; NOT the released code's 'cos', which "
                                "is cos-released here), cos-released (the released dim=1 "
                                "cosine, over the tokens), smooth-l1, l1, l2 (default: cos for "
-                               "SiT; smooth-l1 for DiT, the released DiT-SRA's only loss)",
-                               choices=("cos", "cos-released", "smooth-l1", "l1", "l2"))
+                               "SiT; smooth-l1 for DiT, the released DiT-SRA's only loss; "
+                               "the released spelling sml1 is smooth-l1)",
+                               choices=("cos", "cos-released", "smooth-l1", "sml1", "l1", "l2"))
     align_weight: float = _f(0.5, "alignment weight lambda of the constant schedule")
     weight_schedule: str = _f("auto", "alignment weight over epochs; auto: as the released "
                               "code ties it to the loss (constant --align-weight for cos and "
@@ -290,6 +291,8 @@ class TrainConfig:
         if c.ema_impl == "adamw" and c.precision == "fp16":
             raise ValueError("--ema-impl adamw runs torch's fused AdamW arithmetic, which a "
                              "GradScaler (--precision fp16) cannot drive; use bf16 or fp32")
+        if c.loss_type == "sml1":   # the released DiT-SRA's name
+            c.loss_type = "smooth-l1"
         if c.loss_type is None:   # the released default of the model's code base
             c.loss_type = "smooth-l1" if model_kind(c.model) == "dit" else "cos"
         if c.weight_schedule == "auto" and c.loss_type.startswith("cos"):

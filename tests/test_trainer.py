@@ -75,6 +75,8 @@ def test_the_weight_follows_the_loss_as_in_the_released_code():
     assert (sit.loss_type, sit.weight_schedule, sit.align_weight) == ("cos", "constant", 0.5)
     assert TrainConfig(data_dir="x", loss_type="cos-released").resolve().weight_schedule == \
         "constant"
+    assert TrainConfig(data_dir="x", model="DiT-XL/2", loss_type="sml1").resolve().loss_type \
+        == "smooth-l1"   # the released DiT-SRA spelling
     dit = TrainConfig(data_dir="x", model="DiT-XL/2").resolve()
     assert (dit.loss_type, dit.weight_schedule) == ("smooth-l1", "auto")   # res: from the data
     with pytest.raises(ValueError, match="--align-weight 1.0 has no effect"):
