@@ -14,7 +14,8 @@ fused AdamW, EMA; bf16 autocast; synthetic random latents, never zeros):
   ours-graph-t16  ours-graph + bf16 teacher shadow
   ours-graph-fema ours-graph-t16 with ema_impl="fused": EMA lerp + shadow in one pass
   ours-graph-1p   ours-graph-t16 with ema_impl="adamw": AdamW + EMA + shadow in one pass
-                  (sra_fast.ext.FusedEMA: the CUDA extension if built, else one foreach lerp)
+                  (sra_fast.ext.FusedAdamWEMA: the CUDA extension if built, else its
+                  PyTorch reference)
   ours-graph-sync ours-graph with the step's own gradient all-reduce (grad_sync, 25 MB
                   buckets from gradient hooks) over a one-process NCCL group (gloo on CPU):
                   what --cuda-graph costs under torchrun beyond ours-graph, communication

@@ -56,7 +56,8 @@ T_COMPILE="${T_COMPILE:-35}"
 T_TRAIN="${T_TRAIN:-45}"
 
 # GPU_CHECK_BUDGET_S: the seconds this whole script may take (the device time left once the
-# machine is up, less a margin). Unset: the part budgets above, ~8.7 minutes. Set and short:
+# machine is up, less a margin). Unset: the part budgets above, fitted into GPU_CHECK_MAX_S.
+# Set and short:
 # each part gets its floor in order of need (step figures, kernel tests, step tests, ops,
 # update, infer, compile tests, train smoke; a part whose floor no longer fits is skipped), the
 # rest of the time tops parts up towards their budgets in that same order. The run order is
