@@ -25,6 +25,7 @@ import concurrent.futures
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -535,8 +536,9 @@ def main(argv=None):
     try:
         out = convert_released_to_packed(a.src, a.dest, a.dtype, a.overwrite, a.threads,
                                          num_classes=a.num_classes)
-    except DataError as e:
-        raise SystemExit(f"error: {e}") from None
+    except DataError as e:   # one line, exit 2 (bad input), as the other commands
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"wrote {out}")
 
 

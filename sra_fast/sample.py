@@ -149,6 +149,8 @@ def build_parser():
                    help="'random' (uniform, as the released generate.py), 'balanced' "
                         "(i mod classes) or a comma list of class ids to cycle through")
     p.add_argument("--out", default=None, help="output .npz (default: next to the checkpoint)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (otherwise refused: a finished sample set)")
     p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
                    help="decoder for latent models: local path or hub name; 'none' stores "
                         "the latents (float32, key 'latents') instead of images")
@@ -313,6 +315,9 @@ def _run(a, env) -> Path | None:
         if path.exists() and path.resolve() == ckpt_path.resolve():
             raise ValueError(f"--out {out} would overwrite the checkpoint {ckpt_path}")
     _check_output_file(out.with_suffix(".json"), "--out", create_parents=True)
+    if out.exists() and not a.overwrite:
+        raise ValueError(f"--out {out} already exists (a finished sample set); pass --overwrite "
+                         "to replace it, or choose another --out")
     parts = out.with_name(out.name + ".parts")
     labels = class_labels(a.classes, a.num_samples, info["num_classes"], a.seed)
     decode = info["data_kind"] == "moments" and a.vae != "none"

@@ -842,3 +842,11 @@ def main(argv=None) -> int:
             f"process and --grad-accum {c.grad_accum}; a larger --grad-accum (the batch in "
             f"that many micro-batches) keeps the batch and needs less"))
         return 2
+    except KeyboardInterrupt:   # Ctrl-C (SIGINT): no checkpoint, as documented; say which is
+        newest = None           # left (a checkpoint being written is never left half-done)
+        if trainer is not None:
+            complete, _ = list_checkpoints(ckpt_dir(trainer.run_dir))
+            newest = complete[0] if complete else None
+        say(f"[sra-fast] interrupted (Ctrl-C): no checkpoint written; the newest complete one "
+            f"is {newest or '(none)'}")
+        return 130

@@ -166,3 +166,13 @@ def test_rejected_classes_leave_no_parts_folder(tmp_path, ckpt, no_sampling, cap
     assert S.main(base_args(ckpt, out, "--classes", "1,99")) == 2
     assert "ids must be in 0..2" in one_error_line(capsys)
     assert not (tmp_path / "s.npz.parts").exists()
+
+
+def test_a_finished_sample_set_is_not_overwritten_unless_asked(tmp_path, ckpt, capsys):
+    out = tmp_path / "s.npz"
+    assert S.main(base_args(ckpt, out)) == 0
+    before = out.read_bytes()
+    assert S.main(base_args(ckpt, out)) == 2
+    assert "already exists (a finished sample set); pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert S.main(base_args(ckpt, out) + ["--overwrite"]) == 0

@@ -192,6 +192,22 @@ def test_setup_errors_are_one_line_exit_2(tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("error: ") and msg in err[0], err
 
 
+def test_ctrl_c_is_one_line_naming_the_newest_checkpoint(tmp_path, monkeypatch, capsys):
+    from sra_fast import trainer as T
+    real = T.Trainer.train
+
+    def train_then_ctrl_c(self):
+        real(self)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(T.Trainer, "train", train_then_ctrl_c)
+    argv = ["--out-dir", str(tmp_path), "--max-steps", "2", "--ckpt-every", "2",
+            "--sample-every", "0", "--batch-size", "16", "--threads", "1"]
+    assert T.main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("[sra-fast] interrupted (Ctrl-C): no checkpoint written; the newest "
+                       f"complete one is {tmp_path / 'digits' / 'checkpoints' / '0000002.pt'}")
+
+
 def test_a_grid_that_cannot_be_written_costs_the_grid_not_the_run(tmp_path, monkeypatch,
                                                                     capsys):
     from PIL import Image
