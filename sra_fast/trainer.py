@@ -403,6 +403,10 @@ class Trainer:
 
     def _restore(self, ck: dict, path):
         cfg, env = self.cfg, self.env
+        theirs = (ck.get("model_config") or {}).get("name") if not is_released(ck) else None
+        if theirs and theirs != cfg.model:   # say so before a key/shape mismatch list does
+            raise RunError(f"{path} is a {theirs} checkpoint, but this run builds {cfg.model}: "
+                           f"pass --model {theirs} to continue it")
         self._load_weights(ck, path)
         if is_released(ck):
             self.step = int(ck.get("steps", 0))

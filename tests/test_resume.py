@@ -90,6 +90,16 @@ def test_a_resumed_run_drops_the_lost_runs_metrics_after_its_step(tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+def test_resuming_another_models_checkpoint_names_both_models(tmp_path):
+    from sra_fast.trainer import RunError
+    data = make_released_latents(tmp_path / "d", n=16)
+    _run(tiny_latent_config(tmp_path / "r", data, model="DiT-T/2", max_steps=2, ckpt_every=2))
+    ck = tmp_path / "r" / "run" / "checkpoints" / "0000002.pt"
+    with pytest.raises(RunError, match="is a DiT-T/2 checkpoint, but this run builds SiT-T/2: "
+                                       "pass --model DiT-T/2"):
+        Trainer(tiny_latent_config(tmp_path / "s", data, resume=str(ck)), quiet=True)
+
+
 def test_keep_ckpts_never_prunes_the_checkpoint_just_written(tmp_path):
     from sra_fast.train_state import save_training_checkpoint
     data = make_released_latents(tmp_path / "d", n=16)
