@@ -1,4 +1,6 @@
 """Models: released layout, same math as an independent implementation, hidden-state access."""
+import math
+
 import pytest
 import torch
 
@@ -130,6 +132,28 @@ def test_timestep_embedding_cos_then_sin():
     t = torch.tensor([0.0, 0.3, 1.0, 500.0])
     torch.testing.assert_close(TimestepEmbedder.timestep_embedding(t, 256), timestep_embedding(t),
                                rtol=1e-5, atol=1e-5)
+
+
+def _released_timestep_embedding(t, dim=256, max_period=10000):
+    """The released code's function, verbatim in its arithmetic: freqs on the CPU, moved."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(start=0, end=half,
+                                                          dtype=torch.float32) / half).to(t.device)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_timestep_embedding_is_bitwise_the_released_one(device):
+    """Bitwise, on the GPU too: the frequencies come from the CPU, as in the released code (a
+    GPU exp may round differently; DiT's integer t up to 999 would show it in the sin/cos)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from sra_fast.models.layers import TimestepEmbedder
+    for t in (torch.rand(64), torch.arange(1000).float()):
+        t = t.to(device)
+        assert torch.equal(TimestepEmbedder.timestep_embedding(t, 256),
+                           _released_timestep_embedding(t))
 
 
 @pytest.mark.parametrize("kind", ["SiT", "DiT"])

@@ -52,6 +52,28 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+_FREQS: dict = {}
+
+
+def _timestep_freqs(half: int, max_period: float, device) -> torch.Tensor:
+    """exp(-log(max_period) * i / half), computed on the CPU and moved, as the released code
+    does (a GPU's exp may differ in the last bit), once per device: no per-call host copy,
+    so the step stays free of host syncs (the first call, in a warm-up, fills the cache).
+    Under torch.compile it is computed in the graph, on the device."""
+    device = torch.device(device)
+    if torch.compiler.is_compiling():
+        return torch.exp(-math.log(max_period)
+                         * torch.arange(half, dtype=torch.float32, device=device) / half)
+    key = (half, float(max_period), device)
+    freqs = _FREQS.get(key)
+    if freqs is None:
+        with torch.inference_mode(False), torch.no_grad():   # a plain tensor, wherever made
+            freqs = torch.exp(-math.log(max_period)
+                              * torch.arange(half, dtype=torch.float32) / half).to(device)
+        _FREQS[key] = freqs
+    return freqs
+
+
 class TimestepEmbedder(nn.Module):
     """Scalar t -> sinusoidal(256: cos first, then sin) -> Linear -> SiLU -> Linear."""
 
@@ -67,8 +89,7 @@ class TimestepEmbedder(nn.Module):
     @staticmethod
     def timestep_embedding(t, dim: int, max_period: float = 10000):
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period)
-                          * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        freqs = _timestep_freqs(half, max_period, t.device)
         args = t[:, None].float() * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
