@@ -154,6 +154,9 @@ class TrainConfig:
                           runtime=True)
     teacher_bf16: bool = _f(False, "keep bf16 copies of the EMA teacher's weights for its "
                             "forward (bf16 precision only)", runtime=True)
+    teacher_fp32: bool = _f(False, "run the EMA teacher in fp32 outside the student's "
+                            "autocast, as the released code's teacher ran (slower; exact "
+                            "reproduction)")
     ema_impl: str = _f("foreach", "how the optimizer + EMA update runs: foreach (fused AdamW, "
                        "then a lerp of every EMA tensor), fused (EMA + teacher shadow in one "
                        "pass), adamw (AdamW + EMA + shadow in one pass; C++/CUDA extension)",
@@ -288,6 +291,8 @@ class TrainConfig:
         if c.teacher_bf16 and c.precision != "bf16":
             raise ValueError(f"--teacher-bf16 needs --precision bf16 (the shadow holds the "
                              f"weights autocast casts to bf16), got --precision {c.precision}")
+        if c.teacher_bf16 and c.teacher_fp32:
+            raise ValueError("--teacher-bf16 and --teacher-fp32 exclude each other")
         if c.ema_impl == "adamw" and c.precision == "fp16":
             raise ValueError("--ema-impl adamw runs torch's fused AdamW arithmetic, which a "
                              "GradScaler (--precision fp16) cannot drive; use bf16 or fp32")

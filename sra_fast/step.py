@@ -134,6 +134,8 @@ class TrainStep:
       teacher_bf16 keep bf16 copies of the teacher's matmul weights, refreshed right after
                    the EMA update (see sra_fast.teacher.BF16Shadow); bf16 precision only.
       teacher_full run the whole teacher network as the released code does (baselines).
+      teacher_fp32 run the teacher outside the student's autocast, in fp32 (TF32 where
+                   allowed), as the released teacher ran; not with teacher_bf16.
       graph_warmup eager warm-up iterations before capture (updates forced to skip).
       ema_impl     "foreach" (default: objective.ema_update, a lerp of every parameter,
                    12 bytes of traffic each, then the bf16 shadow's copy when teacher_bf16)
@@ -164,7 +166,8 @@ class TrainStep:
                  precision: str = "bf16", grad_clip: float = 1.0, ema_decay: float = 0.9999,
                  grad_accum: int = 1, generator: torch.Generator | None = None,
                  cuda_graph: bool | str = False, teacher_bf16: bool = False,
-                 teacher_full: bool = False, graph_warmup: int = 2, ema_impl: str = "foreach",
+                 teacher_full: bool = False, teacher_fp32: bool = False,
+                 graph_warmup: int = 2, ema_impl: str = "foreach",
                  grad_sync=None, grad_bucket_mb: float = 25.0):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
@@ -211,11 +214,14 @@ class TrainStep:
         if teacher_bf16 and teacher_full:
             raise ValueError("teacher_bf16 shadows only blocks 1..block_out_t; it cannot be "
                              "combined with teacher_full")
+        if teacher_bf16 and teacher_fp32:
+            raise ValueError("teacher_bf16 (a bf16 teacher) and teacher_fp32 exclude each other")
         self.shadow = (BF16Shadow(ema, objective.cfg.block_out_t) if teacher_bf16 else None)
-        self.teacher_full = teacher_full
+        self.teacher_full, self.teacher_fp32 = teacher_full, teacher_fp32
         tmod = self.shadow.module if self.shadow is not None else ema
-        self._teacher = TeacherView(tmod, full=True) if teacher_full else tmod
-        self._teacher_nvtx = TeacherView(tmod, full=teacher_full)
+        self._teacher = (TeacherView(tmod, full=teacher_full, fp32=teacher_fp32)
+                         if teacher_full or teacher_fp32 else tmod)
+        self._teacher_nvtx = TeacherView(tmod, full=teacher_full, fp32=teacher_fp32)
         if ema_impl not in ("foreach", "fused", "adamw"):
             raise ValueError(f"ema_impl must be 'foreach', 'fused' or 'adamw', got "
                              f"{ema_impl!r}")

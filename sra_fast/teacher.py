@@ -16,6 +16,7 @@ The SRA teacher is the EMA of the student, called without autograd and stopped a
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -80,16 +81,20 @@ class BF16Shadow:
 
 class TeacherView:
     """What the objective calls as `teacher`: drop_labels + forward_hidden of `module`,
-    optionally running the full network (`full=True`, as released) and inside an NVTX range."""
+    optionally running the full network (`full=True`, as released), outside the student's
+    autocast (`fp32=True`: the released teacher, which accelerate's autocast did not wrap,
+    ran in fp32/TF32), and inside an NVTX range."""
 
-    def __init__(self, module: nn.Module, full: bool = False):
-        self.module, self.full = module, full
+    def __init__(self, module: nn.Module, full: bool = False, fp32: bool = False):
+        self.module, self.full, self.fp32 = module, full, fp32
 
     def drop_labels(self, y, generator=None):
         return self.module.drop_labels(y, generator)
 
     def forward_hidden(self, x, t, y, block: int):
-        with nvtx_range("teacher forward"):
+        with nvtx_range("teacher forward"), (
+                torch.autocast(x.device.type, enabled=False) if self.fp32
+                else contextlib.nullcontext()):
             if self.full:
                 self.module.check_block(block)
                 return self.module._trunk(x, t, y, block)[1]

@@ -168,7 +168,8 @@ class Trainer:
                                         grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay,
                                         grad_accum=cfg.grad_accum, generator=self.generator,
                                         cuda_graph=cfg.cuda_graph,
-                                        teacher_bf16=cfg.teacher_bf16, ema_impl=cfg.ema_impl,
+                                        teacher_bf16=cfg.teacher_bf16,
+                                        teacher_fp32=cfg.teacher_fp32, ema_impl=cfg.ema_impl,
                                         grad_sync=grad_sync,
                                         grad_bucket_mb=cfg.grad_bucket_mb)
         except ValueError as e:   # a combination of settings the step cannot run

@@ -408,6 +408,38 @@ def test_full_teacher_gives_the_same_step():
     assert same(*runs)
 
 
+def test_fp32_teacher_runs_outside_the_students_autocast(monkeypatch):
+    """teacher_fp32: the released teacher (outside accelerate's autocast): its hidden state
+    is bitwise the EMA's fp32 forward, while the student still runs in bf16."""
+    seen = []
+    real = ops.align_loss
+    monkeypatch.setattr(ops, "align_loss", lambda h_s, h_t, kind: (seen.append((h_s, h_t)),
+                                                                  real(h_s, h_t, kind))[1])
+    m, ema, opt, step = build(teacher_fp32=True)
+    x, y = batches(1)[0]
+    g_state = step.generator.get_state()
+    step(x, y, 0.5)
+    h_s, h_t = seen[-1]
+    assert h_s.dtype == torch.bfloat16 and h_t.dtype == torch.float32
+    # the same draws, the teacher's forward by hand in fp32 (the EMA has moved: use a copy
+    # taken before the update)
+    m2, ema2, _, step2 = build(teacher_fp32=True)
+    step2.generator.set_state(g_state)
+    obj = step2.objective
+    t, t_teacher, eps, y2 = obj.draw(x, y, ema2, step2.generator)
+    x_tt, _ = obj.noisy(x, eps, t_teacher)
+    with torch.no_grad():
+        want = ema2.forward_hidden(x_tt, t_teacher, y2, obj.cfg.block_out_t)
+    assert torch.equal(h_t, want)
+    # under the step's autocast (the default) the teacher's matmuls are bf16: it differs
+    m3, ema3, _, step3 = build()
+    seen.clear()
+    step3(x, y, 0.5)
+    assert not torch.equal(seen[-1][1], h_t)
+    with pytest.raises(ValueError, match="exclude each other"):
+        build(teacher_fp32=True, teacher_bf16=True)
+
+
 def test_nvtx_views_do_not_change_the_step(monkeypatch):
     import sra_fast.step as step_mod
     runs = []
