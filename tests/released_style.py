@@ -89,12 +89,30 @@ class PatchEmb(nn.Module):
         return patches @ self.proj.weight.reshape(self.proj.weight.shape[0], -1).t() + self.proj.bias
 
 
+class HeadNorm(nn.Module):
+    """timm's qk_norm: LayerNorm over each head's features, affine, eps 1e-5."""
+
+    def __init__(self, hd):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hd))
+        self.bias = nn.Parameter(torch.zeros(hd))
+
+    def forward(self, z):
+        mu = z.mean(-1, keepdim=True)
+        var = ((z - mu) ** 2).mean(-1, keepdim=True)
+        return (z - mu) / torch.sqrt(var + 1e-5) * self.weight + self.bias
+
+
 class Block(nn.Module):
     def __init__(self, D, H, qk_norm=False):
         super().__init__()
         self.H = H
         self.attn = nn.Module()
         self.attn.qkv = Lin(D, 3 * D)
+        self.qk_norm = qk_norm
+        if qk_norm:   # after the head split, before the scaled dot product
+            self.attn.q_norm = HeadNorm(D // H)
+            self.attn.k_norm = HeadNorm(D // H)
         self.attn.proj = Lin(D, D)
         self.mlp = nn.Module()
         self.mlp.fc1 = Lin(D, 4 * D)
@@ -109,6 +127,8 @@ class Block(nn.Module):
         q = q.reshape(N, T, self.H, hd).transpose(1, 2)
         k = k.reshape(N, T, self.H, hd).transpose(1, 2)
         v = v.reshape(N, T, self.H, hd).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.attn.q_norm(q), self.attn.k_norm(k)
         w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), dim=-1)
         o = (w @ v).transpose(1, 2).reshape(N, T, D)
         return self.attn.proj(o)
@@ -123,7 +143,8 @@ class Block(nn.Module):
 
 
 class ReleasedStyleDiT(nn.Module):
-    def __init__(self, input_size, patch, C, D, depth, H, num_classes, c_out, drop_prob=0.1):
+    def __init__(self, input_size, patch, C, D, depth, H, num_classes, c_out, drop_prob=0.1,
+                 qk_norm=False):
         super().__init__()
         self.p, self.C, self.c_out = patch, C, c_out
         T = (input_size // patch) ** 2
@@ -135,7 +156,7 @@ class ReleasedStyleDiT(nn.Module):
         self.y_embedder.embedding_table = nn.Module()
         self.y_embedder.embedding_table.weight = nn.Parameter(
             torch.empty(num_classes + int(drop_prob > 0), D))
-        self.blocks = nn.ModuleList([Block(D, H) for _ in range(depth)])
+        self.blocks = nn.ModuleList([Block(D, H, qk_norm) for _ in range(depth)])
         self.ap_head = nn.Module()
         self.ap_head.linear1 = Lin(D, 2 * D)
         self.ap_head.linear2 = Lin(2 * D, D)

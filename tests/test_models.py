@@ -177,6 +177,32 @@ def test_b2_outputs_match_independent_implementation(kind):
     torch.testing.assert_close(h, ref_h, rtol=1e-5, atol=1e-5)
 
 
+def test_qk_norm_outputs_match_independent_implementation():
+    """REPA's qk_norm option: a per-head LayerNorm (affine, eps 1e-5) on q and k, with
+    non-trivial norm weights so a skipped or misplaced norm shows."""
+    gen = torch.Generator().manual_seed(2)
+    m = SiT(input_size=8, patch_size=2, hidden_size=128, depth=2, num_heads=4, num_classes=10,
+            qk_norm=True).eval()
+    randomize(m, gen)
+    with torch.no_grad():   # norm gains of a few units: sharp attention, where the norm shows
+        for name, p in m.named_parameters():
+            if "_norm.weight" in name:
+                p.copy_(2.0 + torch.rand(p.shape, generator=gen))
+    ref = ReleasedStyleDiT(8, 2, 4, 128, 2, 4, 10, 4, qk_norm=True)
+    ref.load_state_dict(m.state_dict(), strict=True)
+    assert any("q_norm" in k for k in m.state_dict())
+    x, t, y = torch.randn(2, 4, 8, 8, generator=gen), torch.rand(2, generator=gen), \
+        torch.tensor([3, 10])
+    with torch.no_grad(), ops.use_backend("ref"):
+        out, h = m(x, t, y, hidden_block=1)
+        ref_out, ref_h = ref(x, t, y, hidden_block=1)
+        plain = ReleasedStyleDiT(8, 2, 4, 128, 2, 4, 10, 4)
+        plain.load_state_dict({k: v for k, v in m.state_dict().items() if "_norm" not in k})
+        assert not torch.allclose(plain(x, t, y), out, atol=1e-3)   # the norms matter here
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h, ref_h, rtol=1e-5, atol=1e-5)
+
+
 def test_full_b2_depth_matches_independent_implementation():
     gen = torch.Generator().manual_seed(2)
     m = SiT_models["SiT-B/2"](input_size=16, num_classes=1000).eval()
