@@ -269,9 +269,6 @@ class TrainConfig:
                               + (Path(c.data_dir).resolve().name or "data"))
         if c.path_type == "cos":
             c.path_type = "cosine"
-        for name in ("grad_accum", "log_every", "ckpt_every", "max_nonfinite"):
-            if getattr(c, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
         if c.sample_every < 0:
             raise ValueError("--sample-every must be >= 0")
         if not c.hang_report_min >= 0:
@@ -357,7 +354,9 @@ def _check_numbers(c: TrainConfig):
         bad("ema-decay", "in [0, 1]", c.ema_decay)
     if not (fin(c.align_weight) and c.align_weight >= 0):
         bad("align-weight", "a finite number >= 0", c.align_weight)
-    for flag, v, lo in (("global-batch-size", c.global_batch_size, 1),
+    for flag, v, lo in (("grad-accum", c.grad_accum, 1), ("log-every", c.log_every, 1),
+                        ("ckpt-every", c.ckpt_every, 1), ("max-nonfinite", c.max_nonfinite, 1),
+                        ("global-batch-size", c.global_batch_size, 1),
                         ("max-steps", c.max_steps, 1), ("epochs", c.epochs, 1),
                         ("threads", c.threads, 1), ("num-workers", c.num_workers, 0),
                         ("lr-warmup-steps", c.lr_warmup_steps, 0),

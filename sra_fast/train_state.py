@@ -98,7 +98,7 @@ def list_checkpoints(folder) -> tuple[list[Path], list[Path]]:
     if not folder.is_dir():
         return [], []
     complete = sorted((p for p in folder.iterdir() if CKPT_RE.match(p.name)),
-                      key=lambda p: int(CKPT_RE.match(p.name).group(1)), reverse=True)
+                      key=checkpoint_step, reverse=True)
     partial = sorted(p for p in folder.iterdir() if ".pt.tmp" in p.name)
     return complete, partial
 
