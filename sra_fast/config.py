@@ -322,9 +322,12 @@ class TrainConfig:
                                  "--sample-cfg-scale 1")
             c.sample_cfg_scale = 1.0   # no guidance without the null class
         from .sampling import SamplerConfig
-        SamplerConfig(sampler=c.sample_sampler, steps=c.sample_num_steps,
-                      cfg_scale=c.sample_cfg_scale, path_type=c.path_type).validate(
-                          model_kind(c.model))
+        try:
+            SamplerConfig(sampler=c.sample_sampler, steps=c.sample_num_steps,
+                          cfg_scale=c.sample_cfg_scale, path_type=c.path_type).validate(
+                              model_kind(c.model))
+        except ValueError as e:   # the sampler's words, said of the grids' flags
+            raise ValueError(f"the sample grids (--sample-*): {e}") from None
         return c
 
     def identity(self) -> dict:
@@ -366,8 +369,6 @@ def _check_numbers(c: TrainConfig):
             bad(flag, f">= {lo}", v)
     if c.peak_tflops is not None and not (fin(c.peak_tflops) and c.peak_tflops > 0):
         bad("peak-tflops", "a finite number > 0", c.peak_tflops)
-    if c.sample_cfg_scale is not None and not fin(c.sample_cfg_scale):
-        bad("sample-cfg-scale", "finite", c.sample_cfg_scale)
     if c.exp_name in ("", ".", ".."):
         bad("exp-name", "a folder name", repr(c.exp_name))
 

@@ -184,8 +184,7 @@ class Trainer:
         self._peak = peak_tflops(self.device, cfg.precision, cfg.peak_tflops)
         self._vae = None
         self._vae_failed = False
-        if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.main:   # (the run folder exists: _check_run_dir made it)
             atomic_write_text(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
         self._announce()
         if self.main:   # model + EMA + AdamW's two moments, fp32

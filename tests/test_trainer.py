@@ -141,6 +141,8 @@ def test_config_file_with_overrides(tmp_path):
     (dict(peak_tflops=-1.0), "--peak-tflops must be a finite number > 0"),
     (dict(exp_name=""), "--exp-name must be a folder name"),
     (dict(sample_num_steps=0), "--sample-num-steps must be >= 1"),
+    (dict(sample_cfg_scale=float("nan")),
+     "the sample grids (--sample-*): cfg_scale must be a finite number"),
     (dict(cfg_prob=0.0, sample_cfg_scale=4.0), "needs the null class"),
 ])
 def test_nonsense_values_are_refused_before_training(kw, msg):
