@@ -381,3 +381,56 @@ def test_hooks_on_blocks_and_final_layer_still_fire():
     with torch.no_grad():
         m(x, t, y)
     assert seen == [("final", torch.Size([2, 16, 16]))]
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_attention_views_are_timm_order_bitwise_with_one_gradient_copy(qk_norm):
+    """The block's q, k, v are timm's views (permute(2, 0, 3, 1, 4).unbind(0)) taken in the
+    other order: the same forward and gradients to the bit, and a backward that writes the
+    (B, T, 3D) qkv gradient once (one stack) instead of stacking and then copying."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from sra_fast.models.layers import Attention
+    from sra_fast.ops.attention import attention
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    def timm_order(mod, x):
+        B, T, C = x.shape
+        qkv = mod.qkv(x).reshape(B, T, 3, mod.num_heads, mod.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = mod.q_norm(q), mod.k_norm(k)
+        return mod.proj(attention(q, k, v).transpose(1, 2).reshape(B, T, C))
+
+    torch.manual_seed(3)
+    mod = Attention(64, 4, qk_norm=qk_norm)
+    if qk_norm:
+        with torch.no_grad():
+            for norm in (mod.q_norm, mod.k_norm):
+                norm.weight.uniform_(0.5, 2.0)
+                norm.bias.normal_()
+    x = torch.randn(3, 10, 64)
+    g = torch.randn(3, 10, 64)
+    for dtype in (torch.float32, torch.bfloat16):
+        grads = []
+        for f in (mod, lambda t: timm_order(mod, t)):
+            xi = x.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                out = f(xi)
+            rec = Ops()
+            with rec:
+                out.backward(g.to(out.dtype))
+            grads.append((out.detach(), xi.grad, [p.grad.clone() for p in mod.parameters()],
+                          rec.names))
+            mod.zero_grad(set_to_none=True)
+        (o1, gx1, gp1, ops1), (o2, gx2, gp2, ops2) = grads
+        assert torch.equal(o1, o2) and torch.equal(gx1, gx2)
+        assert all(torch.equal(a, b) for a, b in zip(gp1, gp2))
+        assert ops1.count("stack") == 1 and "clone" not in ops1, ops1
+        assert "clone" in ops2   # what the timm order costs (this test would notice a change)

@@ -142,8 +142,13 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, T, C = x.shape
-        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        # The same (B, H, T, d) views of the qkv projection as timm's permute(2, 0, 3, 1, 4)
+        # then unbind(0) (same strides, so the same forward bits), taken in the order whose
+        # backward stacks dq, dk, dv straight into qkv's layout: timm's order stacks them
+        # along a new leading axis and then copies that into qkv's layout, one more read and
+        # write of the (B, T, 3D) gradient per block (tests/test_models.py counts the copies).
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
         q, k = self.q_norm(q), self.k_norm(k)
         o = attention(q, k, v)
         return self.proj(o.transpose(1, 2).reshape(B, T, C))
