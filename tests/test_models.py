@@ -434,3 +434,26 @@ def test_attention_views_are_timm_order_bitwise_with_one_gradient_copy(qk_norm):
         assert all(torch.equal(a, b) for a, b in zip(gp1, gp2))
         assert ops1.count("stack") == 1 and "clone" not in ops1, ops1
         assert "clone" in ops2   # what the timm order costs (this test would notice a change)
+
+
+def test_residual_stream_starts_contiguous(monkeypatch):
+    """The patch embedding comes out transposed ((N, D, T) memory); summed with pos_embed
+    first, the residual stream is contiguous from the start, so the first block's fused ops
+    (whose kernels need contiguous rows) and LayerNorms do not each copy it."""
+    seen = []
+    real = ops.adaln_norm
+
+    def spy(x, shift, scale, *a, **k):
+        seen.append(x.is_contiguous())
+        return real(x, shift, scale, *a, **k)
+
+    monkeypatch.setattr(ops, "adaln_norm", spy)
+    m = SiT(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(x, t, y, hidden_block=1)
+        m.forward_hidden(x, t, y, 1)
+    assert seen and all(seen), seen
+    emb = m.x_embedder(x)
+    assert not emb.is_contiguous()   # what the order works around
+    assert torch.equal(m.pos_embed + emb, emb + m.pos_embed)

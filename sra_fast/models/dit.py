@@ -123,7 +123,10 @@ class DiffusionTransformer(nn.Module):
         return x.reshape(x.shape[0], c, h * p, w * p)
 
     def _trunk(self, x, t, y, hidden_block=None, stop=False):
-        x = self.x_embedder(x) + self.pos_embed
+        # pos_embed first: the sum then takes its contiguous (N, T, D) layout rather than the
+        # patch embedding's transposed one, which every LayerNorm and fused kernel of the first
+        # block would copy again (fp32 addition commutes: the same bits)
+        x = self.pos_embed + self.x_embedder(x)
         c = self.t_embedder(t) + self.y_embedder(y)
         last = hidden_block if stop else self.depth
         if not self._fusable(last, stop):
