@@ -31,8 +31,9 @@ from pathlib import Path
 
 # CPU tensors reach the kernels through the dispatcher only under TRITON_INTERPRET=1, which
 # must be set before triton is imported. The kernels never run here (stubbed), so the
-# interpreter's own speed does not enter the figures.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# interpreter's own speed does not enter the figures. Set, not defaulted: an inherited
+# TRITON_INTERPRET=0 would send the dispatch path to the reference.
+os.environ["TRITON_INTERPRET"] = "1"
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -101,7 +102,7 @@ def make_case(op, dtype):
     if op == "adaln_norm":
         ins, mask = [r(N, T, D), r(N, D), r(N, D)], [True] * 3
         paths = {"ref": lambda x, a, b: R.adaln_norm_ref(x, a, b, eps),
-                 "custom-op": lambda x, a, b: torch.ops.sra_fast.adaln_norm(x, a, b, eps),
+                 "custom-op": lambda x, a, b: torch.ops.sra_fast.adaln_norm(x, a, b, eps, x.dtype),
                  "fn": lambda x, a, b: K.AdaLNNormFn.apply(x, a, b, eps),
                  "public": lambda x, a, b: K.adaln_norm(x, a, b, eps),
                  "dispatch": lambda x, a, b: ops.adaln_norm(x, a, b, eps)}
@@ -115,7 +116,8 @@ def make_case(op, dtype):
     elif op == "gated_residual_adaln_norm":
         ins, mask = [r(N, T, D), r(N, D), r(N, T, D), r(N, D), r(N, D)], [True] * 5
         paths = {"ref": lambda *a: R.gated_residual_adaln_norm_ref(*a, eps),
-                 "custom-op": lambda *a: torch.ops.sra_fast.gated_residual_adaln_norm(*a, eps),
+                 "custom-op": lambda *a: torch.ops.sra_fast.gated_residual_adaln_norm(
+                     *a, eps, a[0].dtype),
                  "fn": lambda *a: K.GatedResidualAdaLNNormFn.apply(*a, eps),
                  "public": lambda *a: K.gated_residual_adaln_norm(*a, eps),
                  "dispatch": lambda *a: ops.gated_residual_adaln_norm(*a, eps)}

@@ -59,9 +59,10 @@ def row_program(T, D, rows_per_prog, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def sample_vector(PTR, n, D, cols, cmask):
-    """Sample n's (D,) conditioning vector (shift, scale or gate) in fp32."""
-    return tl.load(PTR + n * D + cols, mask=cmask, other=0.0).to(tl.float32)
+def sample_vector(PTR, n, stride, cols, cmask):
+    """Sample n's (D,) conditioning vector (shift, scale or gate; rows `stride` apart) in
+    fp32."""
+    return tl.load(PTR + n * stride + cols, mask=cmask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -183,6 +184,15 @@ def split_cast(dmod: torch.Tensor, dtypes: tuple) -> tuple:
     if all(d == d0 for d in dtypes):
         return dmod.to(d0).unbind(0)
     return tuple(m.to(d) for m, d in zip(dmod.unbind(0), dtypes))
+
+
+def vector_arg(v: torch.Tensor) -> tuple:
+    """(v, its row stride) for a kernel's (N, D) per-sample vector argument. The kernels read
+    the rows with a stride, so the blocks' shift/scale/gate, views of one (N, 6D) modulation
+    (row stride 6D), pass as they are: a copy each would be ~10 tiny kernels per block."""
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    return v, v.stride(0)
 
 
 def check_3d(name: str, x: torch.Tensor) -> None:

@@ -16,17 +16,17 @@ import triton.language as tl
 
 from ._common import (cast_to, check_3d, check_nd, compiling, layer_norm_rows,
                       modulated_norm_bwd, new_empty, row_launch, row_program, sample_vector,
-                      split_cast, token_tile)
+                      split_cast, token_tile, vector_arg)
 
 
 @triton.jit
-def _adaln_norm_fwd_kernel(X, SHIFT, SCALE, Y, T, D, rows_per_prog, eps,
+def _adaln_norm_fwd_kernel(X, SHIFT, SCALE, Y, T, D, rows_per_prog, eps, s_shift, s_scale,
                            BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     # program (n, c): tokens [c*rows_per_prog, (c+1)*rows_per_prog) of sample n, so the
     # sample's shift/scale are loaded once and reused for every row.
     n, c, cols, cmask, t_begin, t_end = row_program(T, D, rows_per_prog, BLOCK_D)
-    shift = sample_vector(SHIFT, n, D, cols, cmask)
-    scale1 = 1.0 + sample_vector(SCALE, n, D, cols, cmask)
+    shift = sample_vector(SHIFT, n, s_shift, cols, cmask)
+    scale1 = 1.0 + sample_vector(SCALE, n, s_scale, cols, cmask)
     for r0 in range(0, rows_per_prog, BLOCK_R):
         t = t_begin + r0 + tl.arange(0, BLOCK_R)
         offs, mask = token_tile(n, t, t_end, T, D, cols, cmask)
@@ -37,12 +37,12 @@ def _adaln_norm_fwd_kernel(X, SHIFT, SCALE, Y, T, D, rows_per_prog, eps,
 
 
 @triton.jit
-def _adaln_norm_bwd_kernel(X, SCALE, DY, DX, PART, N, T, D, C, rows_per_prog, eps,
+def _adaln_norm_bwd_kernel(X, SCALE, DY, DX, PART, N, T, D, C, rows_per_prog, eps, s_scale,
                            BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     # PART is (2, N, C, D) fp32: this program's sums over its tokens of dy*xhat (dscale) and
     # dy (dshift). Summed over C on the host: deterministic, no atomics.
     n, c, cols, cmask, t_begin, t_end = row_program(T, D, rows_per_prog, BLOCK_D)
-    scale1 = 1.0 + sample_vector(SCALE, n, D, cols, cmask)
+    scale1 = 1.0 + sample_vector(SCALE, n, s_scale, cols, cmask)
     acc_dscale = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_dshift = tl.zeros([BLOCK_D], dtype=tl.float32)
     for r0 in range(0, rows_per_prog, BLOCK_R):
@@ -65,12 +65,13 @@ def adaln_norm_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
     N, T, D = x.shape
     check_nd("adaln_norm", shift, N, D, "shift")
     check_nd("adaln_norm", scale, N, D, "scale")
-    x, shift, scale = x.contiguous(), shift.contiguous(), scale.contiguous()
+    x = x.contiguous()
+    (shift, s_shift), (scale, s_scale) = vector_arg(shift), vector_arg(scale)
     y = new_empty(x.shape, out_dtype or x.dtype, x.device)
     if x.numel() == 0:
         return y
     BLOCK_D, BLOCK_R, num_warps, C, rows = row_launch(N, T, D, x.device, 8)
-    _adaln_norm_fwd_kernel[(N, C)](x, shift, scale, y, T, D, rows, eps,
+    _adaln_norm_fwd_kernel[(N, C)](x, shift, scale, y, T, D, rows, eps, s_shift, s_scale,
                                    BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps)
     return y
 
@@ -80,13 +81,14 @@ def adaln_norm_bwd(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
     """(dx, dmod) with dmod = stack(dscale, dshift), (2,N,D) fp32 (one tensor, so the custom
     op below returns no two outputs that alias each other; the glue casts each part)."""
     N, T, D = x.shape
-    x, scale, dy = x.contiguous(), scale.contiguous(), dy.contiguous()
+    x, dy = x.contiguous(), dy.contiguous()
+    scale, s_scale = vector_arg(scale)
     dx = new_empty(x.shape, x.dtype, x.device)
     if x.numel() == 0:
         return dx, torch.zeros((2, N, D), dtype=torch.float32, device=x.device)
     BLOCK_D, BLOCK_R, num_warps, C, rows = row_launch(N, T, D, x.device, 4)
     part = new_empty((2, N, C, D), torch.float32, x.device)
-    _adaln_norm_bwd_kernel[(N, C)](x, scale, dy, dx, part, N, T, D, C, rows, eps,
+    _adaln_norm_bwd_kernel[(N, C)](x, scale, dy, dx, part, N, T, D, C, rows, eps, s_scale,
                                    BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps)
     return dx, part.sum(dim=2)
 

@@ -17,14 +17,14 @@ import triton.language as tl
 
 from ._common import (cast_to, check_3d, check_nd, compiling, layer_norm_rows,
                       modulated_norm_bwd, new_empty, row_launch, row_program, sample_vector,
-                      split_cast, token_tile)
+                      split_cast, token_tile, vector_arg)
 
 
 @triton.jit
-def _gated_residual_fwd_kernel(X, GATE, Y, H, T, D, rows_per_prog,
+def _gated_residual_fwd_kernel(X, GATE, Y, H, T, D, rows_per_prog, s_gate,
                                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     n, c, cols, cmask, t_begin, t_end = row_program(T, D, rows_per_prog, BLOCK_D)
-    gate = sample_vector(GATE, n, D, cols, cmask)
+    gate = sample_vector(GATE, n, s_gate, cols, cmask)
     for r0 in range(0, rows_per_prog, BLOCK_R):
         t = t_begin + r0 + tl.arange(0, BLOCK_R)
         offs, mask = token_tile(n, t, t_end, T, D, cols, cmask)
@@ -34,12 +34,12 @@ def _gated_residual_fwd_kernel(X, GATE, Y, H, T, D, rows_per_prog,
 
 
 @triton.jit
-def _gated_residual_bwd_kernel(GATE, Y, DH, DY, PART, T, D, C, rows_per_prog,
+def _gated_residual_bwd_kernel(GATE, Y, DH, DY, PART, T, D, C, rows_per_prog, s_gate,
                                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     # dx is dh itself (returned by the autograd glue); here dy = gate*dh and the
     # per-program partial of dgate = sum_t dh*y into PART (N, C, D) fp32.
     n, c, cols, cmask, t_begin, t_end = row_program(T, D, rows_per_prog, BLOCK_D)
-    gate = sample_vector(GATE, n, D, cols, cmask)
+    gate = sample_vector(GATE, n, s_gate, cols, cmask)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for r0 in range(0, rows_per_prog, BLOCK_R):
         t = t_begin + r0 + tl.arange(0, BLOCK_R)
@@ -53,11 +53,11 @@ def _gated_residual_bwd_kernel(GATE, Y, DH, DY, PART, T, D, C, rows_per_prog,
 
 @triton.jit
 def _gated_residual_adaln_norm_fwd_kernel(X, GATE, Y, SHIFT, SCALE, H, OUT, T, D, rows_per_prog,
-                                          eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                                          eps, s_gate, s_shift, s_scale, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     n, c, cols, cmask, t_begin, t_end = row_program(T, D, rows_per_prog, BLOCK_D)
-    gate = sample_vector(GATE, n, D, cols, cmask)
-    shift = sample_vector(SHIFT, n, D, cols, cmask)
-    scale1 = 1.0 + sample_vector(SCALE, n, D, cols, cmask)
+    gate = sample_vector(GATE, n, s_gate, cols, cmask)
+    shift = sample_vector(SHIFT, n, s_shift, cols, cmask)
+    scale1 = 1.0 + sample_vector(SCALE, n, s_scale, cols, cmask)
     for r0 in range(0, rows_per_prog, BLOCK_R):
         t = t_begin + r0 + tl.arange(0, BLOCK_R)
         offs, mask = token_tile(n, t, t_end, T, D, cols, cmask)
@@ -74,13 +74,14 @@ def _gated_residual_adaln_norm_fwd_kernel(X, GATE, Y, SHIFT, SCALE, H, OUT, T, D
 
 @triton.jit
 def _gated_residual_adaln_norm_bwd_kernel(X, GATE, Y, SCALE, DOUT, DH, DX, DY, PART,
-                                          N, T, D, C, rows_per_prog, eps, HAS_DH: tl.constexpr,
+                                          N, T, D, C, rows_per_prog, eps, s_gate, s_scale,
+                                          HAS_DH: tl.constexpr,
                                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     # PART is (3, N, C, D) fp32: partial sums over this program's tokens of
     # dh*y (dgate), dout*hhat (dscale), dout (dshift).
     n, c, cols, cmask, t_begin, t_end = row_program(T, D, rows_per_prog, BLOCK_D)
-    gate = sample_vector(GATE, n, D, cols, cmask)
-    scale1 = 1.0 + sample_vector(SCALE, n, D, cols, cmask)
+    gate = sample_vector(GATE, n, s_gate, cols, cmask)
+    scale1 = 1.0 + sample_vector(SCALE, n, s_scale, cols, cmask)
     acc_dgate = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_dscale = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_dshift = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -118,12 +119,13 @@ def _check(name, x, y, **vecs):
 def gated_residual_fwd(x, gate, y):
     _check("gated_residual", x, y, gate=gate)
     N, T, D = x.shape
-    x, gate, y = x.contiguous(), gate.contiguous(), y.contiguous()
+    x, y = x.contiguous(), y.contiguous()
+    gate, s_gate = vector_arg(gate)
     h = new_empty(x.shape, x.dtype, x.device)
     if x.numel() == 0:
         return h
     BLOCK_D, BLOCK_R, num_warps, C, rows = row_launch(N, T, D, x.device, 8)
-    _gated_residual_fwd_kernel[(N, C)](x, gate, y, h, T, D, rows,
+    _gated_residual_fwd_kernel[(N, C)](x, gate, y, h, T, D, rows, s_gate,
                                        BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps)
     return h
 
@@ -131,13 +133,14 @@ def gated_residual_fwd(x, gate, y):
 def gated_residual_bwd(dh, gate, y):
     """(dgate, dy); dx is dh itself."""
     N, T, D = y.shape
-    gate, y, dh = gate.contiguous(), y.contiguous(), dh.contiguous()
+    y, dh = y.contiguous(), dh.contiguous()
+    gate, s_gate = vector_arg(gate)
     dy = new_empty(y.shape, y.dtype, y.device)
     if y.numel() == 0:
         return torch.zeros((N, D), dtype=gate.dtype, device=y.device), dy
     BLOCK_D, BLOCK_R, num_warps, C, rows = row_launch(N, T, D, y.device, 4)
     part = new_empty((N, C, D), torch.float32, y.device)
-    _gated_residual_bwd_kernel[(N, C)](gate, y, dh, dy, part, T, D, C, rows,
+    _gated_residual_bwd_kernel[(N, C)](gate, y, dh, dy, part, T, D, C, rows, s_gate,
                                        BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps)
     return part.sum(dim=1).to(gate.dtype), dy
 
@@ -146,15 +149,15 @@ def gated_residual_bwd(dh, gate, y):
 def gated_residual_adaln_norm_fwd(x, gate, y, shift, scale, eps, out_dtype=None):
     _check("gated_residual_adaln_norm", x, y, gate=gate, shift=shift, scale=scale)
     N, T, D = x.shape
-    x, gate, y = x.contiguous(), gate.contiguous(), y.contiguous()
-    shift, scale = shift.contiguous(), scale.contiguous()
+    x, y = x.contiguous(), y.contiguous()
+    (gate, s_gate), (shift, s_shift), (scale, s_scale) = map(vector_arg, (gate, shift, scale))
     h = new_empty(x.shape, x.dtype, x.device)
     out = new_empty(x.shape, out_dtype or x.dtype, x.device)
     if x.numel() == 0:
         return h, out
     BLOCK_D, BLOCK_R, num_warps, C, rows = row_launch(N, T, D, x.device, 8)
     _gated_residual_adaln_norm_fwd_kernel[(N, C)](
-        x, gate, y, shift, scale, h, out, T, D, rows, eps,
+        x, gate, y, shift, scale, h, out, T, D, rows, eps, s_gate, s_shift, s_scale,
         BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps)
     return h, out
 
@@ -163,8 +166,8 @@ def gated_residual_adaln_norm_bwd(dh, dout, x, gate, y, scale, eps):
     """(dx, dy, dmod) with dmod = stack(dgate, dscale, dshift), (3,N,D) fp32.
     dh (the gradient of h from its other users) may be None."""
     N, T, D = x.shape
-    x, gate, y = x.contiguous(), gate.contiguous(), y.contiguous()
-    scale, dout = scale.contiguous(), dout.contiguous()
+    x, y, dout = x.contiguous(), y.contiguous(), dout.contiguous()
+    (gate, s_gate), (scale, s_scale) = vector_arg(gate), vector_arg(scale)
     has_dh = dh is not None
     dh = dh.contiguous() if has_dh else dout  # placeholder pointer, never read
     dx = new_empty(x.shape, x.dtype, x.device)
@@ -174,7 +177,8 @@ def gated_residual_adaln_norm_bwd(dh, dout, x, gate, y, scale, eps):
     BLOCK_D, BLOCK_R, num_warps, C, rows = row_launch(N, T, D, x.device, 4)
     part = new_empty((3, N, C, D), torch.float32, x.device)
     _gated_residual_adaln_norm_bwd_kernel[(N, C)](
-        x, gate, y, scale, dout, dh, dx, dy, part, N, T, D, C, rows, eps, HAS_DH=has_dh,
+        x, gate, y, scale, dout, dh, dx, dy, part, N, T, D, C, rows, eps, s_gate, s_scale,
+        HAS_DH=has_dh,
         BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps)
     return dx, dy, part.sum(dim=2)
 

@@ -108,3 +108,17 @@ def _assert_kernel_close(name, out, ref_lp, ref_hp, atol=None):
 @pytest.fixture
 def assert_kernel_close():
     return _assert_kernel_close
+
+
+def _row_strided_views(*vectors):
+    """The same (N, D) values as row-strided views of one (N, 2kD) tensor, laid out as the
+    blocks pass shift/scale/gate (chunks of the modulation), with NaN between them: a kernel
+    that read the rows D apart instead of at their stride would pick up NaN."""
+    junk = torch.full_like(vectors[0], float("nan"))
+    whole = torch.cat([t for v in vectors for t in (v, junk)], dim=1)
+    return whole.chunk(2 * len(vectors), dim=1)[0::2]
+
+
+@pytest.fixture
+def row_strided():
+    return _row_strided_views

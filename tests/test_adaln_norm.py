@@ -124,3 +124,13 @@ def test_adaln_norm_mixed_dtypes(kernel_device, assert_kernel_close):
                              (y_hp, *g_hp)):
         assert a.dtype == b.dtype, name
         assert_kernel_close(name, a, b, c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_adaln_norm_row_strided_vectors(dtype, kernel_device, assert_kernel_close, row_strided):
+    """shift/scale as the blocks pass them: views of one modulation, rows 2*2D apart."""
+    def fn(x, shift, scale, eps):
+        shift_v, scale_v = row_strided(shift, scale)
+        assert shift_v.stride(0) == 4 * shift.shape[1] and not shift_v.is_contiguous()
+        return K.adaln_norm(x, shift_v, scale_v, eps)
+    _check(fn, 3, 7, 64, dtype, kernel_device, assert_kernel_close, seed=8)

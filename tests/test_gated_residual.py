@@ -214,3 +214,20 @@ def test_every_row_launch_shape(row_config, kernel_device, assert_kernel_close):
 def test_set_row_config_rejects_non_powers_of_two():
     with pytest.raises(ValueError, match="not a power of 2"):
         _common.set_row_config(3000, 8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_row_strided_vectors(dtype, kernel_device, assert_kernel_close, row_strided):
+    """gate/shift/scale as the blocks pass them: views of one modulation tensor."""
+    def fused(x, gate, y, shift, scale, eps):
+        return K.gated_residual_adaln_norm(x, *row_strided(gate)[:1], y,
+                                           *row_strided(shift, scale), eps)
+
+    def fused_one_tensor(x, gate, y, shift, scale, eps):
+        gate_v, shift_v, scale_v = row_strided(gate, shift, scale)
+        return K.gated_residual_adaln_norm(x, gate_v, y, shift_v, scale_v, eps)
+
+    _check_residual(lambda x, g, y: K.gated_residual(x, row_strided(g)[0], y), 3, 7, 64,
+                    dtype, kernel_device, assert_kernel_close, seed=9)
+    for fn in (fused, fused_one_tensor):
+        _check_fused(fn, 3, 7, 64, dtype, kernel_device, assert_kernel_close, seed=10)
