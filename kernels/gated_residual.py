@@ -53,7 +53,8 @@ def _gated_residual_bwd_kernel(GATE, Y, DH, DY, PART, T, D, C, rows_per_prog, s_
 
 @triton.jit
 def _gated_residual_adaln_norm_fwd_kernel(X, GATE, Y, SHIFT, SCALE, H, OUT, T, D, rows_per_prog,
-                                          eps, s_gate, s_shift, s_scale, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                                          eps, s_gate, s_shift, s_scale,
+                                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     n, c, cols, cmask, t_begin, t_end = row_program(T, D, rows_per_prog, BLOCK_D)
     gate = sample_vector(GATE, n, s_gate, cols, cmask)
     shift = sample_vector(SHIFT, n, s_shift, cols, cmask)
