@@ -104,8 +104,10 @@ class TrainConfig:
     time_sampler: str = _f("uniform", "SiT training-time distribution",
                            choices=("uniform", "lognormal"))
     cfg_prob: float = _f(0.1, "label dropout probability (classifier-free guidance)")
-    num_classes: int | None = _f(None, "number of classes (default: from the data; 1000 for "
-                                 "the released latent layout)")
+    num_classes: int | None = _f(None, "number of classes (default: from the data: a packed "
+                                 "folder's count stored when it was made; the released "
+                                 "latent layout: 1000 as the released trainers, or the "
+                                 "largest label + 1 when that is larger; digits: 10)")
     qk_norm: bool = _f(False, "LayerNorm on q and k (REPA option)")
     # ---------------------------------------------------------------- data
     data_dir: str | None = _f(None, "latent data: a folder in the released layout (with "

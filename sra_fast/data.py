@@ -166,15 +166,35 @@ class ReleasedLatents(BatchDataset):
                             "pairs") from None
         self.files = [p for p, _ in pairs]
         self.labels = np.array([c for _, c in pairs], dtype=np.int64)
+        self._check_files_exist(js)
         first = feat / self.files[0]
-        if not first.is_file():
-            raise DataError(f"{first}: listed in dataset.json but missing")
         arr = self._load(first, check=False)
         if arr.ndim != 3 or arr.shape[0] % 2:
             raise DataError(f"{first}: latent array has shape {arr.shape}; expected (2C, H, W) "
                             "= concat(mean, std), e.g. (8, 32, 32)")
         self.item_shape = tuple(arr.shape)
+        if num_classes is None and self.labels.size and self.labels.max() < 1000:
+            num_classes = 1000   # the released trainers' --num-classes: same model, same null id
         self.check_labels(num_classes, str(js))
+
+    def _check_files_exist(self, js: Path):
+        """Every listed file, now rather than when a batch reaches it hours into a run: one
+        listing per sub-folder (a stat per file is slow on network filesystems)."""
+        present: dict[str, set] = {}
+        missing = []
+        for f in self.files:
+            folder, _, name = f.rpartition("/")
+            if folder not in present:
+                try:
+                    with os.scandir(self.features_dir / folder) as it:
+                        present[folder] = {e.name for e in it if not e.is_dir()}
+                except (FileNotFoundError, NotADirectoryError):
+                    present[folder] = set()
+            if name not in present[folder]:
+                missing.append(f)
+        if missing:
+            raise DataError(f"{js}: {len(missing)} listed latent files are missing, e.g. "
+                            f"{self.features_dir / missing[0]}")
 
     def _load(self, path, check=True):
         try:

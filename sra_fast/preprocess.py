@@ -4,7 +4,9 @@
     torchrun --nproc-per-node 8 -m sra_fast.preprocess encode --source ... --dest DATA
     python -m sra_fast.preprocess convert --source DATA --dest DATA/packed
 
-encode: an ImageNet-style folder (one sub-folder per class, sorted names -> class ids) ->
+encode: an image folder, every image PIL can open under it in sorted relative-path order
+(the released dataset_tools order); classes from its dataset.json (the released convert
+step's output) or else from its sorted top-level folder names (ImageNet style) ->
 ADM centre crop to --resolution (256 or 512) -> [-1, 1] -> the SD-VAE encoder (diffusers
 AutoencoderKL, a local path or a hub name that this machine can load) -> posterior moments
 concat(mean, std), float32 (8, R/8, R/8) per image -> DATA/packed/ (the packed format)
@@ -34,7 +36,6 @@ from .data import (DataError, PackedWriter, check_packed_dest, convert_released_
 from .distributed import env_ranks, pick_device, stderr_line
 from .metrics_log import progress_bar
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
 WORK = ".sra-work"
 
 
@@ -52,26 +53,93 @@ def center_crop_arr(pil_image, image_size: int):
     return arr[cy: cy + image_size, cx: cx + image_size]
 
 
+def image_extensions() -> set[str]:
+    """The lower-case extensions PIL can open, as the released dataset_tools accepts (less
+    the save-only ones such as .pdf: they would fail at the first read)."""
+    from PIL import Image
+    Image.init()
+    return {ext.lower() for ext, fmt in Image.registered_extensions().items()
+            if fmt in Image.OPEN}
+
+
+def _walk_images(src: Path, exts: set[str]) -> list[str]:
+    """Relative "/" paths of the images under src, recursively, following links as the
+    released code does (each real folder once: a link loop would never end)."""
+    found, seen = [], set()
+
+    def visit(folder: str, rel: str):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            return
+        seen.add((st.st_dev, st.st_ino))
+        with os.scandir(folder) as it:
+            for e in it:
+                # hidden names are skipped (the released code takes them too): macOS
+                # ._x.jpg droppings and the like are no images, and .Trash no class
+                if e.name.startswith("."):
+                    continue
+                if e.is_dir():
+                    visit(e.path, rel + e.name + "/")
+                elif e.is_file() and os.path.splitext(e.name)[1].lower() in exts:
+                    found.append(rel + e.name)
+    visit(str(src), "")
+    return found
+
+
+def _json_labels(js: Path, files: list[str]) -> list[int]:
+    """Each file's class from SOURCE/dataset.json (the released convert step's labels)."""
+    try:
+        meta = json.loads(js.read_text())
+    except (OSError, ValueError) as e:   # ValueError: bad JSON or bad UTF-8
+        raise DataError(f"{js}: unreadable ({' '.join(str(e).split())})") from None
+    entries = meta.get("labels") if isinstance(meta, dict) else None
+    if entries is None:   # the released writer leaves it null when any image lacks a class
+        raise DataError(f"{js}: has no class labels ('labels' is missing or null); "
+                        "class-conditional training needs them")
+    table = {}
+    for x in entries if isinstance(entries, list) else [entries]:
+        ok = (isinstance(x, list) and len(x) == 2 and isinstance(x[0], str)
+              and type(x[1]) is int and x[1] >= 0)
+        if not ok:
+            raise DataError(f"{js}: 'labels' must be a list of [relative_path, class] pairs "
+                            f"with classes >= 0; found {json.dumps(x)[:80]}")
+        table[x[0].replace("\\", "/")] = x[1]
+    unlisted = [f for f in files if f not in table]
+    if unlisted:
+        raise DataError(f"{js}: gives no class for {unlisted[0]} (unlisted images: "
+                        f"{len(unlisted)})")
+    listed = set(files)
+    strays = sorted(p for p in table if p not in listed)
+    if strays:
+        raise DataError(f"{js}: lists {strays[0]}, which is no image in the folder "
+                        f"(such entries: {len(strays)})")
+    return [table[f] for f in files]
+
+
 def list_images(source) -> tuple[list[str], list[int], list[str]]:
-    """(relative paths, class ids, class names) of an ImageNet-style folder, sorted."""
+    """(relative paths, class ids, class names) of the images under source, in the order of
+    the released dataset_tools (sorted relative paths): classes from source/dataset.json
+    (what the released convert step writes beside its images), else from the sorted
+    top-level folder names (ImageNet style)."""
     src = Path(source)
     if not src.is_dir():
         raise DataError(f"--source {src} is not a folder")
-    classes = sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise DataError(f"--source {src} has no class sub-folders (expected one folder per "
-                        "class, ImageNet style)")
-    files, labels = [], []
-    for ci, c in enumerate(classes):
-        for root, dirs, names in os.walk(src / c):
-            dirs.sort()
-            for n in sorted(names):
-                if os.path.splitext(n)[1].lower() in IMAGE_EXTS:
-                    files.append(os.path.relpath(os.path.join(root, n), src).replace("\\", "/"))
-                    labels.append(ci)
+    files = sorted(_walk_images(src, image_extensions()))
     if not files:
-        raise DataError(f"--source {src}: the class folders hold no images")
-    return files, labels, classes
+        raise DataError(f"--source {src} holds no images")
+    js = src / "dataset.json"
+    if js.is_file():
+        labels = _json_labels(js, files)
+        return files, labels, [str(i) for i in range(max(labels) + 1)]
+    loose = [f for f in files if "/" not in f]
+    if loose:   # the released code would give these class 0 and shift every other class
+        raise DataError(f"--source {src}: {loose[0]} is outside any class sub-folder "
+                        f"(such images: {len(loose)}; expected one folder per class, ImageNet "
+                        "style, or a dataset.json of labels)")
+    tops = [f.split("/", 1)[0] for f in files]
+    classes = sorted(set(tops))   # folders holding images, as released
+    ids = {c: i for i, c in enumerate(classes)}
+    return files, [ids[t] for t in tops], classes
 
 
 def released_name(i: int) -> str:
@@ -284,8 +352,9 @@ def build_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("encode", help="image folder -> SD-VAE latent moments")
-    e.add_argument("--source", required=True, help="ImageNet-style folder: one sub-folder "
-                   "per class")
+    e.add_argument("--source", required=True, help="image folder: one sub-folder per class "
+                   "(ImageNet style), or with a dataset.json of labels (the released convert "
+                   "output)")
     e.add_argument("--dest", required=True, help="output folder (gets packed/ and/or vae-sd/)")
     e.add_argument("--resolution", type=int, default=256, help="ADM centre crop size (256 or "
                    "512)")

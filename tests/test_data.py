@@ -16,7 +16,7 @@ def test_released_layout_reads_sorted_files_and_labels(tmp_path):
     root = make_released_latents(tmp_path / "d", n=23, num_classes=3)
     ds = open_dataset(root)
     assert isinstance(ds, ReleasedLatents)
-    assert len(ds) == 23 and ds.num_classes == 3
+    assert len(ds) == 23 and ds.num_classes == 1000   # the released trainers' default
     assert ds.item_shape == (8, 8, 8) and ds.sample_shape == (4, 8, 8)
     assert ds.files == sorted(ds.files)
     x, y = ds[np.array([5, 0, 22])]
@@ -42,13 +42,56 @@ def test_packed_conversion_matches_released_and_is_atomic(tmp_path):
     xp, yp = packed[idx]
     assert torch.equal(xr, xp) and torch.equal(yr, yp)
     meta = json.loads((dest / "meta.json").read_text())
-    assert meta["count"] == 30 and meta["shape"] == [8, 8, 8] and meta["num_classes"] == 3
+    assert meta["count"] == 30 and meta["shape"] == [8, 8, 8] and meta["num_classes"] == 1000
     means = np.stack([np.load(root / "vae-sd" / f)[:4] for f in rel.files])
     assert np.allclose(meta["stats"]["mean_channel_mean"], means.mean(axis=(0, 2, 3)), atol=1e-5)
     # the packed folder works as --data-dir (directly, or as DATA/packed)
     assert isinstance(open_dataset(tmp_path), PackedLatents)
     with pytest.raises(DataError, match="already holds a packed dataset"):
         convert_released_to_packed(root, dest, progress=False)
+
+
+def test_released_layout_has_the_released_1000_classes(tmp_path):
+    """As the released trainers' --num-classes 1000: an ImageNet subset keeps the table
+    (and null class 1000) of the full set; larger labels widen it; packing keeps it."""
+    root = make_released_latents(tmp_path / "d", n=9, num_classes=3)
+    assert open_dataset(root).num_classes == 1000
+    assert open_dataset(root, num_classes=3).num_classes == 3          # as given
+    p = convert_released_to_packed(root, tmp_path / "p", progress=False)
+    assert json.loads((p / "meta.json").read_text())["num_classes"] == 1000
+    assert open_dataset(p).num_classes == 1000
+    p3 = convert_released_to_packed(root, tmp_path / "p3", num_classes=3, progress=False)
+    assert open_dataset(p3).num_classes == 3
+    js = root / "vae-sd" / "dataset.json"
+    entries = json.loads(js.read_text())["labels"]
+    entries[4][1] = 1500
+    js.write_text(json.dumps({"labels": entries}))
+    assert open_dataset(root).num_classes == 1501
+    entries[4][1] = 999
+    js.write_text(json.dumps({"labels": entries}))
+    assert open_dataset(root).num_classes == 1000
+
+
+def test_missing_listed_latent_files_are_named_at_open(tmp_path):
+    root = make_released_latents(tmp_path / "d", n=23, per_folder=10)
+    feat = root / "vae-sd"
+    (feat / "00000" / "img-mean-std-00000005.npy").unlink()
+    with pytest.raises(DataError, match=r"vae-sd/dataset.json: 1 listed latent files are "
+                                        r"missing, e.g. .*vae-sd/00000/img-mean-std-00000005"
+                                        r".npy$"):
+        open_dataset(root)
+    np.save(feat / "00000" / "img-mean-std-00000005.npy", np.zeros((8, 8, 8), np.float32))
+    for f in (feat / "00002").iterdir():   # a whole sub-folder gone: 20, 21, 22
+        f.unlink()
+    (feat / "00002").rmdir()
+    with pytest.raises(DataError, match=r"3 listed latent files are missing, e.g. "
+                                        r".*00002/img-mean-std-00000020.npy$"):
+        ReleasedLatents(root)
+    (feat / "00002").mkdir()   # a folder named like a listed file is no file
+    (feat / "00002" / "img-mean-std-00000020.npy").mkdir()
+    with pytest.raises(DataError, match=r"3 listed latent files are missing"):
+        convert_released_to_packed(root, tmp_path / "p", progress=False)
+    assert not (tmp_path / "p").exists()
 
 
 def test_packed_writer_leaves_nothing_on_failure(tmp_path):

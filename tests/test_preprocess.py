@@ -13,7 +13,8 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from sra_fast.data import PackedLatents, ReleasedLatents  # noqa: E402
-from sra_fast.preprocess import center_crop_arr  # noqa: E402
+from sra_fast.data import DataError  # noqa: E402
+from sra_fast.preprocess import center_crop_arr, list_images  # noqa: E402
 from trainer_fixtures import REPO, run_cli, subprocess_env  # noqa: E402
 
 
@@ -123,7 +124,7 @@ def test_bad_source_and_existing_dest(tmp_path, image_folder, tiny_vae):
     flat.mkdir()
     (flat / "x.jpg").write_bytes(b"")
     p = _encode(flat, tmp_path / "o", tiny_vae, check=False)
-    assert p.returncode == 2 and "no class sub-folders" in p.stderr
+    assert p.returncode == 2 and "x.jpg is outside any class sub-folder" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
     dest = tmp_path / "d"
     _encode(image_folder, dest, tiny_vae, "--format", "released", "--max-images", "2")
@@ -252,3 +253,122 @@ def test_convert_refuses_its_own_source(tmp_path, monkeypatch, capsys):
     assert rc == 2 and err == ["error: --threads must be >= 1, got 0"]
     rc, _ = _main(monkeypatch, capsys, "convert", "--source", root, "--dest", root / "packed")
     assert rc == 0 and len(PackedLatents(root / "packed")) == 4
+
+
+# ---------------------------------------------------------- listing images, as released
+def _pixels(seed, size=16):
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def _png(path, seed=0):
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(_pixels(seed)).save(path)
+
+
+def test_released_convert_output_keeps_its_labels(tmp_path, tiny_vae, monkeypatch, capsys):
+    """The released `dataset_tools convert` writes images/00000/img00000000.png ... and
+    images/dataset.json; encoding that folder takes the labels from the json (the chunk
+    folder 00000 is no class) in the same index order."""
+    src = tmp_path / "images"
+    want = [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    entries = []
+    for i, c in enumerate(want):
+        _png(src / "00000" / f"img{i:08d}.png", seed=i)
+        entries.append([f"00000/img{i:08d}.png", c])
+    (src / "dataset.json").write_text(json.dumps({"labels": entries[::-1]}))   # any order
+    dest = tmp_path / "data"
+    rc, _ = _main(monkeypatch, capsys, "encode", "--source", src, "--dest", dest,
+                  "--resolution", 16, "--vae", tiny_vae, "--chunk-size", 4, "--batch-size", 4,
+                  "--num-workers", 0, "--device", "cpu")
+    assert rc == 0
+    labels = json.loads((dest / "vae-sd" / "dataset.json").read_text())["labels"]
+    assert labels == [[f"00000/img-mean-std-{i:08d}.npy", c] for i, c in enumerate(want)]
+    packed = PackedLatents(dest / "packed")
+    assert packed.labels.tolist() == want and packed.num_classes == 3
+    assert packed.meta["classes"] == ["0", "1", "2"]
+    # index i is image i
+    x, _ = ReleasedLatents(dest)[np.arange(9)]
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL.from_pretrained(tiny_vae).eval()
+    for i in (0, 4, 8):
+        img = torch.from_numpy(_pixels(i)).permute(2, 0, 1)[None].float() / 127.5 - 1
+        with torch.no_grad():
+            assert torch.allclose(x[i, :4], vae.encode(img).latent_dist.mean[0], atol=1e-5)
+
+
+def test_images_are_listed_in_the_released_order(tmp_path, tiny_vae, monkeypatch, capsys):
+    """Sorted relative paths ("cat-b/" < "cat.x/" < "cat/"), every extension PIL opens
+    (.jfif too), hidden names and save-only formats (.pdf) left out; --max-images takes
+    the first N of that order."""
+    src = tmp_path / "src"
+    for name in ("cat/a.png", "cat-b/a.png", "cat.x/a.png", "cat/sub/0.png", "cat/b.jfif",
+                 "cat/.hidden.png", ".Trash/x.png", "cat/.thumbs/y.png"):
+        _png(src / name)
+    (src / "cat" / "notes.txt").write_text("not an image")
+    (src / "cat" / "scan.pdf").write_bytes(b"%PDF-1.4")
+    (src / "empty").mkdir()
+    files, labels, classes = list_images(src)
+    assert files == ["cat-b/a.png", "cat.x/a.png", "cat/a.png", "cat/b.jfif", "cat/sub/0.png"]
+    assert classes == ["cat", "cat-b", "cat.x"]        # folders holding images
+    assert labels == [1, 2, 0, 0, 0]
+    dest = tmp_path / "d"
+    rc, _ = _main(monkeypatch, capsys, "encode", "--source", src, "--dest", dest,
+                  "--resolution", 16, "--vae", tiny_vae, "--num-workers", 0, "--device", "cpu",
+                  "--format", "released", "--max-images", 3)
+    assert rc == 0
+    assert [c for _, c in json.loads((dest / "vae-sd" / "dataset.json").read_text())[
+        "labels"]] == [1, 2, 0]
+    # one class folder is allowed (all class 0)
+    one = tmp_path / "one"
+    _png(one / "only" / "a.png")
+    _png(one / "only" / "b.png")
+    assert list_images(one) == (["only/a.png", "only/b.png"], [0, 0], ["only"])
+
+
+def _json_source(tmp_path, labels):
+    src = tmp_path / "images"
+    for i in range(3):
+        _png(src / "00000" / f"img{i:08d}.png")
+    if labels is not None:
+        (src / "dataset.json").write_text(labels if isinstance(labels, str)
+                                          else json.dumps(labels))
+    return src
+
+
+_PAIRS = [[f"00000/img{i:08d}.png", i] for i in range(3)]
+
+
+@pytest.mark.parametrize("labels, msg", [
+    ({"labels": _PAIRS[:1] + _PAIRS[2:]},
+     r"dataset.json: gives no class for 00000/img00000001.png \(unlisted images: 1\)$"),
+    ({"labels": _PAIRS + [["00001/img00000003.png", 0], ["00000/gone.png", 1]]},
+     r"dataset.json: lists 00000/gone.png, which is no image in the folder "
+     r"\(such entries: 2\)$"),
+    ({"labels": None}, r"dataset.json: has no class labels \('labels' is missing or null\)"),
+    ({"other": 1}, r"dataset.json: has no class labels"),
+    ({"labels": _PAIRS[:2] + [["00000/img00000002.png", -1]]},
+     r"dataset.json: 'labels' must be a list of \[relative_path, class\] pairs with "
+     r"classes >= 0; found \[\"00000/img00000002.png\", -1\]$"),
+    ({"labels": _PAIRS[:2] + [["00000/img00000002.png"]]}, r"found \[\"00000/img00000002.png\"\]$"),
+    ("{not json", r"dataset.json: unreadable \(Expecting property name"),
+    (None, r"--source .*images: x.png is outside any class sub-folder \(such images: 1;"),
+], ids=["image-unlisted", "stray-entries", "labels-null", "labels-missing", "negative-class",
+        "not-a-pair", "bad-json", "no-json-one-class-folder"])
+def test_bad_source_labels_are_one_line_errors(tmp_path, labels, msg):
+    src = _json_source(tmp_path, labels)
+    if labels is None:   # no dataset.json: 00000 is one class folder, but x.png has none
+        assert list_images(src)[1] == [0, 0, 0]
+        _png(src / "x.png")
+    with pytest.raises(DataError, match=msg) as e:
+        list_images(src)
+    assert "\n" not in str(e.value)
+
+
+def test_a_source_without_images(tmp_path):
+    (tmp_path / "s" / "c0").mkdir(parents=True)
+    (tmp_path / "s" / "c0" / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match=r"--source .*s holds no images$"):
+        list_images(tmp_path / "s")
+    with pytest.raises(DataError, match="is not a folder"):
+        list_images(tmp_path / "s" / "c0" / "notes.txt")

@@ -381,10 +381,11 @@ def test_checkpoint_from_another_model_size(tmp_path):
 
 def _released_checkpoint(tmp_path, data):
     """A checkpoint as the released SiT-SRA train.py writes it: AdamW over
-    model.parameters() (pos_embed included), args as an argparse.Namespace."""
+    model.parameters() (pos_embed included), args as an argparse.Namespace, 1000 classes
+    (the released --num-classes; the released-layout data defaults to it too)."""
     from sra_fast.config import build_model
     torch.manual_seed(1)
-    m = build_model("SiT-T/2", input_size=8, in_channels=4, num_classes=3)
+    m = build_model("SiT-T/2", input_size=8, in_channels=4, num_classes=1000)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
     loss = m(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 1])).square().mean()
     loss.backward()
@@ -392,7 +393,7 @@ def _released_checkpoint(tmp_path, data):
     ema = {k: v.clone() + 0.01 for k, v in m.state_dict().items()}
     path = tmp_path / "released.pt"
     torch.save({"model": m.state_dict(), "ema": ema, "opt": opt.state_dict(),
-                "args": argparse.Namespace(model="SiT-T/2", resolution=64, num_classes=3),
+                "args": argparse.Namespace(model="SiT-T/2", resolution=64, num_classes=1000),
                 "epoch": 2, "steps": 11}, path)
     return path, m, opt
 
