@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -283,11 +284,36 @@ class Trainer:
                 raise RunError(f"{self.run_dir} holds another run (config differs in {shown}"
                                f"{'...' if len(diff) > 4 else ''}); choose another --exp-name "
                                "or --out-dir")
-        complete, _ = list_checkpoints(ckpt_dir(self.run_dir))
+        complete, partial = list_checkpoints(ckpt_dir(self.run_dir))
+        if self.main and partial:
+            self._remove_stale_partials(partial)
         if complete and cfg.resume is None:
             raise RunError(f"{self.run_dir} already has checkpoints (newest "
                            f"{complete[0].name}); pass --resume auto to continue it, or "
                            "another --exp-name for a new run")
+
+    STALE_PARTIAL_S = 600.0
+
+    def _remove_stale_partials(self, partial):
+        """Remove what killed checkpoint writes left (`NNNNNNN.pt.tmp-PID`, a full-size file:
+        ~11 GB at SiT-XL/2): a preemption that hits a write leaves one more each time, until the
+        disk is full. Only files unchanged for STALE_PARTIAL_S: a write going on keeps changing
+        its file (another job writing here is warned about instead)."""
+        removed, size, now = 0, 0, time.time()
+        for p in partial:
+            try:
+                st = p.stat()
+                if now - st.st_mtime < self.STALE_PARTIAL_S:
+                    self.warn(f"warning: {p} is being written ({now - st.st_mtime:.0f} s ago); "
+                              f"is another job training in {self.run_dir}?")
+                    continue
+                p.unlink()
+            except OSError:   # gone meanwhile, or not ours to remove: leave it
+                continue
+            removed, size = removed + 1, size + st.st_size
+        if removed:
+            self.print(f"[sra-fast] removed {removed} partial checkpoint file(s) left by "
+                       f"interrupted writes ({size / 2 ** 30:.2f} GiB)")
 
     def _agree_on_start(self, failed):
         """Every process starts from the same state or none starts: each lists and reads the
@@ -298,17 +324,30 @@ class Trainer:
             if failed is not None:
                 raise failed
             return
+        # what each rank's data looks like: ranks that opened different copies (latents
+        # staged to node-local disks, one incomplete) would shard different permutations,
+        # count epochs differently and skip or repeat samples, silently
+        data = (len(self.ds), self.num_classes, tuple(self.ds.sample_shape), self.ds.kind)
         mine = (error_line(failed) if failed is not None else None,
-                str(self.resumed_from) if self.resumed_from is not None else None)
+                str(self.resumed_from) if self.resumed_from is not None else None, data)
         views = all_gather_objects(mine, self.env)
         if failed is not None:
             raise failed
-        bad = [(r, msg) for r, (msg, _) in enumerate(views) if msg is not None]
+        bad = [(r, msg) for r, (msg, _, _) in enumerate(views) if msg is not None]
         if bad:
             r, msg = bad[0]
             raise RunError(f"rank {r} could not start: {msg}")
-        if len({p for _, p in views}) > 1:
-            shown = ", ".join(f"rank {r}: {p or 'no checkpoint'}" for r, (_, p) in enumerate(views))
+        if len({d for _, _, d in views}) > 1:
+            r = next(r for r, (_, _, d) in enumerate(views) if d != views[0][2])
+
+            def said(d):
+                return f"{d[0]:,} items, {d[1]} classes, shape {d[2]}"
+            raise RunError(f"the processes opened different data (rank 0: {said(views[0][2])}; "
+                           f"rank {r}: {said(views[r][2])}); every node must see the same "
+                           "--data-dir")
+        if len({p for _, p, _ in views}) > 1:
+            shown = ", ".join(f"rank {r}: {p or 'no checkpoint'}"
+                              for r, (_, p, _) in enumerate(views))
             raise RunError(f"the processes would resume from different checkpoints ({shown}); "
                            "every node must see the same --out-dir (a shared file system)")
 
@@ -496,8 +535,22 @@ class Trainer:
     def train(self) -> dict:
         """Train to max_steps. Returns {"step", "stopped", "signal", last log record...};
         "signal" is the number of the stop signal that ended the run early (else 0)."""
-        with StopSignals(self.cfg.save_on_signal) as signals, self._hang_reports():
-            return self._train(signals)
+        try:
+            with StopSignals(self.cfg.save_on_signal) as signals, self._hang_reports():
+                return self._train(signals)
+        finally:
+            self.close_loader()
+
+    def close_loader(self):
+        """Stop the data-loader worker processes now. They ignore the stop signals (see
+        ignore_stop_signals), so multiprocessing's exit handler, which terminates them and then
+        waits, would wait forever: after an error, a process and with it every rank waiting in
+        a collective would hang instead of exiting. Iterating the loader again starts new ones."""
+        it = getattr(self.loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        if it is not None:
+            self.loader._iterator = None
 
     @contextlib.contextmanager
     def _hang_reports(self):
@@ -602,7 +655,7 @@ class Trainer:
                     if stop:
                         break
                 if self.step % cfg.ckpt_every == 0 or end:
-                    stop = self._checkpoint()
+                    stop = self._checkpoint(weight)
                     if stop:
                         break
                 if cfg.sample_every and self.step % cfg.sample_every == 0 or end:
@@ -612,7 +665,7 @@ class Trainer:
                 self._step_done()
                 signum = signals.agreed(self.env, self.step)
                 if signum:
-                    stop = self._checkpoint()
+                    stop = self._checkpoint(weight)
                     break
             if consumed == 0 and stop is None:   # defensive: never spin on an empty epoch
                 self.epoch, self.pos = self.epoch + 1, 0
@@ -636,9 +689,11 @@ class Trainer:
                    f"{losses} | {rec['img_per_s']:.0f} img/s{mfu} | ETA "
                    + (f"{d}d {h}h" if d else f"{h}h {m}m" if h else f"{m}m {sec}s"))
 
-    def _checkpoint(self):
+    def _checkpoint(self, weight: float):
         """Save (unless this step already is saved, or a run of non-finite losses is going
-        on); returns the stop message when that run has reached --max-nonfinite."""
+        on); returns the stop message when that run has reached --max-nonfinite. Off a log
+        step, the open log window is logged first: a run resumed from here never replays
+        those steps, so their losses and skipped-step count would be lost."""
         stop, streak = self._check_nonfinite_now()
         if stop:
             return stop
@@ -646,6 +701,10 @@ class Trainer:
             self.warn(f"step {self.step}: checkpoint skipped during a run of {streak} "
                       f"non-finite losses; the last one stays the good one")
         elif self._saved_step != self.step:
+            if self._win_steps:
+                stop, _ = self._log(weight)
+                if stop:
+                    return stop
             self.save()
         return None
 
@@ -846,6 +905,11 @@ def main(argv=None) -> int:
             f"process and --grad-accum {c.grad_accum}; a larger --grad-accum (the batch in "
             f"that many micro-batches) keeps the batch and needs less"))
         return 2
+    except Exception:   # a bug or a failure nobody anticipated: the whole story, then exit 1
+        # (caught here, so no traceback kept for the interpreter's exit holds on to the run)
+        traceback.print_exc()
+        say("error: unexpected failure (traceback above)")
+        return 1
     except KeyboardInterrupt:   # Ctrl-C (SIGINT): no checkpoint, as documented; say which is
         newest = None           # left (a checkpoint being written is never left half-done)
         if trainer is not None:

@@ -3,7 +3,11 @@ non-finite handling, run-folder and checkpoint errors, released checkpoints."""
 import argparse
 import io
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -239,7 +243,7 @@ def test_short_digits_run_leaves_checkpoint_metrics_and_grid(tmp_path):
     saved = json.loads((run / "config.json").read_text())
     assert saved["model"] == "SiT-T/2" and saved["block_out_s"] == 2
     recs = [r for r in read_metrics(run) if "loss" in r]
-    assert [r["step"] for r in recs] == [2, 4, 6]
+    assert [r["step"] for r in recs] == [2, 3, 4, 6]   # 3: the checkpoint's open window
     for r in recs:
         assert np.isfinite(r["loss"]) and r["align_loss"] >= 0 and r["img_per_s"] > 0
         assert r["lr"] > 0 and r["grad_norm"] > 0
@@ -262,7 +266,7 @@ def test_short_digits_run_leaves_checkpoint_metrics_and_grid(tmp_path):
     acc.Reload()
     assert {"train/loss", "train/align_loss", "train/lr"} <= set(acc.Tags()["scalars"])
     tb_loss = [(e.step, e.value) for e in acc.Scalars("train/loss")]
-    assert [s for s, _ in tb_loss] == [2, 4, 6]
+    assert [s for s, _ in tb_loss] == [2, 3, 4, 6]
     np.testing.assert_allclose([v for _, v in tb_loss], [r["loss"] for r in recs], rtol=1e-6)
 
 
@@ -585,3 +589,89 @@ def test_hang_report_minutes_must_not_be_negative():
         with pytest.raises(ValueError, match="--hang-report-min must be >= 0"):
             TrainConfig(hang_report_min=bad).resolve()
     assert TrainConfig(hang_report_min=0).resolve().hang_report_min == 0
+
+
+# ------------------------------------------------------------------------ long runs
+def test_checkpoint_off_a_log_step_logs_the_open_window(tmp_path):
+    """A run resumed from a checkpoint never replays the steps before it: the open log
+    window (its losses, its skipped-step count) is logged before the checkpoint is written."""
+    cfg = digits_cfg(tmp_path, max_steps=4, log_every=4, ckpt_every=3)
+    tr = Trainer(cfg, dataset=SmallDigits(64), quiet=True)
+    tr.sample_grid = lambda *a, **k: None
+    orig = tr.one_step
+
+    def poisoned(x, y, w):
+        if tr.step == 0:   # the first step's loss is not finite
+            x = x.clone()
+            x[0, 0, 0, 0] = float("nan")
+        return orig(x, y, w)
+
+    tr.one_step = poisoned
+    tr.train()
+    recs = [r for r in read_metrics(tmp_path / "runs" / "digits") if "nonfinite" in r]
+    assert [r["step"] for r in recs] == [3, 4]
+    assert [r["nonfinite_total"] for r in recs] == [1, 1]
+    ck = torch.load(tmp_path / "runs" / "digits" / "checkpoints" / "0000003.pt",
+                    weights_only=False)
+    assert ck["nonfinite"]["total"] == 1
+
+
+def test_stale_partial_checkpoints_are_removed_at_start(tmp_path):
+    cfg = digits_cfg(tmp_path, max_steps=2, ckpt_every=2)
+    tr = Trainer(cfg, dataset=SmallDigits(64), quiet=True)
+    tr.sample_grid = lambda *a, **k: None
+    tr.train()
+    folder = tmp_path / "runs" / "digits" / "checkpoints"
+    stale, fresh = folder / "0000004.pt.tmp-123", folder / "0000004.pt.tmp-456"
+    stale.write_bytes(b"x" * 1000)
+    fresh.write_bytes(b"y" * 10)
+    old = time.time() - 2 * Trainer.STALE_PARTIAL_S
+    os.utime(stale, (old, old))
+    tr = Trainer(digits_cfg(tmp_path, max_steps=4, ckpt_every=2, resume="auto"),
+                 dataset=SmallDigits(64), quiet=True)
+    assert not stale.exists() and fresh.exists()   # a write going on is left alone
+
+
+def test_ranks_that_opened_different_data_refuse_to_start(tmp_path, monkeypatch):
+    from sra_fast import trainer as trainer_mod
+    tr = Trainer(digits_cfg(tmp_path), dataset=SmallDigits(64), quiet=True)
+
+    class TwoRanks:
+        distributed, world_size, rank, is_main = True, 2, 0, True
+
+    def gather(mine, env):   # rank 1 opened a shorter copy of the data
+        other = (mine[0], mine[1], (48,) + tuple(mine[2][1:]))
+        return [mine, other]
+
+    tr.env = TwoRanks()
+    monkeypatch.setattr(trainer_mod, "all_gather_objects", gather)
+    with pytest.raises(RunError, match=r"opened different data \(rank 0: 64 items.*rank 1: "
+                                       r"48 items.*same --data-dir"):
+        tr._agree_on_start(None)
+    monkeypatch.setattr(trainer_mod, "all_gather_objects", lambda mine, env: [mine, mine])
+    tr._agree_on_start(None)   # the same data: fine
+
+
+def test_workers_stop_when_training_fails(tmp_path):
+    """With data-loader workers (which ignore stop signals), an error in a step still ends
+    the process: main() prints the traceback and returns 1, and the interpreter exits
+    instead of waiting forever on the workers."""
+    script = tmp_path / "crash.py"
+    script.write_text(
+        "import sys\n"
+        "import sra_fast.trainer as T\n"
+        "orig = T.Trainer.one_step\n"
+        "def boom(self, x, y, w):\n"
+        "    if self.step == 2:\n"
+        "        raise RuntimeError('injected failure')\n"
+        "    return orig(self, x, y, w)\n"
+        "T.Trainer.one_step = boom\n"
+        "sys.exit(T.main(sys.argv[1:]))\n")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    res = subprocess.run([sys.executable, str(script), "--out-dir", str(tmp_path / "runs"),
+                          "--max-steps", "6", "--batch-size", "16", "--num-workers", "2",
+                          "--kernels", "ref", "--sample-every", "0", "--threads", "1"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "injected failure" in res.stderr and "unexpected failure" in res.stderr
