@@ -188,7 +188,7 @@ class ReleasedLatents(BatchDataset):
                 try:
                     with os.scandir(self.features_dir / folder) as it:
                         present[folder] = {e.name for e in it if not e.is_dir()}
-                except (FileNotFoundError, NotADirectoryError):
+                except OSError:   # missing, not a folder, unreadable: its files count as missing
                     present[folder] = set()
             if name not in present[folder]:
                 missing.append(f)

@@ -547,10 +547,11 @@ class Trainer:
         waits, would wait forever: after an error, a process and with it every rank waiting in
         a collective would hang instead of exiting. Iterating the loader again starts new ones."""
         it = getattr(self.loader, "_iterator", None)
-        if it is not None and hasattr(it, "_shutdown_workers"):
+        if it is None:
+            return
+        if hasattr(it, "_shutdown_workers"):   # the multi-process iterator
             it._shutdown_workers()
-        if it is not None:
-            self.loader._iterator = None
+        self.loader._iterator = None
 
     @contextlib.contextmanager
     def _hang_reports(self):
