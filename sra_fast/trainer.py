@@ -30,14 +30,15 @@ from .checkpoint import CheckpointError, load_model_state, state_dict_from
 from .config import TrainConfig, build_model, model_kind, parse_config
 from .data import (DataError, ShardedBatchSampler, error_line, make_loader, open_dataset,
                    out_of_memory_line, sample_posterior)
-from .distributed import (DistEnv, all_gather_objects, all_reduce_, barrier, cleanup,
-                          derive_seed, init_distributed, stderr_line)
+from .distributed import (DistEnv, all_gather_objects, all_reduce_, barrier,
+                          broadcast_object, cleanup, derive_seed, init_distributed, stderr_line)
 from .grad_sync import broadcast_module_
 from .metrics_log import MetricsLogger, flops_per_image, peak_tflops
 from .objective import SRAObjective, align_weight, make_ema, released_weight_schedule
 from .ops.attention import set_attention_backend
 from .sampling import (SamplerConfig, decode_latents, grid_labels, image_grid, load_vae,
                        sample, to_uint8)
+from .run_lock import RunFolderBusy, lock_run_folder
 from .step import GraphCaptureError, TrainStep, graph_refusal, make_optimizer
 from .stop_signals import StopSignals, ignore_stop_signals, signal_name
 from .train_state import (adapt_released_optimizer, capture_rng, checkpoint_step,
@@ -154,6 +155,7 @@ class Trainer:
         self.pos = 0
         self.nonfinite_total = 0
         self.resumed_from = None
+        self._claim_run_dir()
         failed = None
         try:
             self._check_run_dir()
@@ -258,16 +260,41 @@ class Trainer:
                        f"grids use: {cfg.sample_weights}) near its random initialisation")
 
     # ---------------------------------------------------------------- run folder
+    def _claim_run_dir(self):
+        """Rank 0 makes the run folder (now, not at the first checkpoint or grid) and locks
+        it for this job (sra_fast.run_lock) before any rank reads what is in it: waiting for a
+        predecessor to end could otherwise leave the ranks with different views of it. Every
+        rank stops when rank 0 cannot."""
+        failed = None
+        if self.main:
+            try:
+                self._make_and_lock_run_dir()
+            except RunError as e:
+                failed = str(e)
+        failed = broadcast_object(failed, self.env)
+        if failed is not None:
+            raise RunError(failed if self.main else f"rank 0 could not start: {failed}")
+
+    def _make_and_lock_run_dir(self):
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"cannot make the run folder {self.run_dir}: "
+                           f"{e.strerror or e}") from None
+        if not os.access(self.run_dir, os.W_OK | os.X_OK):
+            raise RunError(f"the run folder {self.run_dir} is not writable")
+        try:
+            note = lock_run_folder(self.run_dir, say=self.warn)
+        except RunFolderBusy as e:
+            raise RunError(str(e)) from None
+        except OSError as e:   # the lock file cannot be made
+            raise RunError(f"cannot lock the run folder {self.run_dir}: "
+                           f"{e.strerror or e}") from None
+        if note:
+            self.warn(note)
+
     def _check_run_dir(self):
         cfg = self.cfg
-        if self.main:   # now, not at the first checkpoint or grid
-            try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise RunError(f"cannot make the run folder {self.run_dir}: "
-                               f"{e.strerror or e}") from None
-            if not os.access(self.run_dir, os.W_OK | os.X_OK):
-                raise RunError(f"the run folder {self.run_dir} is not writable")
         cfg_file = self.run_dir / "config.json"
         if cfg_file.is_file():
             try:
