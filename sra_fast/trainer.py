@@ -38,6 +38,7 @@ from .objective import SRAObjective, align_weight, make_ema, released_weight_sch
 from .ops.attention import set_attention_backend
 from .sampling import (SamplerConfig, decode_latents, grid_labels, image_grid, load_vae,
                        sample, to_uint8)
+from .peer_watch import PeerFailureWatch
 from .run_lock import RunFolderBusy, lock_run_folder
 from .step import GraphCaptureError, TrainStep, graph_refusal, make_optimizer
 from .stop_signals import StopSignals, ignore_stop_signals, signal_name
@@ -906,43 +907,50 @@ def main(argv=None) -> int:
         who = "" if env is None or not env.distributed or env.is_main else f"(rank {env.rank}) "
         stderr_line(f"{who}{msg}")
 
-    trainer = None
+    def failed(msg, status):
+        """Say it, and stop the other ranks now (they may wait in a collective until the
+        process-group timeout otherwise: sra_fast.peer_watch)."""
+        say(msg)
+        if watch is not None:
+            watch.announce(msg)
+        return status
+
+    trainer, watch = None, None
     try:
         try:
             env = init_distributed(cfg.device)
         except RuntimeError as e:   # --device cuda without CUDA, more ranks than GPUs...
             raise RunError(error_line(e)) from None
+        watch = PeerFailureWatch(env).start()
         trainer = Trainer(cfg, env)
         result = trainer.train()
+        watch.stop()    # every rank, before the barrier: rank 0 (maybe the store's host)
+        barrier(env)    # may leave once past it
         cleanup(env)   # only on success: destroying the process group while other ranks
         # may still wait in a collective can hang. Stopped by a signal (with a checkpoint):
         # 128 + its number, what a shell reports for a process that signal ended.
         return 128 + result["signal"] if result["signal"] else 0
     except TrainingStopped as e:
-        say(f"[sra-fast] training stopped: {e}")
-        return 3
+        return failed(f"[sra-fast] training stopped: {e}", 3)
     except (RunError, DataError, CheckpointError, GraphCaptureError) as e:
-        say(f"error: {error_line(e)}")
-        return 2
+        return failed(f"error: {error_line(e)}", 2)
     except torch.OutOfMemoryError as e:
         set_up = trainer is not None
         c = trainer.cfg if set_up else cfg        # with the presets filled in
-        say("error: " + out_of_memory_line(
+        return failed("error: " + out_of_memory_line(
             e, f"at step {trainer.step + 1}" if set_up else "while setting up",
             f"{c.model or 'the model preset'} with --batch-size {c.batch_size or 'preset'} per "
             f"process and --grad-accum {c.grad_accum}; a larger --grad-accum (the batch in "
-            f"that many micro-batches) keeps the batch and needs less"))
-        return 2
-    except Exception:   # a bug or a failure nobody anticipated: the whole story, then exit 1
-        # (caught here, so no traceback kept for the interpreter's exit holds on to the run)
+            f"that many micro-batches) keeps the batch and needs less"), 2)
+    except Exception as e:   # a bug or a failure nobody anticipated: the whole story, then
+        # exit 1 (caught here, so no traceback kept for the interpreter's exit holds on to the
+        # run)
         traceback.print_exc()
-        say("error: unexpected failure (traceback above)")
-        return 1
+        return failed(f"error: unexpected failure: {error_line(e)} (traceback above)", 1)
     except KeyboardInterrupt:   # Ctrl-C (SIGINT): no checkpoint, as documented; say which is
         newest = None           # left (a checkpoint being written is never left half-done)
         if trainer is not None:
             complete, _ = list_checkpoints(ckpt_dir(trainer.run_dir))
             newest = complete[0] if complete else None
-        say(f"[sra-fast] interrupted (Ctrl-C): no checkpoint written; the newest complete one "
-            f"is {newest or '(none)'}")
-        return 130
+        return failed(f"[sra-fast] interrupted (Ctrl-C): no checkpoint written; the newest "
+                      f"complete one is {newest or '(none)'}", 130)

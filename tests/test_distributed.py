@@ -2,9 +2,6 @@
 torchrun) train exactly like 1 process on the concatenated batch (fp32 tolerance). See tests/ddp_worker.py for how the random draws are
 made to correspond."""
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,27 +9,14 @@ import torch
 
 from sra_fast.config import build_model
 from sra_fast.distributed import DistEnv, env_ranks, first_host, srun_rendezvous
-from trainer_fixtures import REPO, restore_backends, run_cli, subprocess_env  # noqa: F401
+from trainer_fixtures import REPO, restore_backends, run_cli, srun_like_procs  # noqa: F401
 
 WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
 SPLIT_WORKER = Path(__file__).resolve().parent / "ddp_split_worker.py"
 
 
 def _srun_like(args, n: int):
-    """Run `python ARGS` as n tasks of a SLURM job step started by srun without torchrun:
-    SLURM's variables only (no RANK, WORLD_SIZE, MASTER_ADDR)."""
-    with socket.socket() as sock:          # a free port; the job-id default is unit-tested
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = []
-    for r in range(n):
-        env = subprocess_env()
-        env.update(SLURM_PROCID=str(r), SLURM_LOCALID=str(r), SLURM_STEP_NUM_TASKS=str(n),
-                   SLURM_NTASKS=str(n), SLURM_STEP_TASKS_PER_NODE=str(n), SLURM_JOB_ID="7",
-                   SLURM_STEP_NODELIST="localhost", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+    procs = srun_like_procs(args, n)
     outs = [p.communicate(timeout=240)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outs)
 

@@ -62,6 +62,25 @@ def run_cli(args, cwd, timeout=240, env=None, check=True) -> subprocess.Complete
     return p
 
 
+def srun_like_procs(args, n: int) -> list[subprocess.Popen]:
+    """Start `python ARGS` as n tasks of a SLURM job step started by srun without torchrun:
+    SLURM's variables only (no RANK, WORLD_SIZE, MASTER_ADDR); stdout and stderr together."""
+    import socket
+    with socket.socket() as sock:          # a free port; the job-id default is unit-tested
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for r in range(n):
+        env = subprocess_env()
+        env.update(SLURM_PROCID=str(r), SLURM_LOCALID=str(r), SLURM_STEP_NUM_TASKS=str(n),
+                   SLURM_NTASKS=str(n), SLURM_STEP_TASKS_PER_NODE=str(n), SLURM_JOB_ID="7",
+                   SLURM_STEP_NODELIST="localhost", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    return procs
+
+
 def tiny_latent_config(out_dir, data_dir, **kw):
     """A TrainConfig for a ~2M-parameter SiT on 8x8 latents, reference ops, no grids."""
     from sra_fast.config import TrainConfig

@@ -1,0 +1,274 @@
+"""sra_fast.peer_watch: when one rank fails with a clean error and announces it, the other
+ranks (stuck in a collective; here: asleep for 120 s) stop within seconds. Two gloo
+processes launched directly (env://, rank 0 hosts the store) and under torchrun (the agent
+hosts it), plus in-process checks of the thread against a store of our own."""
+import datetime
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from sra_fast.distributed import DistEnv
+from sra_fast.peer_watch import PeerFailureWatch
+from trainer_fixtures import REPO, srun_like_procs, subprocess_env
+
+WORKER = Path(__file__).resolve().parent / "peer_watch_worker.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(*args):
+    """Two ranks of the worker, env:// on a free port; returns their Popen objects."""
+    port = _free_port()
+    procs = []
+    for r in range(2):
+        env = subprocess_env()
+        env.update(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), *map(str, args)], cwd=REPO,
+                                      env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def _finish(procs, timeout: float):
+    """(return codes, outputs, seconds until the last exited); kills them all on timeout."""
+    t0 = time.monotonic()
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=max(0.1, timeout - (time.monotonic() - t0)))[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        got = [p.communicate()[0] for p in procs]
+        raise AssertionError(f"still running after {timeout} s:\n" + "\n".join(got)) from None
+    return [p.returncode for p in procs], outs, time.monotonic() - t0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_failing_rank_stops_the_others_within_seconds(failing):
+    """failing=0: the announcer hosts the store and must outlive the other's read of it."""
+    other = 1 - failing
+    rc, outs, took = _finish(_launch("fail", failing), timeout=30)   # the sleeper: 120 s
+    msg = "\n---\n".join(outs)
+    # one namespace per launch, drawn by rank 0 (not the restart count, which can differ
+    # between the nodes of one attempt), the same on both ranks
+    keys = [re.search(r"key (\S+)", o).group(1) for o in outs]
+    assert keys[0] == keys[1] and re.fullmatch(r"sra_fast/peer_failure/[0-9a-f]{16}/msg",
+                                               keys[0]), msg
+    assert rc[failing] == 2, msg
+    assert rc[other] == 1, msg
+    assert f"(rank {other}) [sra-fast] stopping: rank {failing} failed: disk full on /ckpt" \
+        in outs[other], msg
+    assert "woke up" not in outs[other] and "stopping" not in outs[failing], msg
+    assert took < 20, msg
+
+
+@pytest.mark.timeout(60)
+def test_a_normal_end_kills_nobody():
+    """stop() on both, barrier, rank 0 (the store host) leaves at once: rank 1, still
+    running without a store, is neither killed nor warned."""
+    rc, outs, _ = _finish(_launch("normal"), timeout=30)
+    msg = "\n---\n".join(outs)
+    assert rc == [0, 0], msg
+    assert all("(rank %d) done" % r in outs[r] for r in (0, 1)), msg
+    assert "stopping" not in msg and "warning" not in msg, msg
+
+
+@pytest.mark.timeout(60)
+def test_ranks_failing_at_once_each_report_their_own_error():
+    """Each announce stops its own watcher first: both exit with their own code 2, neither
+    is stopped for the other; each waits at most ack_wait_s (5 s) for the other's count."""
+    rc, outs, _ = _finish(_launch("both"), timeout=30)
+    msg = "\n---\n".join(outs)
+    assert rc == [2, 2], msg
+    assert all("(rank %d) announced" % r in outs[r] for r in (0, 1)), msg
+    assert "stopping" not in msg, msg
+    # both counted themselves failed: neither waited out ack_wait_s (5 s) for an ack
+    for r in (0, 1):
+        waited = float(outs[r].split("announced in ")[1].split()[0])
+        assert waited < 2, msg
+
+
+@pytest.mark.timeout(60)
+def test_under_torchrun_the_watch_stops_the_peer_before_torchrun_would():
+    """torchrun: the workers' MASTER_ADDR:PORT is the agent's store (TORCHELASTIC_USE_AGENT_
+    STORE), hosted by torchrun itself. Rank 1 announces and lingers 30 s before exiting 2, so
+    torchrun (which stops the other workers once one exits) cannot be what stops rank 0: the
+    watch must, with its line, well before 30 s."""
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc-per-node", "2", str(WORKER), "fail", "1", "30"],
+                       cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                       timeout=50)
+    took = time.monotonic() - t0
+    out = p.stdout + p.stderr
+    assert "(rank 0) [sra-fast] stopping: rank 1 failed: disk full on /ckpt" in out, out
+    assert "(rank 1) error: disk full" in out and "woke up" not in out, out
+    assert out.count("stopping:") == 1, out
+    assert p.returncode != 0, out
+    assert took < 25, out   # the 30 s linger was cut short by rank 0's exit
+
+
+# ------------------------------------------------------------------ in-process checks
+
+
+def test_not_distributed_is_a_no_op():
+    w = PeerFailureWatch(DistEnv(), exit_fn=lambda code: pytest.fail("exit_fn called"))
+    assert w.start() is w
+    assert w.thread is None and w.store is None and not w.active
+    t0 = time.monotonic()
+    w.announce("boom")
+    w.stop()
+    w.stop()
+    assert time.monotonic() - t0 < 0.5
+
+
+class _Exits:
+    def __init__(self):
+        self.codes = []
+        self.called = threading.Event()
+
+    def __call__(self, code):
+        self.codes.append(code)
+        self.called.set()
+
+
+@pytest.fixture
+def store(monkeypatch):
+    """A store hosted here, as rank 0 would; the watch under test plays rank 1 of 2."""
+    port = _free_port()
+    # only the dict holds the server: the test shuts it down by clearing it
+    box = {"host": dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
+                                 timeout=datetime.timedelta(seconds=10))}
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    yield box
+    box.clear()
+
+
+def _watch(exits, **kw):
+    return PeerFailureWatch(DistEnv(rank=1, world_size=2), poll_s=0.05, exit_fn=exits,
+                            **kw).start()
+
+
+def test_the_watcher_reads_the_failure_acks_it_and_exits_1(store, capsys):
+    exits = _Exits()
+    w = _watch(exits)
+    assert w.active
+    time.sleep(0.2)
+    assert not exits.called.is_set()
+    store["host"].compare_set(w.msg_key, "", "0 disk full on /ckpt")
+    assert exits.called.wait(5)
+    assert exits.codes == [1]
+    assert store["host"].add(w.ack_key, 0) == 1      # read before the announcer may leave
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "(rank 1) [sra-fast] stopping: rank 0 failed: disk full on /ckpt" in err
+    w.stop()
+
+
+def test_announce_publishes_first_message_and_waits_for_acks(store):
+    exits = _Exits()
+    w = _watch(exits, ack_wait_s=0.5)
+    store["host"].compare_set(w.msg_key, "", "3 an earlier failure")   # another rank first
+    t0 = time.monotonic()
+    w.announce("disk full\non /ckpt")
+    took = time.monotonic() - t0
+    assert store["host"].get(w.msg_key) == b"3 an earlier failure"    # first one wins
+    assert store["host"].add(w.failed_key, 0) == 1
+    assert 0.45 < took < 2        # 1 of 2 counted: waited out ack_wait_s
+    time.sleep(0.2)
+    assert not exits.called.is_set()   # its own watcher, stopped first, did not fire
+
+    store["host"].delete_key(w.msg_key)
+    w2 = _watch(exits, ack_wait_s=5)   # the other rank has now counted: no wait
+    t0 = time.monotonic()
+    w2.announce("second")
+    assert time.monotonic() - t0 < 1
+    assert store["host"].get(w2.msg_key) == b"1 second"
+
+
+def test_a_failure_under_another_launchs_namespace_is_ignored(store, monkeypatch):
+    """Without a process group (here) the namespace is the restart count; with one, a token
+    per launch (checked by the subprocess tests)."""
+    store["host"].set("sra_fast/peer_failure/attempt0/msg", "0 from attempt 0")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    exits = _Exits()
+    w = _watch(exits)
+    assert w.msg_key == "sra_fast/peer_failure/attempt1/msg"
+    assert not exits.called.wait(0.5)
+    w.stop()
+    assert not w.thread.is_alive()
+
+
+def test_announce_never_raises_and_a_lost_store_kills_nobody(store, capsys):
+    exits = _Exits()
+    w = _watch(exits, ack_wait_s=0.5)
+    w2 = _watch(exits, ack_wait_s=0.5)
+    time.sleep(0.1)
+    store.clear()   # the store host goes away
+    w.thread.join(5)
+    assert not w.thread.is_alive()    # ended on the store error...
+    assert not exits.called.is_set()  # ...without killing
+    err = capsys.readouterr().err
+    assert "(rank 1) [sra-fast] warning: peer-failure watch off: lost the rendezvous store" \
+        in err
+    t0 = time.monotonic()
+    w.announce("disk full")           # the store is gone: swallowed
+    w2.announce("disk full")
+    assert time.monotonic() - t0 < 2
+    w.stop()
+
+
+def test_no_store_to_connect_to_is_a_warning_not_an_error(monkeypatch, capsys):
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    exits = _Exits()
+    w = _watch(exits)
+    assert not w.active and w.store is None
+    assert "MASTER_ADDR/MASTER_PORT are not set" in capsys.readouterr().err
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))   # nobody listens
+    w = _watch(exits, store_timeout_s=0.5)
+    assert not w.active and w.store is None
+    assert "cannot connect to the rendezvous store" in capsys.readouterr().err
+    w.announce("x")
+    w.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_training_rank_that_fails_stops_a_rank_stuck_in_a_collective(tmp_path):
+    """Through the trainer's main(), as tasks of an srun step (nobody else would end them):
+    rank 1's clean error at step 2 ends rank 0, stuck there, within seconds, saying why."""
+    args = [Path(__file__).resolve().parent / "ddp_fail_worker.py", "--out-dir", tmp_path,
+            "--exp-name", "run", "--batch-size", "8", "--max-steps", "4", "--sample-every", "0",
+            "--kernels", "ref", "--attn", "math", "--device", "cpu", "--num-workers", "0",
+            "--ckpt-every", "100", "--log-every", "1"]
+    t0 = time.monotonic()
+    procs = srun_like_procs(args, 2)
+    try:
+        outs = [p.communicate(timeout=100)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    took = time.monotonic() - t0
+    assert [p.returncode for p in procs] == [1, 2], "\n".join(o[-2000:] for o in outs)
+    assert "(rank 0) stuck" in outs[0] and "woke up" not in outs[0]
+    assert ("(rank 0) [sra-fast] stopping: rank 1 failed: error: shard 7 of the latents is "
+            "unreadable") in outs[0], outs[0][-2000:]
+    assert "(rank 1) error: shard 7 of the latents is unreadable" in outs[1]
+    assert took < 60, took   # the sleep was 120 s
