@@ -200,6 +200,12 @@ class TrainConfig:
                                 "takes longer than this many minutes, print every thread's "
                                 "Python stack to stderr (the run goes on; 0: never)",
                                 runtime=True)
+    hang_exit_min: float = _f(60.0, "when one step (with its logging, checkpoint and grid) "
+                              "takes longer than this many minutes, print every thread's "
+                              "stack and exit with status 4, telling the other ranks, so a "
+                              "job script can requeue the run (a peer lost under --cuda-graph, "
+                              "whose captured all-reduce no NCCL timeout watches; a stalled "
+                              "file system; 0: never)", runtime=True)
     max_nonfinite: int = _f(20, "stop after this many consecutive non-finite losses (each "
                             "one skips its update)", runtime=True)
     kernels: str = _f("auto", "fused-op backend", choices=BACKENDS,
@@ -276,6 +282,8 @@ class TrainConfig:
         if not c.hang_report_min >= 0:
             raise ValueError(f"--hang-report-min must be >= 0 (0: never), got "
                              f"{c.hang_report_min}")
+        if not c.hang_exit_min >= 0:
+            raise ValueError(f"--hang-exit-min must be >= 0 (0: never), got {c.hang_exit_min}")
         if not c.grad_clip > 0:   # NaN too; a clip of 0 would zero every gradient
             raise ValueError(f"--grad-clip must be > 0 (inf turns clipping off), got {c.grad_clip}")
         if c.batch_size is not None and c.batch_size < 1:

@@ -143,9 +143,14 @@ class PeerFailureWatch:
         with self._lock:
             self._stopped = True
         self._wake.set()
+        self._join()
+
+    def _join(self) -> None:
+        # a daemon thread still running when the interpreter finalises can abort the process
+        # ("terminate called without an active exception", status 134 instead of ours); at
+        # most one store round trip is in flight, bounded in case the store hangs
         t = self.thread
         if t is not None and t is not threading.current_thread():
-            # at most one store round trip in flight; bounded in case the store hangs
             t.join(timeout=2.0)
 
     def announce(self, msg: str) -> None:
@@ -159,6 +164,7 @@ class PeerFailureWatch:
             # first, so our own watcher never kills us while we report our own error
             self._stopped = True
         self._wake.set()
+        self._join()
         store = self.store
         try:
             line = " ".join(str(msg).split()) or "(no message)"

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -80,13 +81,15 @@ def _diff_keys(a: dict, b: dict) -> list[str]:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, env: DistEnv | None = None, dataset=None,
-                 objective_factory=None, quiet: bool = False):
+                 objective_factory=None, quiet: bool = False,
+                 peer_watch: PeerFailureWatch | None = None):
         try:
             self.cfg = cfg = cfg.resolve()
         except ValueError as e:
             raise RunError(str(e)) from None
         self.env = env = env or init_distributed(cfg.device)
         self.quiet = quiet
+        self.peer_watch = peer_watch   # told when this rank stops on a hang (_hang_exit)
         self.main = env.is_main
         try:
             setup_backends(cfg, env)
@@ -586,8 +589,18 @@ class Trainer:
         """A run that hangs (a stalled file system, a lost peer, a stuck device) otherwise
         sits silent until a timeout, if any: after --hang-report-min minutes without a step,
         every thread's Python stack goes to stderr, again every as many minutes. Re-armed
-        after every step (_step_done); a C-level timer, nothing on the device."""
+        after every step (_step_done); a C-level timer, nothing on the device. After
+        --hang-exit-min minutes the process exits (_hang_exit): some hangs have no timeout at
+        all (a captured all-reduce waiting for a lost peer), and a job that ends can be
+        requeued."""
         self._hang_s, self._hang_file = 60.0 * self.cfg.hang_report_min, None
+        self._progress_t = time.monotonic()
+        exit_s = 60.0 * self.cfg.hang_exit_min
+        done, watch = threading.Event(), None
+        if exit_s:   # a Python thread: the main thread waits in calls that release the GIL
+            watch = threading.Thread(target=self._hang_exit_watch, args=(exit_s, done),
+                                     name="sra-fast-hang-exit", daemon=True)
+            watch.start()
         for f in (sys.stderr, sys.__stderr__):   # the first with a file descriptor
             try:
                 f.fileno()
@@ -601,12 +614,36 @@ class Trainer:
         try:
             yield
         finally:
+            done.set()
+            if watch is not None:   # a daemon thread alive at the interpreter's end can
+                watch.join()        # abort it (status 134, "terminate called ...")
             if self._hang_s:
                 faulthandler.cancel_dump_traceback_later()
 
     def _step_done(self):
+        self._progress_t = time.monotonic()
         if self._hang_s:
             faulthandler.dump_traceback_later(self._hang_s, repeat=True, file=self._hang_file)
+
+    def _hang_exit_watch(self, exit_s: float, done: threading.Event):
+        while not done.wait(min(10.0, exit_s / 10)):
+            waited = time.monotonic() - self._progress_t
+            if waited > exit_s:
+                self._hang_exit(waited)
+
+    def _hang_exit(self, waited: float):
+        """Every thread's stack, one line (said by every rank), the other ranks told, exit 4.
+        Nothing that touches the run folder: it may be what hangs."""
+        if self._hang_file is not None:
+            faulthandler.dump_traceback(file=self._hang_file, all_threads=True)
+        line = (f"[sra-fast] no step finished in {waited / 60:.1f} min (--hang-exit-min "
+                f"{self.cfg.hang_exit_min:g}; stacks above): stopping at step {self.step} with "
+                "exit status 4; continue with --resume auto from the newest checkpoint")
+        who = f"(rank {self.env.rank}) " if self.env.distributed and not self.main else ""
+        stderr_line(who + line)
+        if self.peer_watch is not None:
+            self.peer_watch.announce(line)
+        os._exit(4)
 
     def _train(self, signals: StopSignals) -> dict:
         from tqdm import tqdm
@@ -922,7 +959,7 @@ def main(argv=None) -> int:
         except RuntimeError as e:   # --device cuda without CUDA, more ranks than GPUs...
             raise RunError(error_line(e)) from None
         watch = PeerFailureWatch(env).start()
-        trainer = Trainer(cfg, env)
+        trainer = Trainer(cfg, env, peer_watch=watch)
         result = trainer.train()
         watch.stop()    # every rank, before the barrier: rank 0 (maybe the store's host)
         barrier(env)    # may leave once past it

@@ -1,7 +1,13 @@
-"""Worker for tests/test_peer_watch.py: one rank of a 2-process train.py run (sra_fast.trainer.
-main, as the command line runs it) in which rank 1 fails with a clean error at step 2 while
-rank 0 hangs there (a sleep standing for a rank blocked in an NCCL collective, which gloo on
-CPU would not give). argv: OUT, then train.py's arguments."""
+"""Worker for tests/test_peer_watch.py: a train.py run (sra_fast.trainer.main, as the command
+line runs it) in which something goes wrong at step 2. argv: MODE, then train.py's arguments.
+
+    fails  rank 1 fails with a clean error; rank 0 hangs (a sleep standing for a rank blocked
+           in an NCCL collective, which gloo on CPU would not give)
+    hangs  the last rank hangs there (a lost peer under --cuda-graph, a stalled file
+           system); under several processes rank 0 gets ten times its --hang-exit-min, so
+           that it is the peer watch that stops it
+"""
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,18 +18,25 @@ from sra_fast import trainer  # noqa: E402
 from sra_fast.data import DataError  # noqa: E402
 
 one_step = trainer.Trainer.one_step
+mode, args = sys.argv[1], sys.argv[2:]
+world = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
+rank = int(os.environ.get("SLURM_PROCID", "0"))
 
 
 def failing_step(self, *a):
     if self.step == 2:
-        if self.env.rank == 1:
+        if mode == "fails" and rank == 1:
             raise DataError("shard 7 of the latents is unreadable")
-        sys.stderr.write("(rank 0) stuck\n")
-        sys.stderr.flush()
-        time.sleep(120)
-        sys.stderr.write("(rank 0) woke up\n")
+        if mode == "fails" or rank == world - 1:
+            sys.stderr.write(f"(rank {rank}) stuck\n")
+            sys.stderr.flush()
+            time.sleep(120)
+            sys.stderr.write(f"(rank {rank}) woke up\n")
     return one_step(self, *a)
 
 
+if mode == "hangs" and world > 1 and rank == 0:
+    i = args.index("--hang-exit-min") + 1
+    args[i] = str(10 * float(args[i]))
 trainer.Trainer.one_step = failing_step
-sys.exit(trainer.main(sys.argv[1:]))
+sys.exit(trainer.main(args))

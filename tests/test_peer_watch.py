@@ -19,6 +19,10 @@ from sra_fast.peer_watch import PeerFailureWatch
 from trainer_fixtures import REPO, srun_like_procs, subprocess_env
 
 WORKER = Path(__file__).resolve().parent / "peer_watch_worker.py"
+FAIL_WORKER = Path(__file__).resolve().parent / "ddp_fail_worker.py"
+TRAIN_ARGS = ["--exp-name", "run", "--batch-size", "8", "--max-steps", "4", "--sample-every",
+              "0", "--kernels", "ref", "--attn", "math", "--device", "cpu", "--num-workers",
+              "0", "--ckpt-every", "100", "--log-every", "1"]
 
 
 def _free_port() -> int:
@@ -254,10 +258,8 @@ def test_no_store_to_connect_to_is_a_warning_not_an_error(monkeypatch, capsys):
 def test_a_training_rank_that_fails_stops_a_rank_stuck_in_a_collective(tmp_path):
     """Through the trainer's main(), as tasks of an srun step (nobody else would end them):
     rank 1's clean error at step 2 ends rank 0, stuck there, within seconds, saying why."""
-    args = [Path(__file__).resolve().parent / "ddp_fail_worker.py", "--out-dir", tmp_path,
-            "--exp-name", "run", "--batch-size", "8", "--max-steps", "4", "--sample-every", "0",
-            "--kernels", "ref", "--attn", "math", "--device", "cpu", "--num-workers", "0",
-            "--ckpt-every", "100", "--log-every", "1"]
+    args = [FAIL_WORKER, "fails", "--out-dir", tmp_path,
+            *TRAIN_ARGS]
     t0 = time.monotonic()
     procs = srun_like_procs(args, 2)
     try:
@@ -271,4 +273,38 @@ def test_a_training_rank_that_fails_stops_a_rank_stuck_in_a_collective(tmp_path)
     assert ("(rank 0) [sra-fast] stopping: rank 1 failed: error: shard 7 of the latents is "
             "unreadable") in outs[0], outs[0][-2000:]
     assert "(rank 1) error: shard 7 of the latents is unreadable" in outs[1]
+    assert took < 60, took   # the sleep was 120 s
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_step_that_hangs_ends_the_run_with_status_4(tmp_path, world):
+    """--hang-exit-min: a step that never ends (a lost peer under --cuda-graph has no NCCL
+    timeout) ends the process with every thread's stack, one line and status 4; under two
+    processes the hung rank 1 tells rank 0 (waiting for it), which stops at once."""
+    args = [FAIL_WORKER, "hangs", "--out-dir", tmp_path, *TRAIN_ARGS, "--hang-exit-min",
+            str(1.5 / 60), "--hang-report-min", "0"]
+    t0 = time.monotonic()
+    procs = srun_like_procs(args, world) if world > 1 else [
+        subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=subprocess_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+    try:
+        outs = [p.communicate(timeout=100)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    took = time.monotonic() - t0
+    hung = outs[-1]
+    assert procs[-1].returncode == 4, "\n".join(o[-3000:] for o in outs)
+    assert "stuck" in hung and "woke up" not in hung
+    assert "in failing_step" in hung and "Thread 0x" in hung   # every thread's stack
+    who = "(rank 1) " if world > 1 else ""
+    lines = [ln for ln in hung.splitlines() if ln.startswith(f"{who}[sra-fast] no step finished")]
+    assert len(lines) == 1 and lines[0].endswith(
+        " min (--hang-exit-min 0.025; stacks above): stopping at step 2 with exit status 4; "
+        "continue with --resume auto from the newest checkpoint"), hung[-2000:]
+    if world > 1:   # rank 0's own limit is 15 s: the watch stopped it
+        assert procs[0].returncode == 1, outs[0][-3000:]
+        assert "(rank 0) [sra-fast] stopping: rank 1 failed: [sra-fast] no step finished" \
+            in outs[0], outs[0][-3000:]
     assert took < 60, took   # the sleep was 120 s

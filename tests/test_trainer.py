@@ -589,6 +589,10 @@ def test_hang_report_minutes_must_not_be_negative():
         with pytest.raises(ValueError, match="--hang-report-min must be >= 0"):
             TrainConfig(hang_report_min=bad).resolve()
     assert TrainConfig(hang_report_min=0).resolve().hang_report_min == 0
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="--hang-exit-min must be >= 0"):
+            TrainConfig(hang_exit_min=bad).resolve()
+    assert TrainConfig(hang_exit_min=0).resolve().hang_exit_min == 0
 
 
 # ------------------------------------------------------------------------ long runs
