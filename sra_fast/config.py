@@ -196,16 +196,16 @@ class TrainConfig:
     save_on_signal: bool = _f(True, "on SIGTERM or SIGUSR1 (scheduler time limit or "
                               "preemption, torchrun shutdown) finish the step, write a "
                               "checkpoint and exit with 128 + the signal number", runtime=True)
-    hang_report_min: float = _f(30.0, "when one step (with its logging, checkpoint and grid) "
+    hang_report_min: float = _f(10.0, "when one step (with its logging, checkpoint and grid) "
                                 "takes longer than this many minutes, print every thread's "
                                 "Python stack to stderr (the run goes on; 0: never)",
                                 runtime=True)
-    hang_exit_min: float = _f(60.0, "when one step (with its logging, checkpoint and grid) "
-                              "takes longer than this many minutes, print every thread's "
-                              "stack and exit with status 4, telling the other ranks, so a "
-                              "job script can requeue the run (a peer lost under --cuda-graph, "
-                              "whose captured all-reduce no NCCL timeout watches; a stalled "
-                              "file system; 0: never)", runtime=True)
+    hang_exit_min: float = _f(20.0, "when one step (with its logging, checkpoint and grid; "
+                              "the first step: 3x) takes longer than this many minutes, tell "
+                              "the other ranks, print every thread's stack and exit with "
+                              "status 4, so a job script can requeue the run (a stalled file "
+                              "system, a stuck device or peer; before NCCL's 30-min timeout "
+                              "aborts the process without a word; 0: never)", runtime=True)
     max_nonfinite: int = _f(20, "stop after this many consecutive non-finite losses (each "
                             "one skips its update)", runtime=True)
     kernels: str = _f("auto", "fused-op backend", choices=BACKENDS,
@@ -437,9 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train SiT/DiT with Self-Representation Alignment (SRA). Without "
                     "--data-dir: a small class-conditional SiT on scikit-learn's digits "
                     "(a few minutes on a CPU). Launch multi-GPU runs with torchrun.",
-        epilog="Exit status: 0 trained to the end; 2 bad input, a checkpoint that cannot be "
+        epilog="Exit status: 0 trained to the end; 1 an unanticipated error (traceback), or "
+               "stopped because another rank failed; 2 bad input, a checkpoint that cannot be "
                "written or out of device memory (one line on stderr); 3 stopped after "
-               "--max-nonfinite non-finite losses; 128+N stopped by signal N (143 SIGTERM, "
+               "--max-nonfinite non-finite losses; 4 no step finished in --hang-exit-min "
+               "minutes; 128+N stopped by signal N (143 SIGTERM, "
                "138 SIGUSR1) after writing a checkpoint; 130 Ctrl-C, without one.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=None, help="JSON file of config values (flags given "

@@ -83,7 +83,11 @@ def lock_run_folder(run_dir, wait_s: float | None = None, poll_s: float | None =
     if fcntl is None:
         return f"warning: cannot lock {run_dir} on this system; nothing stops a second job there"
     path = Path(run_dir) / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)   # close-on-exec (PEP 446)
+    try:   # 0o666 less the umask, like the run's other files: a group's shared folder stays
+        # lockable by each member (close-on-exec, PEP 446; forks: _close_in_child)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:   # made by someone else without write access for us: reading
+        fd = os.open(path, os.O_RDONLY)   # is enough for flock (the holder record stays)
     deadline, said = time.monotonic() + wait_s, False
     try:
         while True:
@@ -102,7 +106,9 @@ def lock_run_folder(run_dir, wait_s: float | None = None, poll_s: float | None =
             if _alive_here(rec):
                 raise RunFolderBusy(busy)
             if time.monotonic() >= deadline:
-                raise RunFolderBusy(f"{busy} (waited {wait_s / 60:.0f} min)")
+                raise RunFolderBusy(
+                    f"{busy} (waited {wait_s / 60:.0f} min; if no job runs there any more, it "
+                    f"is a lock a dead node left on NFS: remove {path})")
             if not said and say is not None:
                 say(f"{run_dir} is locked by {_describe(rec)}; waiting up to "
                     f"{wait_s / 60:.0f} min for it to end")
@@ -118,6 +124,22 @@ def lock_run_folder(run_dir, wait_s: float | None = None, poll_s: float | None =
         pass
     _held[key] = fd
     return None
+
+
+def _close_in_child() -> None:
+    """A forked child (a data-loader worker) shares the lock's open file, and flock holds
+    until every descriptor of it is closed: a worker outliving a killed trainer (stuck on a
+    stalled file system) would keep the folder locked. Its copies go at once."""
+    for fd in _held.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)
 
 
 def unlock_run_folder(run_dir) -> None:

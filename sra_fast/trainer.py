@@ -594,7 +594,7 @@ class Trainer:
         all (a captured all-reduce waiting for a lost peer), and a job that ends can be
         requeued."""
         self._hang_s, self._hang_file = 60.0 * self.cfg.hang_report_min, None
-        self._progress_t = time.monotonic()
+        self._progress_t, self._first_step = time.monotonic(), True
         exit_s = 60.0 * self.cfg.hang_exit_min
         done, watch = threading.Event(), None
         if exit_s:   # a Python thread: the main thread waits in calls that release the GIL
@@ -610,7 +610,8 @@ class Trainer:
                 continue
         if self._hang_file is None:
             self._hang_s = 0.0
-        self._step_done()   # the first step too (compilation, capture, the first batch)
+        self._step_done(first=True)   # the first step too (compilation, capture, the first
+        # batch)
         try:
             yield
         finally:
@@ -620,29 +621,42 @@ class Trainer:
             if self._hang_s:
                 faulthandler.cancel_dump_traceback_later()
 
-    def _step_done(self):
-        self._progress_t = time.monotonic()
+    def _step_done(self, first: bool = False):
+        self._progress_t, self._first_step = time.monotonic(), first
         if self._hang_s:
             faulthandler.dump_traceback_later(self._hang_s, repeat=True, file=self._hang_file)
 
+    FIRST_STEP_FACTOR = 3   # the first step also compiles, captures and reads cold data
+    HANG_EXIT_GRACE_S = 60.0   # the most the exit's own writes (stacks, line) may take
+
     def _hang_exit_watch(self, exit_s: float, done: threading.Event):
-        while not done.wait(min(10.0, exit_s / 10)):
-            waited = time.monotonic() - self._progress_t
-            if waited > exit_s:
+        poll = min(10.0, exit_s / 10)
+        last = time.monotonic()
+        while not done.wait(poll):
+            now = time.monotonic()
+            if now - last > 3 * poll:
+                # this thread slept far past its poll: the process was stopped (a SLURM
+                # suspend, SIGSTOP), which is no hang; do not count that time
+                self._progress_t += now - last - poll
+            last = now
+            waited = now - self._progress_t
+            if waited > exit_s * (self.FIRST_STEP_FACTOR if self._first_step else 1):
                 self._hang_exit(waited)
 
     def _hang_exit(self, waited: float):
-        """Every thread's stack, one line (said by every rank), the other ranks told, exit 4.
-        Nothing that touches the run folder: it may be what hangs."""
-        if self._hang_file is not None:
-            faulthandler.dump_traceback(file=self._hang_file, all_threads=True)
+        """The other ranks told, every thread's stack, one line (said by every rank), exit 4.
+        Nothing that touches the run folder, and the writes to stderr last, under a backstop:
+        a stalled file system, maybe the one that holds the log, may be what hangs."""
+        threading.Timer(self.HANG_EXIT_GRACE_S, os._exit, args=(4,)).start()
         line = (f"[sra-fast] no step finished in {waited / 60:.1f} min (--hang-exit-min "
                 f"{self.cfg.hang_exit_min:g}; stacks above): stopping at step {self.step} with "
                 "exit status 4; continue with --resume auto from the newest checkpoint")
-        who = f"(rank {self.env.rank}) " if self.env.distributed and not self.main else ""
-        stderr_line(who + line)
         if self.peer_watch is not None:
             self.peer_watch.announce(line)
+        if self._hang_file is not None:
+            faulthandler.dump_traceback(file=self._hang_file, all_threads=True)
+        who = f"(rank {self.env.rank}) " if self.env.distributed and not self.main else ""
+        stderr_line(who + line)
         os._exit(4)
 
     def _train(self, signals: StopSignals) -> dict:

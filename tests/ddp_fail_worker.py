@@ -6,6 +6,8 @@ line runs it) in which something goes wrong at step 2. argv: MODE, then train.py
     hangs  the last rank hangs there (a lost peer under --cuda-graph, a stalled file
            system); under several processes rank 0 gets ten times its --hang-exit-min, so
            that it is the peer watch that stops it
+    slow   no hang: every step works (CPU time, which stops while the process is stopped)
+           0.4 x --hang-exit-min, the first one 2 x; each says "step N" on stderr first
 """
 import os
 import sys
@@ -23,11 +25,22 @@ world = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
 rank = int(os.environ.get("SLURM_PROCID", "0"))
 
 
+def busy(seconds):
+    t = time.process_time()
+    while time.process_time() - t < seconds:
+        pass
+
+
 def failing_step(self, *a):
+    if mode == "slow":
+        sys.stderr.write(f"step {self.step}\n")
+        sys.stderr.flush()
+        limit = 60 * float(args[args.index("--hang-exit-min") + 1])
+        busy((2.0 if self.step == 0 else 0.4) * limit)
     if self.step == 2:
         if mode == "fails" and rank == 1:
             raise DataError("shard 7 of the latents is unreadable")
-        if mode == "fails" or rank == world - 1:
+        if mode == "fails" or (mode == "hangs" and rank == world - 1):
             sys.stderr.write(f"(rank {rank}) stuck\n")
             sys.stderr.flush()
             time.sleep(120)

@@ -61,7 +61,8 @@ def test_a_holder_on_another_host_is_waited_for(tmp_path, holder):
     holder(tmp_path, host="elsewhere", hold_s=60)
     said = []
     t0 = time.monotonic()
-    with pytest.raises(RunFolderBusy, match=r"on elsewhere.*\(waited 0 min\)"):
+    with pytest.raises(RunFolderBusy, match=r"on elsewhere.*\(waited 0 min; if no job runs "
+                       r"there any more, it is a lock a dead node left on NFS: remove .*\.lock\)"):
         lock_run_folder(tmp_path, wait_s=1.0, poll_s=0.1, say=said.append)
     assert time.monotonic() - t0 >= 1.0
     assert len(said) == 1 and "waiting up to" in said[0] and "on elsewhere" in said[0]
@@ -150,3 +151,49 @@ def test_every_rank_stops_when_rank_0_cannot_lock(tmp_path, holder):
     assert "RunError: rank 0 could not start: " in p.stderr, p.stderr[-3000:]
     assert p.stderr.count(f"{run} is in use by another job") == 2
     assert not (run / "checkpoints").exists() and not (run / "config.json").exists()
+
+
+FORKING_HOLDER = textwrap.dedent("""
+    import os, sys, time
+    from sra_fast import run_lock
+    run_lock.lock_run_folder(sys.argv[1], wait_s=0)
+    child = os.fork()   # as a data-loader worker is forked
+    if child == 0:
+        time.sleep(60)
+        os._exit(0)
+    print(child, flush=True)
+    time.sleep(60)
+""")
+
+
+def test_a_forked_child_keeps_no_share_of_the_lock(tmp_path):
+    """flock holds while any descriptor of the open file lives, and a fork copies them: a
+    data-loader worker outliving a killed trainer would keep the folder locked."""
+    p = subprocess.Popen([sys.executable, "-c", FORKING_HOLDER, str(tmp_path)], cwd=REPO,
+                         env=subprocess_env(), stdout=subprocess.PIPE, text=True)
+    child = int(p.stdout.readline())
+    try:
+        with pytest.raises(RunFolderBusy):
+            lock_run_folder(tmp_path, wait_s=0)
+        p.kill()
+        p.wait()
+        os.kill(child, 0)   # the child lives on
+        assert lock_run_folder(tmp_path, wait_s=0) is None
+    finally:
+        unlock_run_folder(tmp_path)
+        p.kill()
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_the_lock_file_takes_the_umask_like_the_runs_other_files(tmp_path):
+    """A group's shared folder (umask 002) stays lockable by each member."""
+    old = os.umask(0o002)
+    try:
+        lock_run_folder(tmp_path, wait_s=0)
+    finally:
+        os.umask(old)
+        unlock_run_folder(tmp_path)
+    assert (tmp_path / ".lock").stat().st_mode & 0o777 == 0o664
