@@ -975,8 +975,9 @@ def main(argv=None) -> int:
         watch = PeerFailureWatch(env).start()
         trainer = Trainer(cfg, env, peer_watch=watch)
         result = trainer.train()
-        watch.stop()    # every rank, before the barrier: rank 0 (maybe the store's host)
-        barrier(env)    # may leave once past it
+        barrier(env)    # watched: a rank failing after the last collective (its final
+        watch.stop()    # checkpoint) still stops the others; then no rank watches any more
+        barrier(env)    # when rank 0 (maybe the store's host) leaves
         cleanup(env)   # only on success: destroying the process group while other ranks
         # may still wait in a collective can hang. Stopped by a signal (with a checkpoint):
         # 128 + its number, what a shell reports for a process that signal ended.

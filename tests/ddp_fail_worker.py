@@ -6,6 +6,9 @@ line runs it) in which something goes wrong at step 2. argv: MODE, then train.py
     hangs  the last rank hangs there (a lost peer under --cuda-graph, a stalled file
            system); under several processes rank 0 gets ten times its --hang-exit-min, so
            that it is the peer watch that stops it
+    none   nothing goes wrong
+    late   rank 1 fails after training, past the last collective, while rank 0 goes on to
+           main()'s final barrier
     slow   no hang: every step works (CPU time, which stops while the process is stopped)
            0.4 x --hang-exit-min, the first one 2 x; each says "step N" on stderr first
 """
@@ -48,6 +51,13 @@ def failing_step(self, *a):
     return one_step(self, *a)
 
 
+if mode == "late" and rank == 1:
+    train = trainer.Trainer.train
+
+    def train_then_fail(self):
+        train(self)
+        raise DataError("a failure after the last collective")
+    trainer.Trainer.train = train_then_fail
 if mode == "hangs" and world > 1 and rank == 0:
     i = args.index("--hang-exit-min") + 1
     args[i] = str(10 * float(args[i]))

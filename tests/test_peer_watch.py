@@ -332,3 +332,34 @@ def test_slow_steps_a_slow_first_step_and_a_suspend_are_no_hang(tmp_path):
         p.kill()
     assert p.returncode == 0, out[-3000:]
     assert "step 3" in out and "no step finished" not in out, out[-3000:]
+
+
+@pytest.mark.timeout(300)
+def test_a_rank_failing_after_the_last_collective_stops_the_one_at_the_final_barrier(tmp_path):
+    """main() meets at its final barrier with the watch still on: rank 0, done, is stopped
+    there by rank 1's failure (not left to the process-group timeout), saying why."""
+    procs = srun_like_procs([FAIL_WORKER, "late", "--out-dir", tmp_path, *TRAIN_ARGS], 2)
+    try:
+        outs = [p.communicate(timeout=150)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [1, 2], "\n".join(o[-3000:] for o in outs)
+    assert ("(rank 0) [sra-fast] stopping: rank 1 failed: error: a failure after the last "
+            "collective") in outs[0], outs[0][-3000:]
+
+
+@pytest.mark.timeout(300)
+def test_a_normal_two_rank_end_through_main_is_quiet(tmp_path):
+    """The watch on, then off at the final barriers: both ranks exit 0, and rank 0 (the
+    store's host under srun) leaving first costs rank 1 no warning."""
+    procs = srun_like_procs([FAIL_WORKER, "none", "--out-dir", tmp_path, *TRAIN_ARGS], 2)
+    try:
+        outs = [p.communicate(timeout=150)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    both = "\n".join(o[-3000:] for o in outs)
+    assert [p.returncode for p in procs] == [0, 0], both
+    assert "[sra-fast] done: step 4" in outs[0]
+    assert "stopping" not in both and "peer-failure watch" not in both, both
