@@ -37,10 +37,10 @@ from .grad_sync import broadcast_module_
 from .metrics_log import MetricsLogger, flops_per_image, peak_tflops
 from .objective import SRAObjective, align_weight, make_ema, released_weight_schedule
 from .ops.attention import set_attention_backend
-from .sampling import (SamplerConfig, decode_latents, grid_labels, image_grid, load_vae,
-                       sample, to_uint8)
 from .peer_watch import PeerFailureWatch
 from .run_lock import RunFolderBusy, lock_run_folder
+from .sampling import (SamplerConfig, decode_latents, grid_labels, image_grid, load_vae,
+                       sample, to_uint8)
 from .step import GraphCaptureError, TrainStep, graph_refusal, make_optimizer
 from .stop_signals import StopSignals, ignore_stop_signals, signal_name
 from .train_state import (adapt_released_optimizer, capture_rng, checkpoint_step,
@@ -590,9 +590,9 @@ class Trainer:
         sits silent until a timeout, if any: after --hang-report-min minutes without a step,
         every thread's Python stack goes to stderr, again every as many minutes. Re-armed
         after every step (_step_done); a C-level timer, nothing on the device. After
-        --hang-exit-min minutes the process exits (_hang_exit): some hangs have no timeout at
-        all (a captured all-reduce waiting for a lost peer), and a job that ends can be
-        requeued."""
+        --hang-exit-min minutes the process exits (_hang_exit), before NCCL's own timeout
+        would abort it without a word, and where no timeout watches (a stalled file system):
+        a job that ends can be requeued."""
         self._hang_s, self._hang_file = 60.0 * self.cfg.hang_report_min, None
         self._progress_t, self._first_step = time.monotonic(), True
         exit_s = 60.0 * self.cfg.hang_exit_min
@@ -610,8 +610,7 @@ class Trainer:
                 continue
         if self._hang_file is None:
             self._hang_s = 0.0
-        self._step_done(first=True)   # the first step too (compilation, capture, the first
-        # batch)
+        self._step_done(first=True)   # the first step too (compilation, capture, cold data)
         try:
             yield
         finally:

@@ -25,6 +25,22 @@ TRAIN_ARGS = ["--exp-name", "run", "--batch-size", "8", "--max-steps", "4", "--s
               "0", "--ckpt-every", "100", "--log-every", "1", "--sample-num-steps", "2"]
 
 
+def _train_tasks(mode, tmp_path, *extra, world=2, timeout=100):
+    """ddp_fail_worker.py MODE as `world` srun-style tasks (one: a plain process), to the
+    end: (return codes, outputs, seconds); killed whatever happens."""
+    args = [FAIL_WORKER, mode, "--out-dir", tmp_path, *TRAIN_ARGS, *extra]
+    t0 = time.monotonic()
+    procs = srun_like_procs(args, world) if world > 1 else [
+        subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=subprocess_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [p.returncode for p in procs], outs, time.monotonic() - t0
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -255,17 +271,8 @@ def test_no_store_to_connect_to_is_a_warning_not_an_error(monkeypatch, capsys):
 def test_a_training_rank_that_fails_stops_a_rank_stuck_in_a_collective(tmp_path):
     """Through the trainer's main(), as tasks of an srun step (nobody else would end them):
     rank 1's clean error at step 2 ends rank 0, stuck there, within seconds, saying why."""
-    args = [FAIL_WORKER, "fails", "--out-dir", tmp_path,
-            *TRAIN_ARGS]
-    t0 = time.monotonic()
-    procs = srun_like_procs(args, 2)
-    try:
-        outs = [p.communicate(timeout=100)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    took = time.monotonic() - t0
-    assert [p.returncode for p in procs] == [1, 2], "\n".join(o[-2000:] for o in outs)
+    rc, outs, took = _train_tasks("fails", tmp_path)
+    assert rc == [1, 2], "\n".join(o[-2000:] for o in outs)
     assert "(rank 0) stuck" in outs[0] and "woke up" not in outs[0]
     assert ("(rank 0) [sra-fast] stopping: rank 1 failed: error: shard 7 of the latents is "
             "unreadable") in outs[0], outs[0][-2000:]
@@ -279,20 +286,10 @@ def test_a_step_that_hangs_ends_the_run_with_status_4(tmp_path, world):
     """--hang-exit-min: a step that never ends (a lost peer under --cuda-graph has no NCCL
     timeout) ends the process with every thread's stack, one line and status 4; under two
     processes the hung rank 1 tells rank 0 (waiting for it), which stops at once."""
-    args = [FAIL_WORKER, "hangs", "--out-dir", tmp_path, *TRAIN_ARGS, "--hang-exit-min",
-            str(1.5 / 60), "--hang-report-min", "0"]
-    t0 = time.monotonic()
-    procs = srun_like_procs(args, world) if world > 1 else [
-        subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=subprocess_env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
-    try:
-        outs = [p.communicate(timeout=100)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    took = time.monotonic() - t0
+    rc, outs, took = _train_tasks("hangs", tmp_path, "--hang-exit-min", str(1.5 / 60),
+                                  "--hang-report-min", "0", world=world)
     hung = outs[-1]
-    assert procs[-1].returncode == 4, "\n".join(o[-3000:] for o in outs)
+    assert rc[-1] == 4, "\n".join(o[-3000:] for o in outs)
     assert "stuck" in hung and "woke up" not in hung
     assert "in failing_step" in hung and "Thread 0x" in hung   # every thread's stack
     who = "(rank 1) " if world > 1 else ""
@@ -301,7 +298,7 @@ def test_a_step_that_hangs_ends_the_run_with_status_4(tmp_path, world):
         " min (--hang-exit-min 0.025; stacks above): stopping at step 2 with exit status 4; "
         "continue with --resume auto from the newest checkpoint"), hung[-2000:]
     if world > 1:   # rank 0's own limit is 15 s: the watch stopped it
-        assert procs[0].returncode == 1, outs[0][-3000:]
+        assert rc[0] == 1, outs[0][-3000:]
         assert "(rank 0) [sra-fast] stopping: rank 1 failed: [sra-fast] no step finished" \
             in outs[0], outs[0][-3000:]
     assert took < 60, took   # the sleep was 120 s
@@ -338,13 +335,8 @@ def test_slow_steps_a_slow_first_step_and_a_suspend_are_no_hang(tmp_path):
 def test_a_rank_failing_after_the_last_collective_stops_the_one_at_the_final_barrier(tmp_path):
     """main() meets at its final barrier with the watch still on: rank 0, done, is stopped
     there by rank 1's failure (not left to the process-group timeout), saying why."""
-    procs = srun_like_procs([FAIL_WORKER, "late", "--out-dir", tmp_path, *TRAIN_ARGS], 2)
-    try:
-        outs = [p.communicate(timeout=150)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert [p.returncode for p in procs] == [1, 2], "\n".join(o[-3000:] for o in outs)
+    rc, outs, _ = _train_tasks("late", tmp_path, timeout=150)
+    assert rc == [1, 2], "\n".join(o[-3000:] for o in outs)
     assert ("(rank 0) [sra-fast] stopping: rank 1 failed: error: a failure after the last "
             "collective") in outs[0], outs[0][-3000:]
 
@@ -353,13 +345,8 @@ def test_a_rank_failing_after_the_last_collective_stops_the_one_at_the_final_bar
 def test_a_normal_two_rank_end_through_main_is_quiet(tmp_path):
     """The watch on, then off at the final barriers: both ranks exit 0, and rank 0 (the
     store's host under srun) leaving first costs rank 1 no warning."""
-    procs = srun_like_procs([FAIL_WORKER, "none", "--out-dir", tmp_path, *TRAIN_ARGS], 2)
-    try:
-        outs = [p.communicate(timeout=150)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+    rc, outs, _ = _train_tasks("none", tmp_path, timeout=150)
     both = "\n".join(o[-3000:] for o in outs)
-    assert [p.returncode for p in procs] == [0, 0], both
+    assert rc == [0, 0], both
     assert "[sra-fast] done: step 4" in outs[0]
     assert "stopping" not in both and "peer-failure watch" not in both, both
