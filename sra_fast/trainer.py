@@ -159,6 +159,7 @@ class Trainer:
         self.pos = 0
         self.nonfinite_total = 0
         self.resumed_from = None
+        self._run_dir_locked = False   # rank 0, once _claim_run_dir holds the lock
         self._claim_run_dir()
         failed = None
         try:
@@ -296,6 +297,7 @@ class Trainer:
                            f"{e.strerror or e}") from None
         if note:
             self.warn(note)
+        self._run_dir_locked = note is None
 
     def _check_run_dir(self):
         cfg = self.cfg
@@ -328,13 +330,14 @@ class Trainer:
     def _remove_stale_partials(self, partial):
         """Remove what killed checkpoint writes left (`NNNNNNN.pt.tmp-PID`, a full-size file:
         ~11 GB at SiT-XL/2): a preemption that hits a write leaves one more each time, until the
-        disk is full. Only files unchanged for STALE_PARTIAL_S: a write going on keeps changing
-        its file (another job writing here is warned about instead)."""
+        disk is full. With the run folder locked, every one: no other job can be writing here.
+        Without (a file system without flock), only files unchanged for STALE_PARTIAL_S: a write
+        going on keeps changing its file (another job writing here is warned about instead)."""
         removed, size, now = 0, 0, time.time()
         for p in partial:
             try:
                 st = p.stat()
-                if now - st.st_mtime < self.STALE_PARTIAL_S:
+                if not self._run_dir_locked and now - st.st_mtime < self.STALE_PARTIAL_S:
                     self.warn(f"warning: {p} is being written ({now - st.st_mtime:.0f} s ago); "
                               f"is another job training in {self.run_dir}?")
                     continue

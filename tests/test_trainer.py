@@ -620,7 +620,12 @@ def test_checkpoint_off_a_log_step_logs_the_open_window(tmp_path):
     assert ck["nonfinite"]["total"] == 1
 
 
-def test_stale_partial_checkpoints_are_removed_at_start(tmp_path):
+@pytest.mark.parametrize("locked", [True, False])
+def test_stale_partial_checkpoints_are_removed_at_start(tmp_path, monkeypatch, capsys, locked):
+    """Locked (sra_fast.run_lock), every partial file is a killed write's: all go, the one a
+    kill just left too. Without a lock (a file system without flock), a recent one may be a
+    write going on: it stays, with a warning."""
+    from sra_fast import trainer as trainer_mod
     cfg = digits_cfg(tmp_path, max_steps=2, ckpt_every=2)
     tr = Trainer(cfg, dataset=SmallDigits(64), quiet=True)
     tr.sample_grid = lambda *a, **k: None
@@ -631,9 +636,16 @@ def test_stale_partial_checkpoints_are_removed_at_start(tmp_path):
     fresh.write_bytes(b"y" * 10)
     old = time.time() - 2 * Trainer.STALE_PARTIAL_S
     os.utime(stale, (old, old))
+    if not locked:
+        monkeypatch.setattr(trainer_mod, "lock_run_folder",
+                            lambda *a, **k: "warning: cannot lock (no flock)")
+    capsys.readouterr()
     tr = Trainer(digits_cfg(tmp_path, max_steps=4, ckpt_every=2, resume="auto"),
                  dataset=SmallDigits(64), quiet=True)
-    assert not stale.exists() and fresh.exists()   # a write going on is left alone
+    err = capsys.readouterr().err
+    assert not stale.exists()
+    assert fresh.exists() != locked
+    assert (f"warning: {fresh} is being written" in err) != locked, err
 
 
 def test_ranks_that_opened_different_data_refuse_to_start(tmp_path, monkeypatch):
