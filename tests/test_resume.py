@@ -114,15 +114,28 @@ def test_keep_ckpts_never_prunes_the_checkpoint_just_written(tmp_path):
     assert sorted(p.name for p in ck.glob("*.pt")) == ["0000001.pt", "0000004.pt"]
 
 
-def test_resume_auto_with_only_partial_checkpoints_starts_fresh(tmp_path, capsys):
+@pytest.mark.parametrize("locked", [True, False])
+def test_resume_auto_with_only_partial_checkpoints_starts_fresh(tmp_path, capsys, monkeypatch,
+                                                                locked):
+    """Locked, the partial file (a killed write's) is removed first and said so; without a
+    lock (no flock), a recent one stays and resume says it found only partial ones."""
+    from sra_fast import trainer as trainer_mod
     data = make_released_latents(tmp_path / "d", n=16)
     ck = tmp_path / "r" / "run" / "checkpoints"
     ck.mkdir(parents=True)
     (ck / "0000002.pt.tmp-5").write_bytes(b"x")
+    if not locked:
+        monkeypatch.setattr(trainer_mod, "lock_run_folder",
+                            lambda *a, **k: "warning: cannot lock (no flock)")
     tr = Trainer(tiny_latent_config(tmp_path / "r", data, resume="auto"))
     assert tr.step == 0
-    assert "only partial checkpoints (0000002.pt.tmp-5); starting from scratch" in \
-        capsys.readouterr().err
+    out = capsys.readouterr()
+    if locked:
+        assert not (ck / "0000002.pt.tmp-5").exists()
+        assert "removed 1 partial checkpoint file(s) left by interrupted writes" in out.out
+        assert f"no checkpoint in {ck}; starting from scratch" in out.out
+    else:
+        assert "only partial checkpoints (0000002.pt.tmp-5); starting from scratch" in out.err
 
 
 def test_checkpoint_optimizer_resumes_in_released_code(tmp_path):
