@@ -206,6 +206,12 @@ class TrainConfig:
                               "status 4, so a job script can requeue the run (a stalled file "
                               "system, a stuck device or peer; before NCCL's 30-min timeout "
                               "aborts the process without a word; 0: never)", runtime=True)
+    peer_lost_min: float = _f(3.0, "stop the run when a rank shows no sign of life for this "
+                              "many minutes (killed, crashed or its node lost, without a word; "
+                              "the rendezvous store's host likewise), instead of waiting out "
+                              "--hang-exit-min or NCCL's timeout. Signs of life come from a "
+                              "thread, so long steps and checkpoints never count; a rank held "
+                              "stopped by a debugger does (0: never)", runtime=True)
     max_nonfinite: int = _f(20, "stop after this many consecutive non-finite losses (each "
                             "one skips its update)", runtime=True)
     kernels: str = _f("auto", "fused-op backend", choices=BACKENDS,
@@ -284,6 +290,8 @@ class TrainConfig:
                              f"{c.hang_report_min}")
         if not c.hang_exit_min >= 0:
             raise ValueError(f"--hang-exit-min must be >= 0 (0: never), got {c.hang_exit_min}")
+        if not c.peer_lost_min >= 0:
+            raise ValueError(f"--peer-lost-min must be >= 0 (0: never), got {c.peer_lost_min}")
         if not c.grad_clip > 0:   # NaN too; a clip of 0 would zero every gradient
             raise ValueError(f"--grad-clip must be > 0 (inf turns clipping off), got {c.grad_clip}")
         if c.batch_size is not None and c.batch_size < 1:
@@ -438,8 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "--data-dir: a small class-conditional SiT on scikit-learn's digits "
                     "(a few minutes on a CPU). Launch multi-GPU runs with torchrun.",
         epilog="Exit status: 0 trained to the end; 1 an unanticipated error (traceback), or "
-               "stopped because another rank failed; 2 bad input, a checkpoint that cannot be "
-               "written or out of device memory (one line on stderr); 3 stopped after "
+               "stopped because another rank failed or fell silent (--peer-lost-min); 2 bad "
+               "input, a checkpoint that cannot be written or out of device memory (one line "
+               "on stderr); 3 stopped after "
                "--max-nonfinite non-finite losses; 4 no step finished in --hang-exit-min "
                "minutes; 128+N stopped by signal N (143 SIGTERM, "
                "138 SIGUSR1) after writing a checkpoint; 130 Ctrl-C, without one.",

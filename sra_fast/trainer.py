@@ -974,7 +974,7 @@ def main(argv=None) -> int:
             env = init_distributed(cfg.device)
         except RuntimeError as e:   # --device cuda without CUDA, more ranks than GPUs...
             raise RunError(error_line(e)) from None
-        watch = PeerFailureWatch(env).start()
+        watch = PeerFailureWatch(env, lost_after_s=60 * cfg.peer_lost_min).start()
         trainer = Trainer(cfg, env, peer_watch=watch)
         result = trainer.train()
         barrier(env)    # watched: a rank failing after the last collective (its final

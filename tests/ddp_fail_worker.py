@@ -3,6 +3,8 @@ line runs it) in which something goes wrong at step 2. argv: MODE, then train.py
 
     fails  rank 1 fails with a clean error; rank 0 hangs (a sleep standing for a rank blocked
            in an NCCL collective, which gloo on CPU would not give)
+    killedK  rank K kills itself there (SIGKILL: no word to anyone); the others hang (as
+           for fails)
     hangs  the last rank hangs there (a lost peer under --cuda-graph, a stalled file
            system); under several processes rank 0 gets ten times its --hang-exit-min, so
            that it is the peer watch that stops it
@@ -13,6 +15,7 @@ line runs it) in which something goes wrong at step 2. argv: MODE, then train.py
            0.4 x --hang-exit-min, the first one 2 x; each says "step N" on stderr first
 """
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -43,7 +46,9 @@ def failing_step(self, *a):
     if self.step == 2:
         if mode == "fails" and rank == 1:
             raise DataError("shard 7 of the latents is unreadable")
-        if mode == "fails" or (mode == "hangs" and rank == world - 1):
+        if mode == f"killed{rank}":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if mode in ("fails", "killed0", "killed1") or (mode == "hangs" and rank == world - 1):
             sys.stderr.write(f"(rank {rank}) stuck\n")
             sys.stderr.flush()
             time.sleep(120)

@@ -5,8 +5,16 @@
                                           for ranks stuck inside a collective
     peer_watch_worker.py normal           stop(), barrier, rank 0 exits at once, rank 1 2 s later
     peer_watch_worker.py both             every rank announces at once and exits 2
+    peer_watch_worker.py vanish K         rank K kills itself (SIGKILL: no word to anyone);
+                                          the others sleep 120 s
+    peer_watch_worker.py quiet S          no failure: for S s rank 0 sleeps and the others
+                                          spin in Python (holding the GIL, bar its switches),
+                                          then stop(), barrier, exit 0
+
+PEER_LOST_S in the environment sets lost_after_s (default: the class's).
 """
 import os
+import signal
 import sys
 import time
 
@@ -32,7 +40,9 @@ def fail(env, watch, failing: int, linger: float) -> int:
 def main() -> int:
     scenario = sys.argv[1]
     env = init_distributed("cpu")
-    watch = PeerFailureWatch(env, poll_s=0.2).start()
+    lost = {"lost_after_s": float(os.environ["PEER_LOST_S"])} if "PEER_LOST_S" in os.environ \
+        else {}
+    watch = PeerFailureWatch(env, poll_s=0.2, **lost).start()
     assert watch.active, "the watch did not start"
     stderr_line(f"(rank {env.rank}) key {watch.msg_key}")
     barrier(env)   # every watcher is polling before anyone fails
@@ -50,6 +60,24 @@ def main() -> int:
         watch.announce(f"rank {env.rank} disk full")
         stderr_line(f"(rank {env.rank}) announced in {time.monotonic() - t0:.2f} s")
         return 2
+    if scenario == "vanish":
+        if env.rank == int(sys.argv[2]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        stderr_line(f"(rank {env.rank}) sleeping")
+        time.sleep(120)
+        stderr_line(f"(rank {env.rank}) woke up")
+        return 0
+    if scenario == "quiet":
+        stderr_line(f"(rank {env.rank}) busy")
+        end = time.monotonic() + float(sys.argv[2])
+        if env.rank == 0:
+            time.sleep(float(sys.argv[2]))
+        while time.monotonic() < end:
+            pass
+        watch.stop()
+        barrier(env)
+        stderr_line(f"(rank {env.rank}) done")
+        return 0
     raise SystemExit(f"unknown scenario {scenario}")
 
 

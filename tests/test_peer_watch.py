@@ -47,14 +47,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(*args):
-    """Two ranks of the worker, env:// on a free port; returns their Popen objects."""
+def _launch(*args, world=2, lost_after_s=None):
+    """`world` ranks of the worker, env:// on a free port; returns their Popen objects."""
     port = _free_port()
     procs = []
-    for r in range(2):
+    for r in range(world):
         env = subprocess_env()
-        env.update(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        env.update(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
+                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        if lost_after_s is not None:
+            env["PEER_LOST_S"] = str(lost_after_s)
         procs.append(subprocess.Popen([sys.executable, str(WORKER), *map(str, args)], cwd=REPO,
                                       env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
@@ -120,6 +122,58 @@ def test_ranks_failing_at_once_each_report_their_own_error():
     for r in (0, 1):
         waited = float(outs[r].split("announced in ")[1].split()[0])
         assert waited < 4, msg
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("world,silent", [(2, 1), (3, 2), (2, 0)])
+def test_a_rank_killed_without_a_word_stops_the_others_after_lost_after_s(world, silent):
+    """SIGKILL (the OOM killer, a segfault, a lost node): the rank before it in the ring
+    notices its count standing still for lost_after_s (2 s) and announces it; the others
+    (rank 0 when 3 ranks run) learn it from the store. silent=0 under env:// is the store's
+    host: the others find the store gone for lost_after_s instead."""
+    rc, outs, took = _finish(_launch("vanish", silent, world=world, lost_after_s=2), 90)
+    msg = "\n---\n".join(outs)
+    assert rc[silent] == -9, msg
+    for r in set(range(world)) - {silent}:
+        assert rc[r] == 1 and "woke up" not in outs[r], msg
+        if silent == 0:
+            assert re.search(rf"\(rank {r}\) \[sra-fast\] stopping: the rendezvous store "
+                             r"\S+ has not answered for \d+ s: its host", outs[r]), msg
+        else:
+            assert re.search(rf"\(rank {r}\) \[sra-fast\] stopping: rank {silent} failed: "
+                             rf"no sign of life for \d+ s \(killed, crashed or its node lost; "
+                             rf"rank {silent - 1} noticed\)", outs[r]), msg
+    assert took < 60, msg   # the sleepers' 120 s
+
+
+@pytest.mark.timeout(150)
+def test_busy_or_suspended_ranks_are_not_taken_for_dead():
+    """lost_after_s=2: rank 0's main thread sleeps and rank 1's spins in Python (taking the
+    GIL from the watcher but for its switches) for 8 s, and the whole job is stopped
+    (SIGSTOP, as a SLURM suspend) for 3 s meanwhile, its nodes 0.5 s apart: rank 1 stops
+    first and resumes last, so rank 0 sees its count stand still for 4 s, all but 1 s of
+    them while rank 0 itself was stopped, which a watcher does not count. Both end normally."""
+    import signal
+    procs = _launch("quiet", 8, lost_after_s=2)
+    try:
+        for p in procs:   # both busy
+            while "busy" not in p.stdout.readline():
+                pass
+        time.sleep(1.0)
+        for p in reversed(procs):
+            p.send_signal(signal.SIGSTOP)
+            time.sleep(0.5)
+        time.sleep(2.5)
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
+            time.sleep(0.5)
+        rc, outs, _ = _finish(procs, 60)
+    finally:
+        for p in procs:
+            p.kill()
+    msg = "\n---\n".join(outs)
+    assert rc == [0, 0], msg
+    assert "stopping" not in msg and "warning" not in msg, msg
 
 
 @pytest.mark.timeout(150)
@@ -232,10 +286,12 @@ def test_a_failure_under_another_launchs_namespace_is_ignored(store, monkeypatch
     assert not w.thread.is_alive()
 
 
-def test_announce_never_raises_and_a_lost_store_kills_nobody(store, capsys):
+def test_without_liveness_a_lost_store_is_a_warning_and_announce_never_raises(store, capsys):
+    """lost_after_s=0: only announced failures count; the store going away turns the watch
+    off with a warning (a normal end and a crash look alike from here)."""
     exits = _Exits()
-    w = _watch(exits, ack_wait_s=0.5)
-    w2 = _watch(exits, ack_wait_s=0.5)
+    w = _watch(exits, ack_wait_s=0.5, lost_after_s=0)
+    w2 = _watch(exits, ack_wait_s=0.5, lost_after_s=0)
     time.sleep(0.1)
     store.clear()   # the store host goes away
     w.thread.join(5)
@@ -248,6 +304,104 @@ def test_announce_never_raises_and_a_lost_store_kills_nobody(store, capsys):
     w.announce("disk full")           # the store is gone: swallowed
     w2.announce("disk full")
     assert time.monotonic() - t0 < 2
+    w.stop()
+
+
+def test_a_store_gone_for_lost_after_s_stops_the_rank(store, capfd):
+    """The store's host (rank 0 under env://) died without a word while this rank still
+    watches: one warning, then after lost_after_s one line and exit 1; retrying the
+    connection prints no C++ stack at each poll."""
+    exits = _Exits()
+    w = _watch(exits, lost_after_s=1.0)
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    store.clear()
+    assert exits.called.wait(10)
+    took = time.monotonic() - t0
+    assert exits.codes == [1] and 0.9 < took < 8, took
+    err = capfd.readouterr().err
+    port = w.address[1]
+    assert err.count(f"(rank 1) [sra-fast] warning: the rendezvous store 127.0.0.1:{port} "
+                     "does not answer") == 1, err
+    assert re.search(rf"\(rank 1\) \[sra-fast\] stopping: the rendezvous store "
+                     rf"127\.0\.0\.1:{port} has not answered for \d+ s: its host \(rank 0, or "
+                     r"the launcher of the first node\) is gone", err), err
+    assert "retrying (try=" not in err, err   # c10d's connect retries, a stack each
+    w.stop()
+
+
+def test_a_store_back_within_lost_after_s_is_used_again(store, capsys):
+    """A brief outage: the watch reconnects, says so, and still sees a failure announced
+    on the store afterwards."""
+    exits = _Exits()
+    w = _watch(exits, lost_after_s=20)
+    time.sleep(0.2)
+    host, port = w.address
+    store.clear()
+    time.sleep(0.5)
+    store["host"] = dist.TCPStore(host, port, is_master=True, wait_for_workers=False,
+                                  timeout=datetime.timedelta(seconds=10))
+    deadline = time.monotonic() + 10
+    while "answers again" not in capsys.readouterr().err:
+        assert time.monotonic() < deadline, "never reconnected"
+        time.sleep(0.1)
+    assert not exits.called.is_set()
+    store["host"].compare_set(w.msg_key, "", "0 disk full on /ckpt")
+    assert exits.called.wait(5) and exits.codes == [1]
+    assert "stopping: rank 0 failed: disk full on /ckpt" in capsys.readouterr().err
+    w.stop()
+
+
+def _beat(host, key, every_s, until):
+    while not until.is_set():
+        host.add(key, 1)
+        until.wait(every_s)
+
+
+def test_a_silent_next_rank_is_announced_as_failed(store, capsys):
+    """The watch (rank 1 of 2) reads rank 0's count: started, then silent for lost_after_s
+    (SIGKILLed, say). It announces rank 0 as failed for every other rank, counted as two
+    failures (rank 0 and itself, who ack nothing), and stops its own process."""
+    exits = _Exits()
+    w = _watch(exits, lost_after_s=0.6)
+    host = store["host"]
+    assert host.add(w.alive_key(1), 0) == 1          # counted in start(), before any poll
+    stopped = threading.Event()
+    beats = threading.Thread(target=_beat, args=(host, w.alive_key(0), 0.1, stopped))
+    beats.start()
+    try:
+        assert not exits.called.wait(1.5)            # rank 0 shows signs of life
+    finally:
+        stopped.set()
+        beats.join()
+    assert host.add(w.alive_key(1), 0) > 10          # and so does the watch itself
+    t0 = time.monotonic()
+    assert exits.called.wait(5)                      # rank 0 fell silent
+    assert exits.codes == [1] and time.monotonic() - t0 > 0.5
+    msg = host.get(w.msg_key).decode()
+    assert re.fullmatch(r"0 no sign of life for \d+ s \(killed, crashed or its node lost; "
+                        r"rank 1 noticed\)", msg), msg
+    assert host.add(w.failed_key, 0) == 2
+    err = capsys.readouterr().err
+    assert "(rank 1) [sra-fast] stopping: rank 0 failed: " + msg[2:] in err, err
+    w.stop()
+
+
+@pytest.mark.parametrize("case", ["never-started", "stopped-watching"])
+def test_a_next_rank_without_a_watch_is_never_taken_for_dead(store, case):
+    """A rank whose watch never started (no count) or that stopped watching (its normal
+    end, marked by stop()) is silent by right."""
+    exits = _Exits()
+    w = _watch(exits, lost_after_s=0.3)
+    if case == "stopped-watching":
+        other = PeerFailureWatch(DistEnv(rank=0, world_size=2), poll_s=0.05,
+                                 exit_fn=exits, lost_after_s=0.3).start()
+        time.sleep(0.2)
+        other.stop()
+        assert store["host"].check([w.off_key(0)])
+        assert store["host"].add(w.alive_key(0), 0) >= 1
+    assert not exits.called.wait(1.5), store["host"].get(w.msg_key)
+    assert not store["host"].check([w.msg_key])
     w.stop()
 
 
@@ -277,6 +431,24 @@ def test_a_training_rank_that_fails_stops_a_rank_stuck_in_a_collective(tmp_path)
     assert ("(rank 0) [sra-fast] stopping: rank 1 failed: error: shard 7 of the latents is "
             "unreadable") in outs[0], outs[0][-2000:]
     assert "(rank 1) error: shard 7 of the latents is unreadable" in outs[1]
+    assert took < 60, took   # the sleep was 120 s
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("killed", [1, 0])
+def test_a_training_rank_killed_without_a_word_stops_the_other(tmp_path, killed):
+    """Through main() as srun tasks, --peer-lost-min 2 s: rank `killed` is SIGKILLed at step
+    2 while the other is stuck there; the other stops with the reason and exit 1 (rank 0
+    hosts the store: its death is seen as the store gone)."""
+    rc, outs, took = _train_tasks(f"killed{killed}", tmp_path, "--peer-lost-min",
+                                  str(2 / 60))
+    other = 1 - killed
+    both = "\n".join(o[-2000:] for o in outs)
+    assert rc[killed] == -9 and rc[other] == 1, both
+    assert f"(rank {other}) stuck" in outs[other] and "woke up" not in outs[other], both
+    why = (r"rank 1 failed: no sign of life for \d+ s \(killed, crashed or its node lost; rank "
+           r"0 noticed\)") if killed == 1 else r"the rendezvous store \S+ has not answered"
+    assert re.search(rf"\(rank {other}\) \[sra-fast\] stopping: {why}", outs[other]), both
     assert took < 60, took   # the sleep was 120 s
 
 

@@ -584,7 +584,7 @@ def test_steady_steps_never_trigger_a_hang_report(tmp_path, capfd):
     assert "Timeout" not in capfd.readouterr().err
 
 
-def test_hang_report_minutes_must_not_be_negative():
+def test_watchdog_minutes_must_not_be_negative():
     for bad in (-1.0, float("nan")):
         with pytest.raises(ValueError, match="--hang-report-min must be >= 0"):
             TrainConfig(hang_report_min=bad).resolve()
@@ -593,6 +593,10 @@ def test_hang_report_minutes_must_not_be_negative():
         with pytest.raises(ValueError, match="--hang-exit-min must be >= 0"):
             TrainConfig(hang_exit_min=bad).resolve()
     assert TrainConfig(hang_exit_min=0).resolve().hang_exit_min == 0
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="--peer-lost-min must be >= 0"):
+            TrainConfig(peer_lost_min=bad).resolve()
+    assert TrainConfig(peer_lost_min=0).resolve().peer_lost_min == 0
 
 
 # ------------------------------------------------------------------------ long runs
