@@ -31,9 +31,10 @@ import torch
 from . import __version__
 from .checkpoint import CheckpointError, load_model_state, state_dict_from
 from .config import build_model, model_kind
-from .data import out_of_memory_line
+from .data import error_line, out_of_memory_line
 from .distributed import barrier, cleanup, derive_seed, init_distributed, stderr_line
 from .metrics_log import progress_bar
+from .peer_watch import PeerFailureWatch
 from .sampling import (SAMPLERS, SamplerConfig, SiTOriginalTime, decode_latents, image_grid,
                        load_vae, sample, to_uint8)
 from .step import autocast_ctx
@@ -165,6 +166,10 @@ def build_parser():
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="TF32 matmuls and convolutions on CUDA (as the released sampler; "
                         "--no-tf32 for true fp32)")
+    p.add_argument("--peer-lost-min", type=float, default=3.0,
+                   help="several processes: stop when one shows no sign of life for this "
+                        "many minutes (killed, crashed; 0: never). One that fails with an "
+                        "error stops the others at once either way")
     return p
 
 
@@ -200,6 +205,8 @@ def _check_args(a):
             raise ValueError(f"{flag} must be a finite number, got {v}")
     if a.num_samples < 1 or a.batch_size < 1:
         raise ValueError("--num-samples and --batch-size must be >= 1")
+    if not a.peer_lost_min >= 0:
+        raise ValueError(f"--peer-lost-min must be >= 0 (0: never), got {a.peer_lost_min}")
     if a.grid:
         grid = Path(a.grid)
         _check_output_file(grid, "--grid", create_parents=False)
@@ -275,10 +282,22 @@ def _claim_parts(parts: Path, settings: dict):
 
 def run(a) -> Path | None:
     env = init_distributed(a.device, timeout_min=180)
-    if env.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = a.tf32
-        torch.backends.cudnn.allow_tf32 = a.tf32
-    out = _run(a, env)
+    # Several processes: one that fails tells the others, which would otherwise sample on and
+    # then wait at the last barrier for the 3-hour timeout; one that dies without a word is
+    # announced by its neighbour (sra_fast.peer_watch). Finished batches are kept either way.
+    watch = PeerFailureWatch(env, lost_after_s=60 * a.peer_lost_min).start()
+    try:
+        if env.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = a.tf32
+            torch.backends.cudnn.allow_tf32 = a.tf32
+        out = _run(a, env)
+        barrier(env)   # watched: rank 0 failing while it assembles still stops the others
+    except BaseException as e:
+        watch.announce("interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt)
+                       else f"error: {error_line(e)}")
+        raise
+    watch.stop()
+    barrier(env)       # no rank watches when rank 0 (maybe the store's host) leaves
     cleanup(env)   # only on success: see trainer.main
     return out
 

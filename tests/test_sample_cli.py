@@ -1,7 +1,10 @@
 """`python -m sra_fast.sample` on bad input: one line on stderr, exit 2, nothing drawn, nothing
-lost or mixed. Runs in-process on a tiny pixel-space SiT checkpoint saved as the trainer does
-(model, ema, model_config), so no VAE and no training are needed."""
+lost or mixed; and over several processes. Runs on a tiny pixel-space SiT checkpoint saved as
+the trainer does (model, ema, model_config), so no VAE and no training are needed."""
 import json
+import subprocess
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +12,9 @@ import torch
 
 import sra_fast.sample as S
 from sra_fast.config import build_model
+from trainer_fixtures import srun_like_procs
+
+WORKER = Path(__file__).resolve().parent / "sample_worker.py"
 
 MODEL_CONFIG = dict(name="SiT-T/4", input_size=8, in_channels=1, num_classes=3,
                     class_dropout_prob=0.1, qk_norm=False, kind="sit", data_kind="images",
@@ -176,3 +182,50 @@ def test_a_finished_sample_set_is_not_overwritten_unless_asked(tmp_path, ckpt, c
     assert "already exists (a finished sample set); pass --overwrite" in capsys.readouterr().err
     assert out.read_bytes() == before
     assert S.main(base_args(ckpt, out) + ["--overwrite"]) == 0
+
+
+def _sample_tasks(mode, args, world, timeout=150):
+    """tests/sample_worker.py MODE as `world` srun-style tasks, to the end: (return codes,
+    outputs, seconds); killed whatever happens."""
+    t0 = time.monotonic()
+    procs = srun_like_procs([WORKER, mode, *args], world)
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"still running after {timeout} s") from None
+    finally:
+        for p in procs:
+            p.kill()
+    return [p.returncode for p in procs], outs, time.monotonic() - t0
+
+
+@pytest.mark.timeout(300)
+def test_two_processes_draw_the_samples_one_draws(tmp_path, ckpt):
+    """Batches are dealt to the ranks (3 batches: rank 0 draws two), each sample's noise and
+    each batch's generator come from the seed and its index: the file is the same."""
+    outs = {}
+    for world in (1, 2):
+        out = tmp_path / f"w{world}.npz"
+        rc, logs, _ = _sample_tasks("ok", base_args(ckpt, out, "--num-samples", "6"), world)
+        assert rc == [0] * world, "\n".join(logs)
+        outs[world] = np.load(out)
+        assert json.loads(out.with_suffix(".json").read_text())["world_size"] == world
+        assert not out.with_name(out.name + ".parts").exists()
+    assert outs[1]["arr_0"].shape == (6, 8, 8, 3)
+    assert np.array_equal(outs[1]["labels"], outs[2]["labels"])
+    assert np.array_equal(outs[1]["arr_0"], outs[2]["arr_0"])
+
+
+@pytest.mark.timeout(300)
+def test_a_failing_sampling_process_stops_the_others(tmp_path, ckpt):
+    """Rank 1 fails at its first batch: rank 0, an hour of sampling from the final barrier
+    (here: asleep for 120 s), stops within seconds saying why, instead of sampling on and
+    waiting out the 3-hour process-group timeout there."""
+    rc, outs, took = _sample_tasks("fails", base_args(ckpt, tmp_path / "s.npz"), 2)
+    both = "\n---\n".join(outs)
+    assert rc == [1, 2], both
+    assert "(rank 0) sampling" in outs[0] and "woke up" not in outs[0], both
+    assert ("(rank 0) [sra-fast] stopping: rank 1 failed: error: decoding latents: a test "
+            "failure on rank 1") in outs[0], both
+    assert "error: decoding latents: a test failure on rank 1" in outs[1], both
+    assert took < 60, took   # the sleep was 120 s
