@@ -208,10 +208,11 @@ class TrainConfig:
                               "aborts the process without a word; 0: never)", runtime=True)
     peer_lost_min: float = _f(3.0, "stop the run when a rank shows no sign of life for this "
                               "many minutes (killed, crashed or its node lost, without a word; "
-                              "the rendezvous store's host likewise), instead of waiting out "
-                              "--hang-exit-min or NCCL's timeout. Signs of life come from a "
-                              "thread, so long steps and checkpoints never count; a rank held "
-                              "stopped by a debugger does (0: never)", runtime=True)
+                              "the rendezvous store's host likewise) and no step finished "
+                              "meanwhile, instead of waiting out --hang-exit-min or NCCL's "
+                              "timeout. Signs of life come from a thread, so long steps and "
+                              "checkpoints never count; a rank held stopped by a debugger "
+                              "does (0: never)", runtime=True)
     max_nonfinite: int = _f(20, "stop after this many consecutive non-finite losses (each "
                             "one skips its update)", runtime=True)
     kernels: str = _f("auto", "fused-op backend", choices=BACKENDS,

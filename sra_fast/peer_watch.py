@@ -11,14 +11,19 @@ inside a C call that no Python exception can interrupt).
 A rank that dies without a word (SIGKILL from the OOM killer, a segfault, a lost node) is
 found by its neighbour: every watcher bumps a counter of its own at each poll and reads the
 next rank's (a ring, so each rank reads one key and every set of dead ranks has a live
-watcher before it). A counter that has not moved for `lost_after_s` makes that neighbour
-announce the silent rank as failed. The counter lives in the watcher thread, so a main thread
-busy for hours (a long step, a checkpoint, a collective) still shows signs of life; a process
-stopped as a whole (a debugger holding it, a suspend of that one rank) does not. A watcher
-whose own process did not run for a while (a SLURM suspend of the whole job) does not count
-that time. The store's host leaving is the same event seen from the other side (rank 0 under
-env://, the first node's launcher under torchrun): a store that does not answer for
-`lost_after_s` while this rank still watches ends it too. Brief store errors reconnect.
+watcher before it). A counter that has not moved for `lost_after_s`, while this rank has made
+no progress (mark_progress) for as long either, makes that neighbour announce the silent
+rank as failed. Both conditions, because each alone has innocent causes: a dead rank blocks
+the next collective, so every live rank stalls; but a watcher thread can also be starved
+(a C call holding the GIL) or cut from the store (a network partition the NCCL fabric does
+not share) while its rank trains on, and a long checkpoint stalls everyone. A process
+stopped as a whole (a debugger holding it) looks dead. A watcher whose own process did not
+run for a while (a SLURM suspend of the whole job) does not count that time. The store's
+host dying is the same event seen from the other side (rank 0 under env://, the first
+node's launcher under torchrun): a store that refuses connections for `lost_after_s` while
+this rank stalls ends it too; shorter outages reconnect. A host that is frozen or cut off
+without closing its connections is not detected: c10d's store operations then wait without
+a deadline (the hang exit, then NCCL's timeout, remain).
 
     watch = PeerFailureWatch(env).start()       # after init_distributed
     ...
@@ -46,20 +51,37 @@ def _one_line(text, limit: int = 300) -> str:
     return " ".join(str(text).split())[:limit]
 
 
+def _say(line: str) -> None:
+    # never let a failed write (EPIPE, a full disk) end the watcher thread: its rank's count
+    # would stop, and its neighbour would take it for dead
+    try:
+        stderr_line(line)
+    except Exception:
+        pass
+
+
 class PeerFailureWatch:
     def __init__(self, env: DistEnv, poll_s: float = 2.0, ack_wait_s: float = 5.0,
                  exit_fn=os._exit, store_timeout_s: float = 30.0,
                  lost_after_s: float = 180.0):
         self.env = env
         # bounds connecting our client (the store is up: init_distributed just used it, so
-        # this only matters for a wrong address) and each store operation
+        # this only matters for a wrong address) and get(); c10d's add/check/set wait for a
+        # store that stops answering without closing (a host held stopped) with no deadline
         self.store_timeout = datetime.timedelta(seconds=store_timeout_s)
-        self.poll_s = float(poll_s)
+        # a limit of a few polls would take one late poll for death
+        self.poll_s = min(float(poll_s), lost_after_s / 10) if lost_after_s > 0 else float(
+            poll_s)
         self.ack_wait_s = float(ack_wait_s)
         # silence (of the next rank, or of the store) after which the run is stopped; 0: only
         # announced failures count, and a lost store turns the watch off
         self.lost_after_s = float(lost_after_s)
         self.exit_fn = exit_fn
+        # when this rank last made progress (mark_progress: a step, a batch); a silence is
+        # judged only while this rank makes none either: a dead rank blocks the next
+        # collective, while a healthy run whose watcher threads merely lost the store for a
+        # while (a network partition that NCCL's fabric does not share) goes on training
+        self._progress_t = time.monotonic()
         self.store = None
         self.address = None                # (host, port) of the store, once start() found it
         self.thread: threading.Thread | None = None
@@ -84,12 +106,16 @@ class PeerFailureWatch:
     def off_key(self, rank: int) -> str:
         return f"{self._off_prefix}{rank}"
 
+    def mark_progress(self) -> None:
+        """This rank finished a unit of work (a training step, a sampling batch)."""
+        self._progress_t = time.monotonic()
+
     @property
     def active(self) -> bool:
         return self.thread is not None and not self._stopped
 
     def _warn(self, why: str) -> None:
-        stderr_line(f"(rank {self.env.rank}) [sra-fast] warning: peer-failure watch off: {why}")
+        _say(f"(rank {self.env.rank}) [sra-fast] warning: peer-failure watch off: {why}")
 
     def _connect(self, timeout: datetime.timedelta):
         # Our own client, not the process group's store: one client runs one operation at a
@@ -155,6 +181,7 @@ class PeerFailureWatch:
                 next_seen = now
                 if store_lost_since is not None:
                     store_lost_since = now
+            stalled = now - self._progress_t >= self.lost_after_s
             try:
                 if self.store is None:   # after a store error: a new client
                     # a plain connect first: c10d's own retries would print a C++ stack
@@ -170,7 +197,7 @@ class PeerFailureWatch:
                         count = store.add(self.alive_key(nxt), 0)
                         if count != next_count:
                             next_count, next_seen = count, now
-                        elif count > 0 and now - next_seen >= self.lost_after_s:
+                        elif count > 0 and now - next_seen >= self.lost_after_s and stalled:
                             if store.check([self.off_key(nxt)]):
                                 next_off = True
                             else:
@@ -185,10 +212,10 @@ class PeerFailureWatch:
                 self.store = None
                 if store_lost_since is None:
                     store_lost_since = now
-                    stderr_line(f"(rank {rank}) [sra-fast] warning: the rendezvous store "
-                                f"{self.address[0]}:{self.address[1]} does not answer "
-                                f"({_one_line(e, 200)}); retrying for {self.lost_after_s:.0f} s")
-                elif now - store_lost_since >= self.lost_after_s:
+                    _say(f"(rank {rank}) [sra-fast] warning: the rendezvous store "
+                         f"{self.address[0]}:{self.address[1]} does not answer "
+                         f"({_one_line(e, 200)}); retrying")
+                elif now - store_lost_since >= self.lost_after_s and stalled:
                     self._stop_process(
                         f"the rendezvous store {self.address[0]}:{self.address[1]} has not "
                         f"answered for {now - store_lost_since:.0f} s: its host (rank 0, or "
@@ -197,13 +224,17 @@ class PeerFailureWatch:
                 continue
             if store_lost_since is not None:
                 store_lost_since = None
-                stderr_line(f"(rank {rank}) [sra-fast] the rendezvous store answers again")
+                next_seen = now   # the next rank may not have reconnected yet
+                _say(f"(rank {rank}) [sra-fast] the rendezvous store answers again")
             if failed or lost:
                 break
         who, msg = "?", "(its message could not be read)"
         published = False
         try:
             if lost is not None:   # announce the silent rank as failed, unless one was first
+                with self._lock:
+                    if self._stopped:
+                        return   # stop() or announce() meanwhile: theirs is the last word
                 who = str(lost[0])
                 msg = (f"no sign of life for {lost[1]:.0f} s (killed, crashed or its node "
                        f"lost; rank {rank} noticed)")
@@ -228,12 +259,17 @@ class PeerFailureWatch:
             if self._stopped:
                 return
             self._stopped = True
-            stderr_line(f"(rank {self.env.rank}) [sra-fast] stopping: {why}")
+            # the line may sit on a stalled file system (or fail): exit regardless
+            backstop = threading.Timer(10.0, self.exit_fn, (1,))
+            backstop.daemon = True
+            backstop.start()
+            _say(f"(rank {self.env.rank}) [sra-fast] stopping: {why}")
             try:
                 sys.stdout.flush()   # os._exit skips it
             except Exception:
                 pass
             self.exit_fn(1)
+            backstop.cancel()   # only reached when exit_fn returns (the tests')
 
     def _wait_for_acks(self, store) -> None:
         deadline = time.monotonic() + self.ack_wait_s
@@ -262,8 +298,8 @@ class PeerFailureWatch:
     def _join(self) -> None:
         # a daemon thread still running when the interpreter finalises can abort the process
         # ("terminate called without an active exception", status 134 instead of ours); at
-        # most one store round trip (or a brief reconnect) is in flight, bounded in case the
-        # store hangs
+        # most one store round trip (or a brief reconnect) is in flight; the wait is bounded
+        # in case the store hangs (its op is not)
         t = self.thread
         if t is not None and t is not threading.current_thread():
             t.join(timeout=2.0)

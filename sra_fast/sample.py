@@ -290,7 +290,7 @@ def run(a) -> Path | None:
         if env.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = a.tf32
             torch.backends.cudnn.allow_tf32 = a.tf32
-        out = _run(a, env)
+        out = _run(a, env, watch)
         barrier(env)   # watched: rank 0 failing while it assembles still stops the others
     except BaseException as e:
         watch.announce("interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt)
@@ -302,7 +302,7 @@ def run(a) -> Path | None:
     return out
 
 
-def _run(a, env) -> Path | None:
+def _run(a, env, watch: PeerFailureWatch) -> Path | None:
     dev = env.device
     _check_args(a)
     ckpt_path = Path(a.ckpt)
@@ -378,6 +378,7 @@ def _run(a, env) -> Path | None:
             x = sample(model, z, y, scfg, kind, generator=g)
         if info["data_kind"] == "moments" and not decode:
             _atomic_savez(part, latents=x.float().cpu().numpy(), labels=labels[idx])
+            watch.mark_progress()
             continue
         if decode:
             x = decode_latents(vae, x, info["latent_scale"])
@@ -385,6 +386,7 @@ def _run(a, env) -> Path | None:
         if img.shape[-1] == 1:
             img = np.repeat(img, 3, axis=-1)   # the ADM evaluator expects RGB
         _atomic_savez(part, images=img, labels=labels[idx])
+        watch.mark_progress()
     barrier(env)
     if not env.is_main:
         return None

@@ -625,6 +625,8 @@ class Trainer:
 
     def _step_done(self, first: bool = False):
         self._progress_t, self._first_step = time.monotonic(), first
+        if self.peer_watch is not None:   # silences are judged only while no step ends
+            self.peer_watch.mark_progress()
         if self._hang_s:
             faulthandler.dump_traceback_later(self._hang_s, repeat=True, file=self._hang_file)
 

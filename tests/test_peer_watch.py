@@ -309,13 +309,17 @@ def test_without_liveness_a_lost_store_is_a_warning_and_announce_never_raises(st
 
 def test_a_store_gone_for_lost_after_s_stops_the_rank(store, capfd):
     """The store's host (rank 0 under env://) died without a word while this rank still
-    watches: one warning, then after lost_after_s one line and exit 1; retrying the
-    connection prints no C++ stack at each poll."""
+    watches: one warning, then, once this rank has also made no progress for lost_after_s,
+    one line and exit 1; retrying the connection prints no C++ stack at each poll."""
     exits = _Exits()
     w = _watch(exits, lost_after_s=1.0)
     time.sleep(0.2)
-    t0 = time.monotonic()
     store.clear()
+    t_end = time.monotonic() + 2.0   # while this rank makes progress, no verdict
+    while time.monotonic() < t_end:
+        w.mark_progress()
+        assert not exits.called.wait(0.05)
+    t0 = time.monotonic()
     assert exits.called.wait(10)
     took = time.monotonic() - t0
     assert exits.codes == [1] and 0.9 < took < 8, took
@@ -360,8 +364,9 @@ def _beat(host, key, every_s, until):
 
 def test_a_silent_next_rank_is_announced_as_failed(store, capsys):
     """The watch (rank 1 of 2) reads rank 0's count: started, then silent for lost_after_s
-    (SIGKILLed, say). It announces rank 0 as failed for every other rank, counted as two
-    failures (rank 0 and itself, who ack nothing), and stops its own process."""
+    (SIGKILLed, say) while this rank made no progress for as long either. It announces rank
+    0 as failed for every other rank, counted as two failures (rank 0 and itself, who ack
+    nothing), and stops its own process."""
     exits = _Exits()
     w = _watch(exits, lost_after_s=0.6)
     host = store["host"]
@@ -375,8 +380,14 @@ def test_a_silent_next_rank_is_announced_as_failed(store, capsys):
         stopped.set()
         beats.join()
     assert host.add(w.alive_key(1), 0) > 10          # and so does the watch itself
+    # rank 0 falls silent, but this rank still makes progress (its watcher, not rank 0,
+    # could be the one cut off): no verdict while it does
+    t_end = time.monotonic() + 1.5
+    while time.monotonic() < t_end:
+        w.mark_progress()
+        assert not exits.called.wait(0.05)
     t0 = time.monotonic()
-    assert exits.called.wait(5)                      # rank 0 fell silent
+    assert exits.called.wait(5)                      # this rank stalled too
     assert exits.codes == [1] and time.monotonic() - t0 > 0.5
     msg = host.get(w.msg_key).decode()
     assert re.fullmatch(r"0 no sign of life for \d+ s \(killed, crashed or its node lost; "
@@ -522,3 +533,18 @@ def test_a_normal_two_rank_end_through_main_is_quiet(tmp_path):
     assert rc == [0, 0], both
     assert "[sra-fast] done: step 4" in outs[0]
     assert "stopping" not in both and "peer-failure watch" not in both, both
+
+
+def test_each_finished_step_is_progress_for_the_watch():
+    """The trainer marks progress at every step's end (silences are judged only while a rank
+    makes none)."""
+    from types import SimpleNamespace
+
+    from sra_fast.trainer import Trainer
+    marks = []
+    fake = SimpleNamespace(_hang_s=0.0, peer_watch=SimpleNamespace(
+        mark_progress=lambda: marks.append(1)))
+    Trainer._step_done(fake)
+    Trainer._step_done(fake, first=True)
+    assert marks == [1, 1]
+    Trainer._step_done(SimpleNamespace(_hang_s=0.0, peer_watch=None))   # a single process
