@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from sra_fast.distributed import DistEnv
 from sra_fast.peer_watch import PeerFailureWatch
-from trainer_fixtures import REPO, srun_like_procs, subprocess_env
+from trainer_fixtures import REPO, finish_procs, srun_like_procs, subprocess_env
 
 WORKER = Path(__file__).resolve().parent / "peer_watch_worker.py"
 FAIL_WORKER = Path(__file__).resolve().parent / "ddp_fail_worker.py"
@@ -29,16 +29,10 @@ def _train_tasks(mode, tmp_path, *extra, world=2, timeout=100):
     """ddp_fail_worker.py MODE as `world` srun-style tasks (one: a plain process), to the
     end: (return codes, outputs, seconds); killed whatever happens."""
     args = [FAIL_WORKER, mode, "--out-dir", tmp_path, *TRAIN_ARGS, *extra]
-    t0 = time.monotonic()
     procs = srun_like_procs(args, world) if world > 1 else [
         subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=subprocess_env(),
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
-    try:
-        outs = [p.communicate(timeout=timeout)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    return [p.returncode for p in procs], outs, time.monotonic() - t0
+    return finish_procs(procs, timeout)
 
 
 def _free_port() -> int:
@@ -63,27 +57,12 @@ def _launch(*args, world=2, lost_after_s=None):
     return procs
 
 
-def _finish(procs, timeout: float):
-    """(return codes, outputs, seconds until the last exited); kills them all on timeout."""
-    t0 = time.monotonic()
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=max(0.1, timeout - (time.monotonic() - t0)))[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        got = [p.communicate()[0] for p in procs]
-        raise AssertionError(f"still running after {timeout} s:\n" + "\n".join(got)) from None
-    return [p.returncode for p in procs], outs, time.monotonic() - t0
-
-
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("failing", [0, 1])
 def test_a_failing_rank_stops_the_others_within_seconds(failing):
     """failing=0: the announcer hosts the store and must outlive the other's read of it."""
     other = 1 - failing
-    rc, outs, took = _finish(_launch("fail", failing), timeout=90)   # the sleeper: 120 s
+    rc, outs, took = finish_procs(_launch("fail", failing), timeout=90)   # the sleeper: 120 s
     msg = "\n---\n".join(outs)
     # one namespace per launch, drawn by rank 0 (not the restart count, which can differ
     # between the nodes of one attempt), the same on both ranks
@@ -102,7 +81,7 @@ def test_a_failing_rank_stops_the_others_within_seconds(failing):
 def test_a_normal_end_kills_nobody():
     """stop() on both, barrier, rank 0 (the store host) leaves at once: rank 1, still
     running without a store, is neither killed nor warned."""
-    rc, outs, _ = _finish(_launch("normal"), timeout=30)
+    rc, outs, _ = finish_procs(_launch("normal"), timeout=30)
     msg = "\n---\n".join(outs)
     assert rc == [0, 0], msg
     assert all("(rank %d) done" % r in outs[r] for r in (0, 1)), msg
@@ -113,7 +92,7 @@ def test_a_normal_end_kills_nobody():
 def test_ranks_failing_at_once_each_report_their_own_error():
     """Each announce stops its own watcher first: both exit with their own code 2, neither
     is stopped for the other; each waits at most ack_wait_s (5 s) for the other's count."""
-    rc, outs, _ = _finish(_launch("both"), timeout=30)
+    rc, outs, _ = finish_procs(_launch("both"), timeout=30)
     msg = "\n---\n".join(outs)
     assert rc == [2, 2], msg
     assert all("(rank %d) announced" % r in outs[r] for r in (0, 1)), msg
@@ -131,7 +110,7 @@ def test_a_rank_killed_without_a_word_stops_the_others_after_lost_after_s(world,
     notices its count standing still for lost_after_s (2 s) and announces it; the others
     (rank 0 when 3 ranks run) learn it from the store. silent=0 under env:// is the store's
     host: the others find the store gone for lost_after_s instead."""
-    rc, outs, took = _finish(_launch("vanish", silent, world=world, lost_after_s=2), 90)
+    rc, outs, took = finish_procs(_launch("vanish", silent, world=world, lost_after_s=2), 90)
     msg = "\n---\n".join(outs)
     assert rc[silent] == -9, msg
     for r in set(range(world)) - {silent}:
@@ -167,7 +146,7 @@ def test_busy_or_suspended_ranks_are_not_taken_for_dead():
         for p in procs:
             p.send_signal(signal.SIGCONT)
             time.sleep(0.5)
-        rc, outs, _ = _finish(procs, 60)
+        rc, outs, _ = finish_procs(procs, 60)
     finally:
         for p in procs:
             p.kill()

@@ -2,8 +2,6 @@
 lost or mixed; and over several processes. Runs on a tiny pixel-space SiT checkpoint saved as
 the trainer does (model, ema, model_config), so no VAE and no training are needed."""
 import json
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +10,7 @@ import torch
 
 import sra_fast.sample as S
 from sra_fast.config import build_model
-from trainer_fixtures import srun_like_procs
+from trainer_fixtures import finish_procs, srun_like_procs
 
 WORKER = Path(__file__).resolve().parent / "sample_worker.py"
 
@@ -187,16 +185,7 @@ def test_a_finished_sample_set_is_not_overwritten_unless_asked(tmp_path, ckpt, c
 def _sample_tasks(mode, args, world, timeout=150):
     """tests/sample_worker.py MODE as `world` srun-style tasks, to the end: (return codes,
     outputs, seconds); killed whatever happens."""
-    t0 = time.monotonic()
-    procs = srun_like_procs([WORKER, mode, *args], world)
-    try:
-        outs = [p.communicate(timeout=timeout)[0] for p in procs]
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"still running after {timeout} s") from None
-    finally:
-        for p in procs:
-            p.kill()
-    return [p.returncode for p in procs], outs, time.monotonic() - t0
+    return finish_procs(srun_like_procs([WORKER, mode, *args], world), timeout)
 
 
 @pytest.mark.timeout(300)

@@ -81,6 +81,26 @@ def srun_like_procs(args, n: int) -> list[subprocess.Popen]:
     return procs
 
 
+def finish_procs(procs, timeout: float):
+    """Wait for every process to end: (return codes, outputs, seconds until the last one
+    ended). Past `timeout` in all, kills them and fails with their outputs."""
+    import time
+    t0 = time.monotonic()
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=max(0.1, timeout - (time.monotonic() - t0)))[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        got = [p.communicate()[0] for p in procs]
+        raise AssertionError(f"still running after {timeout} s:\n" + "\n".join(got)) from None
+    finally:
+        for p in procs:
+            p.kill()
+    return [p.returncode for p in procs], outs, time.monotonic() - t0
+
+
 def tiny_latent_config(out_dir, data_dir, **kw):
     """A TrainConfig for a ~2M-parameter SiT on 8x8 latents, reference ops, no grids."""
     from sra_fast.config import TrainConfig
