@@ -22,8 +22,10 @@ run for a while (a SLURM suspend of the whole job) does not count that time. The
 host dying is the same event seen from the other side (rank 0 under env://, the first
 node's launcher under torchrun): a store that refuses connections for `lost_after_s` while
 this rank stalls ends it too; shorter outages reconnect. A host that is frozen or cut off
-without closing its connections is not detected: c10d's store operations then wait without
-a deadline (the hang exit, then NCCL's timeout, remain).
+without closing its connections makes c10d's store operations wait with no deadline: a
+second thread, which never touches the store, stops the rank when one of the watcher's
+requests has gone unanswered for as long (again only while this rank stalls), and
+announce() and stop() give up on the store after a few seconds.
 
     watch = PeerFailureWatch(env).start()       # after init_distributed
     ...
@@ -49,6 +51,20 @@ from .distributed import DistEnv, broadcast_object, stderr_line
 
 def _one_line(text, limit: int = 300) -> str:
     return " ".join(str(text).split())[:limit]
+
+
+def _bounded(fn, timeout_s: float) -> bool:
+    """Run fn on a daemon thread for at most timeout_s: c10d's store operations against a
+    frozen host have no deadline. True if it returned (exceptions are swallowed)."""
+    def run():
+        try:
+            fn()
+        except Exception:
+            pass
+    t = threading.Thread(target=run, name="sra-fast-peer-watch-store", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    return not t.is_alive()
 
 
 def _say(line: str) -> None:
@@ -85,6 +101,10 @@ class PeerFailureWatch:
         self.store = None
         self.address = None                # (host, port) of the store, once start() found it
         self.thread: threading.Thread | None = None
+        # since when the watcher's current store request waits (None: none in flight); read
+        # by the deadline thread, which never touches the store itself
+        self._op_since: float | None = None
+        self._deadline_thread: threading.Thread | None = None
         self._wake = threading.Event()     # set by stop(): the thread leaves at once
         self._lock = threading.Lock()      # orders "a peer failed -> exit" against announce
         self._stopped = False    # by stop(), announce() or the watcher itself: never fire
@@ -160,6 +180,10 @@ class PeerFailureWatch:
         self.thread = threading.Thread(target=self._watch, name="sra-fast-peer-watch",
                                        daemon=True)
         self.thread.start()
+        if self.lost_after_s > 0:
+            self._deadline_thread = threading.Thread(
+                target=self._deadline_watch, name="sra-fast-peer-watch-deadline", daemon=True)
+            self._deadline_thread.start()
         return self
 
     def _watch(self) -> None:
@@ -182,6 +206,7 @@ class PeerFailureWatch:
                 if store_lost_since is not None:
                     store_lost_since = now
             stalled = now - self._progress_t >= self.lost_after_s
+            self._op_since = now
             try:
                 if self.store is None:   # after a store error: a new client
                     # a plain connect first: c10d's own retries would print a C++ stack
@@ -203,6 +228,7 @@ class PeerFailureWatch:
                             else:
                                 lost = (nxt, now - next_seen)
             except Exception as e:
+                self._op_since = None
                 if self._stopped:
                     return   # after stop(): the store's host may have left normally
                 if self.lost_after_s <= 0:
@@ -222,19 +248,23 @@ class PeerFailureWatch:
                         f"the launcher of the first node) is gone, so the run cannot go on")
                     return
                 continue
+            self._op_since = None
             if store_lost_since is not None:
                 store_lost_since = None
                 next_seen = now   # the next rank may not have reconnected yet
                 _say(f"(rank {rank}) [sra-fast] the rendezvous store answers again")
             if failed or lost:
                 break
+        # the last word, before any store write: announce() meanwhile must not count this
+        # rank a second time (an ack, then a failure), and stop() meanwhile wins
+        if not self._claim():
+            return
+        # the writes below can block on a store that stops answering: exit regardless
+        backstop = self._backstop(self.ack_wait_s + 10.0)
         who, msg = "?", "(its message could not be read)"
         published = False
         try:
             if lost is not None:   # announce the silent rank as failed, unless one was first
-                with self._lock:
-                    if self._stopped:
-                        return   # stop() or announce() meanwhile: theirs is the last word
                 who = str(lost[0])
                 msg = (f"no sign of life for {lost[1]:.0f} s (killed, crashed or its node "
                        f"lost; rank {rank} noticed)")
@@ -251,25 +281,59 @@ class PeerFailureWatch:
                 store.add(self.ack_key, 1)
         except Exception:
             pass   # the key was seen (or the silence was): stop anyway
-        self._stop_process(f"rank {who} failed: {msg}")
+        self._exit(f"rank {who} failed: {msg}", backstop)
+
+    def _claim(self) -> bool:
+        """Take the last word; False if stop(), announce() or a verdict already has it."""
+        with self._lock:
+            if self._stopped:
+                return False
+            self._stopped = True
+            return True
+
+    def _backstop(self, after_s: float) -> threading.Timer:
+        timer = threading.Timer(after_s, self.exit_fn, (1,))
+        timer.daemon = True
+        timer.start()
+        return timer
 
     def _stop_process(self, why: str) -> None:
-        with self._lock:
-            # announce() got here first: this rank is failing too and reports its own error
-            if self._stopped:
+        # announce() got here first: this rank is failing too and reports its own error
+        if self._claim():
+            self._exit(why, self._backstop(10.0))
+
+    def _exit(self, why: str, backstop: threading.Timer) -> None:
+        # the line may sit on a stalled file system (or fail): the backstop exits regardless
+        _say(f"(rank {self.env.rank}) [sra-fast] stopping: {why}")
+        try:
+            sys.stdout.flush()   # os._exit skips it
+        except Exception:
+            pass
+        self.exit_fn(1)
+        backstop.cancel()   # only reached when exit_fn returns (the tests')
+
+    def _deadline_watch(self) -> None:
+        """A store host frozen (SIGSTOP, a hung node) or cut off without closing its
+        connections leaves the watcher inside one store request for good. This thread never
+        touches the store: it ends the rank once that request has waited lost_after_s while
+        this rank made no progress for as long."""
+        last = floor = time.monotonic()
+        while not self._wake.wait(self.poll_s):
+            now = time.monotonic()
+            if now - last > 4 * self.poll_s + 1.0:
+                floor = now   # this process did not run meanwhile (a suspend): not counted
+            last = now
+            since = self._op_since
+            if since is None:
+                continue
+            waited = now - max(since, floor)
+            if waited >= self.lost_after_s and now - self._progress_t >= self.lost_after_s:
+                host, port = self.address
+                self._stop_process(
+                    f"the rendezvous store {host}:{port} has not answered a request for "
+                    f"{waited:.0f} s: its host (rank 0, or the launcher of the first node) is "
+                    f"frozen or cut off, so the run cannot go on")
                 return
-            self._stopped = True
-            # the line may sit on a stalled file system (or fail): exit regardless
-            backstop = threading.Timer(10.0, self.exit_fn, (1,))
-            backstop.daemon = True
-            backstop.start()
-            _say(f"(rank {self.env.rank}) [sra-fast] stopping: {why}")
-            try:
-                sys.stdout.flush()   # os._exit skips it
-            except Exception:
-                pass
-            self.exit_fn(1)
-            backstop.cancel()   # only reached when exit_fn returns (the tests')
 
     def _wait_for_acks(self, store) -> None:
         deadline = time.monotonic() + self.ack_wait_s
@@ -284,25 +348,23 @@ class PeerFailureWatch:
         """Normal end: stop watching. Call it on every rank between two final barriers, so
         the store host leaving afterwards is not mistaken for anything, and no rank stops
         watching while another may still fail. Idempotent."""
-        with self._lock:
-            was_stopped, self._stopped = self._stopped, True
+        was_stopped = not self._claim()
         self._wake.set()
         self._join()
         store = self.store
         if not was_stopped and store is not None and self.lost_after_s > 0:
-            try:   # the previous rank's watcher must not take the silence that follows for death
-                store.set(self.off_key(self.env.rank), "1")
-            except Exception:
-                pass
+            # the previous rank's watcher must not take the silence that follows for death;
+            # bounded: a frozen store host must not keep this rank from its normal end
+            _bounded(lambda: store.set(self.off_key(self.env.rank), "1"), 5.0)
 
     def _join(self) -> None:
         # a daemon thread still running when the interpreter finalises can abort the process
         # ("terminate called without an active exception", status 134 instead of ours); at
         # most one store round trip (or a brief reconnect) is in flight; the wait is bounded
         # in case the store hangs (its op is not)
-        t = self.thread
-        if t is not None and t is not threading.current_thread():
-            t.join(timeout=2.0)
+        for t in (self._deadline_thread, self.thread):
+            if t is not None and t is not threading.current_thread():
+                t.join(timeout=2.0)
 
     def announce(self, msg: str) -> None:
         """This rank is failing with `msg` (one line): tell the other ranks, then wait (at
@@ -316,14 +378,18 @@ class PeerFailureWatch:
             self._stopped = True
         self._wake.set()
         self._join()
-        try:
+        line = " ".join(str(msg).split()) or "(no message)"
+
+        def publish():
             store = self.store
-            if store is None:   # the watcher lost it and had not reconnected yet
+            if store is None or self.thread.is_alive():
+                # lost and not reconnected yet, or busy: the watcher is still inside a request
+                # (one client runs one at a time)
                 store = self._connect(datetime.timedelta(seconds=2.0))
-            line = " ".join(str(msg).split()) or "(no message)"
             # the first announcer's message wins: set only if the key does not exist yet
             store.compare_set(self.msg_key, "", f"{self.env.rank} {line}")
             store.add(self.failed_key, 1)
             self._wait_for_acks(store)
-        except Exception:
-            pass   # called on an error path: the caller's own error is what matters
+        # called on an error path: the caller's own error is what matters, so never raise,
+        # and never wait past the acks for a store that stopped answering
+        _bounded(publish, self.ack_wait_s + 5.0)

@@ -18,6 +18,7 @@ import faulthandler
 import json
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -652,6 +653,12 @@ class Trainer:
         Nothing that touches the run folder, and the writes to stderr last, under a backstop:
         a stalled file system, maybe the one that holds the log, may be what hangs."""
         threading.Timer(self.HANG_EXIT_GRACE_S, os._exit, args=(4,)).start()
+        # That timer needs the GIL, which faulthandler holds for as long as its write below
+        # blocks (stderr on the stalled file system): the kernel's alarm needs nothing, and
+        # SIGALRM's default action ends the process (status 142, -14 under torchrun). Only
+        # where nobody handles SIGALRM; signal.alarm works from any thread.
+        if signal.getsignal(signal.SIGALRM) == signal.SIG_DFL:
+            signal.setitimer(signal.ITIMER_REAL, self.HANG_EXIT_GRACE_S + 5.0)
         line = (f"[sra-fast] no step finished in {waited / 60:.1f} min (--hang-exit-min "
                 f"{self.cfg.hang_exit_min:g}; stacks above): stopping at step {self.step} with "
                 "exit status 4; continue with --resume auto from the newest checkpoint")

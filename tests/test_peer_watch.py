@@ -527,3 +527,137 @@ def test_each_finished_step_is_progress_for_the_watch():
     Trainer._step_done(fake, first=True)
     assert marks == [1, 1]
     Trainer._step_done(SimpleNamespace(_hang_s=0.0, peer_watch=None))   # a single process
+
+
+_FROZEN_HOST = """
+import datetime, sys, time
+import torch.distributed as dist
+s = dist.TCPStore("127.0.0.1", int(sys.argv[1]), is_master=True, wait_for_workers=False,
+                  timeout=datetime.timedelta(seconds=60))
+print("up", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture
+def frozen_store(monkeypatch):
+    """A store hosted by another process, which the test freezes (SIGSTOP: a hung node, a
+    host held by a debugger): its connections stay open, and no request gets an answer."""
+    import signal
+    port = _free_port()
+    host = subprocess.Popen([sys.executable, "-c", _FROZEN_HOST, str(port)], cwd=REPO,
+                            env=subprocess_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert host.stdout.readline().strip() == "up"
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+        yield lambda: host.send_signal(signal.SIGSTOP)
+    finally:   # the blocked requests of the watches end with the host
+        host.send_signal(signal.SIGCONT)
+        host.kill()
+        host.wait()
+
+
+@pytest.mark.timeout(120)
+def test_a_frozen_store_host_stops_the_rank_and_never_blocks_announce_or_stop(frozen_store,
+                                                                             capfd):
+    """Against a frozen store host c10d's requests wait with no deadline. The deadline thread
+    ends the rank once a request has waited lost_after_s while the rank made no progress
+    either (none while it does); announce() and stop() give up on the store in seconds."""
+    exits = _Exits()
+    w = _watch(exits, lost_after_s=1.0)
+    other_exits = _Exits()
+    announcer = _watch(other_exits, lost_after_s=0, ack_wait_s=0.5)   # no deadline thread
+    stopper = _watch(other_exits, lost_after_s=30)
+    time.sleep(0.3)
+    assert w.active and announcer.active and stopper.active
+    frozen_store()
+    t_end = time.monotonic() + 2.0   # while this rank makes progress, no verdict
+    while time.monotonic() < t_end:
+        w.mark_progress()
+        assert not exits.called.wait(0.05)
+    t0 = time.monotonic()
+    assert exits.called.wait(10)
+    assert exits.codes == [1] and 0.9 < time.monotonic() - t0 < 8
+    err = capfd.readouterr().err
+    assert re.search(rf"\(rank 1\) \[sra-fast\] stopping: the rendezvous store "
+                     rf"127\.0\.0\.1:{w.address[1]} has not answered a request for \d+ s: its "
+                     r"host \(rank 0, or the launcher of the first node\) is frozen or cut off",
+                     err), err
+    assert err.count("stopping") == 1, err
+
+    t0 = time.monotonic()
+    announcer.announce("disk full")   # its watcher is stuck in a request: bounded
+    stopper.stop()
+    assert time.monotonic() - t0 < 20
+    assert not other_exits.called.is_set()
+    w.stop()
+
+
+def test_a_rank_that_acks_and_then_fails_is_counted_once(store):
+    """The watcher claims the last word before it acks: announce() afterwards (this rank's
+    main thread failing too) neither counts it a second time nor outlives the verdict."""
+    exits = _Exits()
+    w = _watch(exits, ack_wait_s=0.3)
+    host = store["host"]
+
+    class AnnounceWhileAcking:   # this rank's main thread fails right as its watcher acks
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def add(self, key, n):
+            if key == w.ack_key:
+                w.announce("a failure of my own")
+            return self.inner.add(key, n)
+    w.store = AnnounceWhileAcking(w.store)
+    host.compare_set(w.msg_key, "", "0 disk full")
+    assert exits.called.wait(5)
+    assert host.add(w.ack_key, 0) + host.add(w.failed_key, 0) == 1
+    assert host.get(w.msg_key) == b"0 disk full"
+    w.stop()
+
+
+_GIL_HELD_EXIT = """
+import fcntl, os, sys, threading
+from types import SimpleNamespace
+from sra_fast.trainer import Trainer
+
+# fill stderr's pipe (nobody reads it): the next write blocks, as on a stalled file system
+fl = fcntl.fcntl(2, fcntl.F_GETFL)
+fcntl.fcntl(2, fcntl.F_SETFL, fl | os.O_NONBLOCK)
+try:
+    while True:
+        os.write(2, b"x" * 4096)
+except BlockingIOError:
+    pass
+fcntl.fcntl(2, fcntl.F_SETFL, fl)
+print("full", flush=True)
+fake = SimpleNamespace(HANG_EXIT_GRACE_S=0.5, cfg=SimpleNamespace(hang_exit_min=1.0), step=3,
+                       peer_watch=None, _hang_file=sys.stderr, main=True,
+                       env=SimpleNamespace(distributed=False))
+t = threading.Thread(target=Trainer._hang_exit, args=(fake, 90.0))   # as the watch thread
+t.start()
+t.join()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_the_hang_exit_ends_even_when_its_stack_dump_blocks_holding_the_gil():
+    """faulthandler's dump holds the GIL while its write blocks (stderr on a stalled file
+    system), so the backstop timer thread cannot run: the kernel's alarm ends the process."""
+    import signal
+    p = subprocess.Popen([sys.executable, "-c", _GIL_HELD_EXIT], cwd=REPO,
+                         env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        assert p.stdout.readline().strip() == "full"
+        t0 = time.monotonic()
+        rc = p.wait(timeout=60)
+    finally:
+        p.kill()
+        p.wait()
+    assert rc == -signal.SIGALRM and time.monotonic() - t0 < 30, rc
