@@ -11,9 +11,9 @@ inside a C call that no Python exception can interrupt).
 A rank that dies without a word (SIGKILL from the OOM killer, a segfault, a lost node) is
 found by its neighbour: every watcher bumps a counter of its own at each poll and reads the
 next rank's (a ring, so each rank reads one key and every set of dead ranks has a live
-watcher before it). A counter that has not moved for `lost_after_s`, while this rank has made
-no progress (mark_progress) for as long either, makes that neighbour announce the silent
-rank as failed. Both conditions, because each alone has innocent causes: a dead rank blocks
+watcher before it; a rank whose watch never started is skipped, with a warning). A counter
+that has not moved for `lost_after_s`, while this rank has made no progress (mark_progress)
+for as long either, makes that neighbour announce the silent rank as failed. Both conditions, because each alone has innocent causes: a dead rank blocks
 the next collective, so every live rank stalls; but a watcher thread can also be starved
 (a C call holding the GIL) or cut from the store (a network partition the NCCL fabric does
 not share) while its rank trains on, and a long checkpoint stalls everyone. A process
@@ -227,6 +227,15 @@ class PeerFailureWatch:
                                 next_off = True
                             else:
                                 lost = (nxt, now - next_seen)
+                        elif count == 0 and now - next_seen >= self.lost_after_s:
+                            # its watch never started (it could not reach the store): it
+                            # cannot be judged, but the ranks after it must not go unwatched
+                            _say(f"(rank {rank}) [sra-fast] warning: rank {nxt}'s peer watch "
+                                 f"never started: it is not watched, rank {rank} watches the "
+                                 "rank after it")
+                            nxt = (nxt + 1) % world
+                            next_count, next_seen = 0, now
+                            watch_next = nxt != rank
             except Exception as e:
                 self._op_since = None
                 if self._stopped:

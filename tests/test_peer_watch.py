@@ -395,6 +395,34 @@ def test_a_next_rank_without_a_watch_is_never_taken_for_dead(store, case):
     w.stop()
 
 
+def test_a_rank_whose_watch_never_started_is_skipped_in_the_ring(store, capsys):
+    """Rank 1 of 3 reads rank 2, whose watch never started: after lost_after_s it warns and
+    reads rank 0 instead, whose silence it then announces (rank 0 would otherwise go
+    unwatched: its only watcher is rank 2)."""
+    exits = _Exits()
+    w = PeerFailureWatch(DistEnv(rank=1, world_size=3), poll_s=0.05, exit_fn=exits,
+                         lost_after_s=0.6, ack_wait_s=0.2).start()   # nobody acks here
+    host = store["host"]
+    stopped = threading.Event()
+    beats = threading.Thread(target=_beat, args=(host, w.alive_key(0), 0.1, stopped))
+    beats.start()
+    try:
+        deadline = time.monotonic() + 5
+        while "never started" not in (err := capsys.readouterr().err):
+            assert time.monotonic() < deadline, err
+            time.sleep(0.05)
+        assert ("(rank 1) [sra-fast] warning: rank 2's peer watch never started: it is not "
+                "watched, rank 1 watches the rank after it") in err
+        assert not exits.called.wait(1.0)          # rank 0 shows signs of life
+    finally:
+        stopped.set()
+        beats.join()
+    assert exits.called.wait(5)                    # then falls silent
+    msg = host.get(w.msg_key).decode()
+    assert msg.startswith("0 no sign of life for "), msg
+    w.stop()
+
+
 def test_no_store_to_connect_to_is_a_warning_not_an_error(monkeypatch, capsys):
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     monkeypatch.delenv("MASTER_PORT", raising=False)
