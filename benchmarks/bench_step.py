@@ -353,6 +353,10 @@ def main(argv=None):
                     help="stop starting new configurations after this many seconds (0: none)")
     ap.add_argument("--compile-reserve-s", type=float, default=150.0,
                     help="with a budget, skip compile providers when less than this is left")
+    ap.add_argument("--after-compile-s", type=float, default=0.0,
+                    help="with a budget, a compile configuration is stopped this many seconds "
+                         "before the budget's end, and the entries after it still run (0: it "
+                         "may take all that is left)")
     ap.add_argument("--csv", default=None, help=f"CSV to append to (default {DEFAULT_CSV}; "
                     "--quick writes none unless given)")
     ap.add_argument("--no-csv", action="store_true")
@@ -426,28 +430,40 @@ def main(argv=None):
     # The budget also ends a configuration still running at its end (a cold torch.compile
     # can take minutes): an alarm raises OutOfBudget there, and SIGINT (gpu_check's time
     # limit) ends it the same way; either way the rows so far and the table come out.
-    if args.budget_s > 0 and hasattr(signal, "setitimer"):
+    timed = args.budget_s > 0 and hasattr(signal, "setitimer")
+    if timed:
         signal.signal(signal.SIGALRM, _budget_alarm)
-        signal.setitimer(signal.ITIMER_REAL, max(args.budget_s - (time.time() - t_start), 0.01))
     stopped = None
     for name, batch, prov, res in plan:
         left = args.budget_s - (time.time() - t_start) if args.budget_s > 0 else math.inf
-        if stopped or left <= 0 or (PROVIDERS[prov].get("compile")
-                                    and left < args.compile_reserve_s):
+        compiles = bool(PROVIDERS[prov].get("compile"))
+        if stopped or left <= 0 or (compiles and left < args.compile_reserve_s):
             row = {"model": name, "res": res, "batch": batch, "provider": prov,
                    "status": stopped or f"skipped (budget, {max(left, 0):.0f}s left)"}
         else:
+            # a cold torch.compile may take minutes: with --after-compile-s it is cut off
+            # early enough that the cheaper entries after it still get their turn
+            own = compiles and args.after_compile_s > 0 and left > args.after_compile_s
+            if timed:
+                signal.setitimer(signal.ITIMER_REAL, max(
+                    left - (args.after_compile_s if own else 0.0), 0.01))
             print(f"-- {name} {res}px batch {batch}: {prov}", flush=True)
             try:
                 _IN_CONFIG["on"] = True
                 row = run_one(name, batch, prov, args, device, peak, res)
             except (OutOfBudget, KeyboardInterrupt) as e:
                 why = "budget" if isinstance(e, OutOfBudget) else "interrupted"
+                if own and isinstance(e, OutOfBudget):
+                    why = (f"its limit, {args.after_compile_s:.0f}s before the budget's end; "
+                           "the entries after it run")
+                else:
+                    stopped = f"not run ({why})"
                 row = {"model": name, "res": res, "batch": batch, "provider": prov,
                        "status": f"stopped ({why}) after {time.time() - t_start:.0f}s"}
-                stopped = f"not run ({why})"
             finally:
                 _IN_CONFIG["on"] = False
+                if timed:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
             print(f"   {row.get('status')}: " + (f"{row['ms']:.2f} ms/step, "
                   f"{row['img_s']:.1f} img/s, peak {row['peak_gib']:.2f} GiB, MFU "
                   f"{row['mfu_pct']:.1f}%, first step {row['first_step_s']:.1f}s"
@@ -457,8 +473,6 @@ def main(argv=None):
         rows.append(row)
         if csv_path:
             append_csv(csv_path, [row])
-    if args.budget_s > 0 and hasattr(signal, "setitimer"):
-        signal.setitimer(signal.ITIMER_REAL, 0)
     print_summary(rows, info, peak)
     if csv_path:
         print(f"rows appended to {csv_path}")

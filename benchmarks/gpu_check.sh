@@ -82,8 +82,9 @@ if [ "$MAX_S" -gt 0 ] && { [ "$BUDGET_S" -le 0 ] || [ "$BUDGET_S" -gt "$MAX_S" ]
 fi
 FIXED_S=35   # environment report + summary + slack
 PRIORITY=(STEP TESTS TESTS_STEP OPS UPDATE INFER COMPILE TRAIN)
+# train_smoke: start-up, cold Triton compiles at its width, capture, 2 checkpoints, a grid
 declare -A FLOOR=([STEP]=150 [TESTS]=45 [TESTS_STEP]=45 [OPS]=45 [UPDATE]=15 [INFER]=15 [COMPILE]=25
-                  [TRAIN]=30)
+                  [TRAIN]=45)
 ORDER=(TESTS STEP OPS INFER UPDATE TESTS_STEP COMPILE TRAIN)   # the order they run in
 declare -A WANT=([STEP]=$T_STEP [TESTS]=$T_TESTS [TESTS_STEP]=$T_TESTS_STEP [OPS]=$T_OPS
                  [UPDATE]=$T_UPDATE [INFER]=$T_INFER [COMPILE]=$T_COMPILE [TRAIN]=$T_TRAIN)
@@ -119,6 +120,10 @@ declare -a SUMMARY=()
   "bench_ops ${T_OPS}, bench_infer ${T_INFER}, bench_update ${T_UPDATE}," \
   "tests_step ${T_TESTS_STEP}, tests_compile ${T_COMPILE}, train_smoke ${T_TRAIN} (0: skipped)"
 
+# kept free at the end: a part may outlive its limit by the 15 s SIGKILL grace, then the
+# summary (its Python calls bounded below) must still print before the deadline
+END_MARGIN_S=40
+
 limit_for() {  # limit_for KEY: the seconds part KEY may take now (0: skip it)
   local key="$1" t="${WANT[$1]}" reserve=0 after=0 j
   if [ "$BUDGET_S" -gt 0 ]; then
@@ -126,7 +131,7 @@ limit_for() {  # limit_for KEY: the seconds part KEY may take now (0: skip it)
       [ "$after" = 1 ] && reserve=$(( reserve + GIVE[$j] ))
       [ "$j" = "$key" ] && after=1
     done
-    local avail=$(( START + BUDGET_S - 20 - $(date +%s) - reserve ))
+    local avail=$(( START + BUDGET_S - END_MARGIN_S - $(date +%s) - reserve ))
     [ "$t" -gt "$avail" ] && t=$avail
     # a part planned out runs only if time freed since covers its floor
     if [ "${GIVE[$key]}" -eq 0 ] && [ "$t" -lt "${FLOOR[$key]}" ]; then t=0; fi
@@ -138,7 +143,7 @@ limit_for() {  # limit_for KEY: the seconds part KEY may take now (0: skip it)
 upto_deadline() {  # upto_deadline T: T, or less when the budget's deadline is nearer
   local t="$1"
   if [ "$BUDGET_S" -gt 0 ]; then
-    local until_deadline=$(( START + BUDGET_S - 20 - $(date +%s) ))
+    local until_deadline=$(( START + BUDGET_S - END_MARGIN_S - $(date +%s) ))
     [ "$t" -gt "$until_deadline" ] && t=$until_deadline
   fi
   echo "$t"
@@ -207,8 +212,24 @@ m = ext.load(jit=True)
 cuda = m is not None and m.with_cuda
 print("[ext] built:", ext.available(), "with CUDA:", cuda, ext.unavailable_reason())
 raise SystemExit(0 if cuda else 1)'
+# (the whole subshell redirected: holding the log's pipe, it would keep the script's output
+# open after its end; stopped at the end if still running)
 ( SRA_FAST_JIT_EXT=1 MAX_JOBS=8 timeout -s INT -k 15 300 "$PY" -c "$EXT_BUILD" \
-    > "$WORK/ext_build.out" 2>&1 && touch "$WORK/ext_build.ok" || touch "$WORK/ext_build.failed" ) &
+    && touch "$WORK/ext_build.ok" || touch "$WORK/ext_build.failed" ) \
+    </dev/null >"$WORK/ext_build.out" 2>&1 &
+EXT_PID=$!
+ext_check() {  # before each part that loads the extension: a build that failed is not
+  # retried inside that part's time (a running one is waited for)
+  if [ -f "$WORK/ext_build.failed" ]; then
+    if [ -n "${SRA_FAST_JIT_EXT:-}" ] || [ "${EXT_SAID:-0}" = 0 ]; then
+      echo "extension build failed: the parts from here on run without it"
+      tail -20 "$WORK/ext_build.out"
+    fi
+    unset SRA_FAST_JIT_EXT; EXT_SAID=1
+  else
+    export SRA_FAST_JIT_EXT=1
+  fi
+}
 
 HAVE_PYTEST=0
 "$PY" -c "import pytest" 2>/dev/null && HAVE_PYTEST=1
@@ -234,25 +255,21 @@ else
   echo "pytest is not installed: CUDA tests skipped"; SUMMARY+=("tests      NOT RUN (no pytest)")
 fi
 
-# the benchmarks use the extension built above (fused-EMA and one-pass providers); a build
-# that failed is not retried inside their time (a running one is waited for)
-if [ -f "$WORK/ext_build.failed" ]; then
-  echo "extension build failed (see below): the benchmarks run without it"
-  cat "$WORK/ext_build.out" | tail -20
-else
-  export SRA_FAST_JIT_EXT=1
-fi
+# the benchmarks use the extension built above (fused-EMA and one-pass providers)
+ext_check
 
 STEP_ARGS=()
 [ "${GPU_CHECK_DRY:-0}" = "1" ] && STEP_ARGS+=(--quick)
 # Ordered by importance: with the budget, the later entries are the ones skipped. First the
 # headline ratio (ours with CUDA graph vs torch.compile reduce-overhead, the off-the-shelf
 # best), then the rest of SiT-XL/2, then SiT-B/2's ratio, then the others.
-# Ours for both headline models first (seconds each), then the off-the-shelf best for XL (a
-# cold torch.compile of XL may take minutes), then the rest.
-PLAN="SiT-XL/2@64=ours-graph;SiT-B/2@256=ours-graph;SiT-XL/2@64=compile-ro"
-PLAN+=";SiT-XL/2@64=eager-ref,ours-graph-t16,ours-graph-fema,ours-graph-1p,ours"
-PLAN+=";SiT-B/2@256=compile-ro,eager-ref,ours"
+# Ours and the eager reference for both headline models first (seconds each), then the
+# off-the-shelf best (a cold torch.compile may take minutes: B/2's, the smaller graph, first;
+# each is cut off --after-compile-s before the budget's end so the entries after it still
+# run), then the rest.
+PLAN="SiT-XL/2@64=ours-graph;SiT-B/2@256=ours-graph;SiT-XL/2@64=eager-ref;SiT-B/2@256=eager-ref"
+PLAN+=";SiT-B/2@256=compile-ro;SiT-XL/2@64=compile-ro"
+PLAN+=";SiT-XL/2@64=ours-graph-t16,ours-graph-fema,ours-graph-1p,ours;SiT-B/2@256=ours"
 PLAN+=";DiT-XL/2@64=ours-graph,ours"
 PLAN+=";SiT-XL/2@32@512=ours-graph,eager-ref"
 PLAN+=";SiT-XL/2@64=ours-graph-sync"
@@ -260,7 +277,8 @@ PLAN+=";SiT-XL/2@64=compile"
 [ "${GPU_CHECK_DRY:-0}" = "1" ] && PLAN="tiny-SiT@8=eager-ref,ours,ours-graph,ours-graph-sync;tiny-DiT@8=ours-graph"
 L=$(limit_for STEP)
 part bench_step "$L" "$PY" benchmarks/bench_step.py "${STEP_ARGS[@]}" --plan "$PLAN" \
-     --steps 12 --warmup 3 --budget-s $(( L > 35 ? L - 25 : 10 )) --compile-reserve-s 100 \
+     --steps 12 --warmup 3 --budget-s $(( L > 35 ? L - 25 : 10 )) --compile-reserve-s 75 \
+     --after-compile-s 40 \
      --csv "$OUT_DIR/bench_step.csv"
 
 # XL/2 shapes only: bench_ops compiles each op for its `compile` provider; its CSV rows are
@@ -285,10 +303,12 @@ if [ -f benchmarks/bench_ops.py ]; then
   part bench_infer "$(limit_for INFER)" "$PY" benchmarks/bench_ops.py "${INFER_ARGS[@]}"
 fi
 # the parameter update alone (SiT-XL/2's 675M parameters; extension built in the background)
+ext_check
 UPDATE_ARGS=(--csv "$OUT_DIR/bench_ops.csv")
 if [ "${GPU_CHECK_DRY:-0}" = "1" ]; then UPDATE_ARGS+=(--quick); else UPDATE_ARGS+=(--model SiT-XL/2); fi
 part bench_update "$(limit_for UPDATE)" "$PY" benchmarks/bench_update.py "${UPDATE_ARGS[@]}"
 
+ext_check
 if [ $HAVE_PYTEST = 1 ]; then
   part tests_step "$(limit_for TESTS_STEP)" "$PY" -m pytest -q "${XDIST[@]}" -m cuda tests/test_step_cuda.py \
        tests/test_fused_ema.py tests/test_fused_adamw_ema.py -p no:cacheprovider -rfEs \
@@ -309,17 +329,24 @@ TRAIN_ARGS=(--max-steps 60 --precision bf16 --log-every 20 --ckpt-every 30 --sam
 rm -rf "$WORK/train_smoke"
 part train_smoke "$(limit_for TRAIN)" "$PY" train.py "${TRAIN_ARGS[@]}"
 
+EXT_STATE=""
+if kill -0 "$EXT_PID" 2>/dev/null; then   # still building: stopped (SIGINT through timeout)
+  pkill -INT -P "$EXT_PID" 2>/dev/null; kill "$EXT_PID" 2>/dev/null
+  EXT_STATE="build still running at the end: stopped"
+fi
 echo
 echo "=================== SUMMARY ($(( $(date +%s) - START ))s total) ==================="
 for s in "${SUMMARY[@]}"; do echo "  $s"; done
-if [ -f "$WORK/ext_build.ok" ] || [ -f "$WORK/ext_build.failed" ]; then
+if [ -n "$EXT_STATE" ]; then
+  echo "  extension: $EXT_STATE"
+elif [ -f "$WORK/ext_build.ok" ] || [ -f "$WORK/ext_build.failed" ]; then
   echo "  extension: $(grep -h '^\[ext\]' "$WORK/ext_build.out" | tail -1)"
 else
-  echo "  extension: build still running or not started"
+  echo "  extension: build not started"
 fi
 for xml in "$OUT_DIR"/pytest_cuda_{kernels,step,compile}.xml; do
   [ -f "$xml" ] || { echo "  $(basename "$xml"): none (timed out or not run)"; continue; }
-  "$PY" - "$xml" <<'EOF'
+  timeout 10 "$PY" - "$xml" <<'EOF'
 import os, sys, xml.etree.ElementTree as ET
 root = ET.parse(sys.argv[1]).getroot()
 suite = root if root.tag == "testsuite" else root.find("testsuite")
@@ -346,6 +373,6 @@ if [ -s "$WORK/bench_update.out" ]; then   # its table: from the line naming the
       "$WORK/bench_update.out"
 fi
 if [ -f "$OUT_DIR/bench_step.csv" ]; then
-  "$PY" benchmarks/bench_step.py --summarize "$OUT_DIR/bench_step.csv"
+  timeout 20 "$PY" benchmarks/bench_step.py --summarize "$OUT_DIR/bench_step.csv"
 fi
 echo "full log: $LOG"

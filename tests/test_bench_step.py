@@ -63,3 +63,33 @@ def test_budget_stops_a_configuration_that_outlives_it(tmp_path, capsys, monkeyp
     assert rows[0]["status"].startswith("stopped (budget)")
     assert rows[1]["status"] == "not run (budget)"
     assert "x_eager_ref" in capsys.readouterr().out
+
+
+def test_a_compile_configuration_cut_at_its_own_limit_lets_the_next_ones_run(tmp_path,
+                                                                               monkeypatch):
+    """--after-compile-s: a cold torch.compile that would take the whole budget is stopped
+    that many seconds before its end; the cheaper entries after it (the eager baseline) run."""
+    import time
+    bench = load_bench()
+    ran = []
+
+    def fake_run_one(name, batch, prov, *a, **k):
+        ran.append(prov)
+        if prov.startswith("compile"):
+            time.sleep(30)
+        return {"model": name, "res": 32, "batch": batch, "provider": prov, "status": "ok",
+                "ms": 1.0, "img_s": 8.0, "peak_gib": 0.1, "mfu_pct": 1.0, "first_step_s": 0.1}
+    monkeypatch.setattr(bench, "run_one", fake_run_one)
+    monkeypatch.setattr(bench, "measure_matmul_tflops", lambda *a, **k: 1.0)
+    out = tmp_path / "bench_step.csv"
+    t0 = time.time()
+    assert bench.main(["--quick", "--plan", "tiny-SiT@4=compile-ro,eager-ref,compile",
+                       "--budget-s", "4", "--compile-reserve-s", "0", "--after-compile-s",
+                       "2.5", "--csv", str(out)]) == 0
+    assert time.time() - t0 < 20
+    rows = list(csv.DictReader(out.open()))
+    assert rows[0]["status"].startswith("stopped (its limit, 2s before the budget's end")
+    assert rows[1]["status"] == "ok"
+    # the second compile starts with less than --after-compile-s left: cut by the budget
+    assert rows[2]["status"].startswith("stopped (budget)"), rows[2]
+    assert ran == ["compile-ro", "eager-ref", "compile"]

@@ -96,14 +96,21 @@ def compare(A, B, exact_adamw: bool):
     pb, eb, sb, ob = B
     close = (lambda a, b: torch.equal(a, b)) if exact_adamw else \
         (lambda a, b: torch.allclose(a, b, rtol=4e-7 * 8, atol=1e-7))
+
+    def why(what, a, b):   # one log line tells an arithmetic-form mismatch from a real bug
+        d = (a.double() - b.double()).abs()
+        rel = d / b.double().abs().clamp_min(1e-30)
+        return (f"{what}: max abs diff {d.max().item():.3g}, max rel diff "
+                f"{rel.max().item():.3g}, {int((d > 0).sum())} of {d.numel()} differ")
     for i, (x, y) in enumerate(zip(pa, pb)):
-        assert close(x.detach(), y.detach()), f"param {i}"
-        assert close(ea[i], eb[i]), f"ema {i}"
+        assert close(x.detach(), y.detach()), why(f"param {i}", x.detach(), y.detach())
+        assert close(ea[i], eb[i]), why(f"ema {i}", ea[i], eb[i])
         if sa[i] is not None:   # every poisoned element written, and exactly bf16(ema)
             assert torch.equal(sa[i], ea[i].to(torch.bfloat16)), f"shadow {i}"
         if x.requires_grad:
             for k in ("exp_avg", "exp_avg_sq"):
-                assert close(oa.state[x][k], ob.state[y][k]), f"{k} {i}"
+                assert close(oa.state[x][k], ob.state[y][k]), why(
+                    f"{k} {i}", oa.state[x][k], ob.state[y][k])
             assert torch.equal(oa.state[x]["step"].cpu(), ob.state[y]["step"].cpu())
     # the frozen tensor: EMA lerp only, bitwise torch.lerp (its parameter never changes)
     assert torch.equal(pa[-1], pb[-1]) and torch.equal(ea[-1], eb[-1])

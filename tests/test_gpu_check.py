@@ -31,11 +31,11 @@ def plan(tmp_path, **env):
 
 
 def test_without_a_budget_the_check_fits_one_device_command(tmp_path):
-    # the defaults (565 s + 35) exceed 570: floors first (370), then top-ups by need; the
-    # last ones (infer, compile tests, train smoke) give way
+    # the defaults (565 s + 35) exceed 570: floors first (385), then top-ups by need; the
+    # last ones (update, infer, compile tests) give way
     budget, parts = plan(tmp_path)
     assert budget == CAP and sum(parts.values()) == CAP - FIXED
-    assert parts == {**DEFAULTS, "bench_infer": 25, "tests_compile": 25, "train_smoke": 30}
+    assert parts == {**DEFAULTS, "bench_update": 25, "bench_infer": 15, "tests_compile": 25}
     assert plan(tmp_path, GPU_CHECK_BUDGET_S=2000) == (budget, parts)
 
 
@@ -49,15 +49,15 @@ def test_a_short_budget_gives_floors_by_need_then_tops_up(tmp_path):
     # no longer fits, so every later part is skipped and the 10 s left go to the step
     _, parts = plan(tmp_path, GPU_CHECK_BUDGET_S=240)
     assert parts == {**{k: 0 for k in DEFAULTS}, "bench_step": 160, "tests_kernels": 45}
-    # 400 s: every floor but the train smoke's fits (340 of 365), the 25 s left top up the
+    # 400 s: every floor but the train smoke's (45) fits (340 of 365), the 25 s left top up the
     # step benchmark first
     _, parts = plan(tmp_path, GPU_CHECK_BUDGET_S=400)
     assert parts == {"tests_kernels": 45, "bench_step": 175, "bench_ops": 45, "bench_infer": 15,
                      "bench_update": 15, "tests_step": 45, "tests_compile": 25, "train_smoke": 0}
-    # 500 s: floors 370, then step +65 (to 215), kernel tests +15, step tests +15
+    # 500 s: floors 385, then step +65 (to 215), kernel tests +15
     _, parts = plan(tmp_path, GPU_CHECK_BUDGET_S=500)
     assert parts == {"tests_kernels": 60, "bench_step": 215, "bench_ops": 45, "bench_infer": 15,
-                     "bench_update": 15, "tests_step": 60, "tests_compile": 25, "train_smoke": 30}
+                     "bench_update": 15, "tests_step": 45, "tests_compile": 25, "train_smoke": 45}
 
 
 @pytest.mark.parametrize("budget", [120, 240, 333, 400, 480, 560, 600, 900])
