@@ -451,8 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
                "input, a checkpoint that cannot be written or out of device memory (one line "
                "on stderr); 3 stopped after "
                "--max-nonfinite non-finite losses; 4 no step finished in --hang-exit-min "
-               "minutes (142, SIGALRM, if even its stack dump blocked); 128+N stopped by signal N (143 SIGTERM, "
-               "138 SIGUSR1) after writing a checkpoint; 130 Ctrl-C, without one.",
+               "minutes (142, SIGALRM, if even its stack dump blocked); 128+N stopped by "
+               "signal N (143 SIGTERM, 138 SIGUSR1) after writing a checkpoint; 130 Ctrl-C, "
+               "without one.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=None, help="JSON file of config values (flags given "
                    "on the command line override it)")

@@ -13,10 +13,11 @@ found by its neighbour: every watcher bumps a counter of its own at each poll an
 next rank's (a ring, so each rank reads one key and every set of dead ranks has a live
 watcher before it; a rank whose watch never started is skipped, with a warning). A counter
 that has not moved for `lost_after_s`, while this rank has made no progress (mark_progress)
-for as long either, makes that neighbour announce the silent rank as failed. Both conditions, because each alone has innocent causes: a dead rank blocks
-the next collective, so every live rank stalls; but a watcher thread can also be starved
-(a C call holding the GIL) or cut from the store (a network partition the NCCL fabric does
-not share) while its rank trains on, and a long checkpoint stalls everyone. A process
+for as long either, makes that neighbour announce the silent rank as failed. Both
+conditions, because each alone has innocent causes: a dead rank blocks the next collective,
+so every live rank stalls; but a watcher thread can also be starved (a C call holding the
+GIL) or cut from the store (a network partition the NCCL fabric does not share) while its
+rank trains on, and a long checkpoint stalls everyone. A process
 stopped as a whole (a debugger holding it) looks dead. A watcher whose own process did not
 run for a while (a SLURM suspend of the whole job) does not count that time. The store's
 host dying is the same event seen from the other side (rank 0 under env://, the first

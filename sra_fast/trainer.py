@@ -656,7 +656,7 @@ class Trainer:
         # That timer needs the GIL, which faulthandler holds for as long as its write below
         # blocks (stderr on the stalled file system): the kernel's alarm needs nothing, and
         # SIGALRM's default action ends the process (status 142, -14 under torchrun). Only
-        # where nobody handles SIGALRM; signal.alarm works from any thread.
+        # where nobody handles SIGALRM; setitimer works from any thread.
         if signal.getsignal(signal.SIGALRM) == signal.SIG_DFL:
             signal.setitimer(signal.ITIMER_REAL, self.HANG_EXIT_GRACE_S + 5.0)
         line = (f"[sra-fast] no step finished in {waited / 60:.1f} min (--hang-exit-min "
