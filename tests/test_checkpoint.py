@@ -1,6 +1,5 @@
 """Released checkpoint files: allow-listed loading, strict state-dict matching, clear errors."""
 import argparse
-import pickle
 
 import pytest
 import torch

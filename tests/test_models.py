@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sra_fast import ops
-from sra_fast.models import ALL_MODELS, DiT, DiT_models, SiT, SiT_models, build_model
+from sra_fast.models import ALL_MODELS, DiT, SiT, SiT_models, build_model
 
 from released_style import ReleasedStyleDiT, pos_embed_2d, timestep_embedding
 
