@@ -215,6 +215,19 @@ def _watch(exits, **kw):
                             **kw).start()
 
 
+def _no_verdict_while_progressing_then_exit_1(w, exits):
+    """For 2 s this rank makes progress: no verdict; then it stalls: exit 1 after about
+    lost_after_s (1 s)."""
+    t_end = time.monotonic() + 2.0
+    while time.monotonic() < t_end:
+        w.mark_progress()
+        assert not exits.called.wait(0.05)
+    t0 = time.monotonic()
+    assert exits.called.wait(10)
+    took = time.monotonic() - t0
+    assert exits.codes == [1] and 0.9 < took < 8, took
+
+
 def test_the_watcher_reads_the_failure_acks_it_and_exits_1(store, capsys):
     exits = _Exits()
     w = _watch(exits)
@@ -294,14 +307,7 @@ def test_a_store_gone_for_lost_after_s_stops_the_rank(store, capfd):
     w = _watch(exits, lost_after_s=1.0)
     time.sleep(0.2)
     store.clear()
-    t_end = time.monotonic() + 2.0   # while this rank makes progress, no verdict
-    while time.monotonic() < t_end:
-        w.mark_progress()
-        assert not exits.called.wait(0.05)
-    t0 = time.monotonic()
-    assert exits.called.wait(10)
-    took = time.monotonic() - t0
-    assert exits.codes == [1] and 0.9 < took < 8, took
+    _no_verdict_while_progressing_then_exit_1(w, exits)   # lost_after_s 1 s
     err = capfd.readouterr().err
     port = w.address[1]
     assert err.count(f"(rank 1) [sra-fast] warning: the rendezvous store 127.0.0.1:{port} "
@@ -601,13 +607,7 @@ def test_a_frozen_store_host_stops_the_rank_and_never_blocks_announce_or_stop(fr
     time.sleep(0.3)
     assert w.active and announcer.active and stopper.active
     frozen_store()
-    t_end = time.monotonic() + 2.0   # while this rank makes progress, no verdict
-    while time.monotonic() < t_end:
-        w.mark_progress()
-        assert not exits.called.wait(0.05)
-    t0 = time.monotonic()
-    assert exits.called.wait(10)
-    assert exits.codes == [1] and 0.9 < time.monotonic() - t0 < 8
+    _no_verdict_while_progressing_then_exit_1(w, exits)   # lost_after_s 1 s
     err = capfd.readouterr().err
     assert re.search(rf"\(rank 1\) \[sra-fast\] stopping: the rendezvous store "
                      rf"127\.0\.0\.1:{w.address[1]} has not answered a request for \d+ s: its "
