@@ -117,9 +117,25 @@ def pick_device(pref: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def raise_open_file_limit() -> None:
+    """Soft open-file limit up to the hard one: the store's host (rank 0 under env:// and
+    srun) holds a few sockets per rank (the process group's client, the peer watch's), and
+    the common soft limit of 1024 runs out at a few hundred ranks."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ImportError, ValueError, OSError):   # not POSIX, or not allowed: keep it
+        pass
+
+
 def init_distributed(device: str = "auto", timeout_min: float = 30.0) -> DistEnv:
     """Create the process group when launched by torchrun or srun with several processes."""
     rank, world, local_rank, local_world = env_ranks()
+    if world > 1:
+        raise_open_file_limit()
     dev = pick_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)

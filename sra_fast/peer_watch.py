@@ -47,7 +47,8 @@ import uuid
 
 import torch.distributed as dist
 
-from .distributed import DistEnv, broadcast_object, stderr_line
+from .distributed import (DistEnv, broadcast_object, env_ranks, launched_by_srun,
+                          srun_rendezvous, stderr_line)
 
 
 def _one_line(text, limit: int = 300) -> str:
@@ -403,3 +404,179 @@ class PeerFailureWatch:
         # called on an error path: the caller's own error is what matters, so never raise,
         # and never wait past the acks for a store that stopped answering
         _bounded(publish, self.ack_wait_s + 5.0)
+
+
+class StartupFailureWatch:
+    """The same, for the time before the process group exists (PeerFailureWatch needs it):
+    a rank that fails while starting (no GPU for its LOCAL_RANK, an error creating the
+    process group, Ctrl-C) leaves the others in the rendezvous or in NCCL's setup, which wait
+    for it up to the process-group timeout (30 min) and no Python exception interrupts.
+
+    Every rank polls the rendezvous store (MASTER_ADDR:MASTER_PORT) for a startup-failure
+    key from its first moment, with its own client that connects once the store's host has
+    created it. A failing rank sets that key; when it is itself the store's host to be (rank
+    0 under env:// and srun, which fails before or while creating the store) it hosts one for
+    the announcement and stays, at most wait_s, until every other rank has read it (they may
+    start minutes later). A watcher that hosts the store does the same before it exits.
+
+        startup = StartupFailureWatch().start()    # before init_distributed
+        env = init_distributed(...)                # on failure: startup.announce(msg)
+        watch = PeerFailureWatch(env).start()
+        startup.stop()                             # both watch the start's one collective
+    """
+
+    def __init__(self, wait_s: float = 180.0, poll_s: float = 1.0, exit_fn=os._exit):
+        self.wait_s = float(wait_s)
+        self.poll_s = float(poll_s)
+        self.exit_fn = exit_fn
+        self.rank, self.world = 0, 1
+        self.address = None
+        self.store = None
+        self.thread: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._stopped = False
+        e = os.environ
+        # one namespace per launch attempt: an older torchrun's agent store outlives a restart
+        run = e.get("TORCHELASTIC_RUN_ID") or e.get("SLURM_JOB_ID", "") + "." + e.get(
+            "SLURM_STEP_ID", "")
+        prefix = (f"sra_fast/startup_failure/{run}/"
+                  f"attempt{e.get('TORCHELASTIC_RESTART_COUNT', '0')}/")
+        self.msg_key, self.ack_key, self.failed_key = (prefix + "msg", prefix + "acks",
+                                                       prefix + "failed")
+
+    @property
+    def hosts_store(self) -> bool:
+        """This process hosts the store: rank 0, unless torchrun's agent does."""
+        return self.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+
+    def start(self) -> "StartupFailureWatch":
+        try:
+            self.rank, self.world = env_ranks()[:2]
+            if launched_by_srun():
+                srun_rendezvous()   # init_distributed does it too: same values
+            if self.world > 1:
+                self.address = (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+        except (KeyError, ValueError, RuntimeError):
+            # init_distributed says what is wrong with the launch, on every rank alike
+            self.world = 1
+        if self.world > 1:
+            self.thread = threading.Thread(target=self._watch, daemon=True,
+                                           name="sra-fast-startup-watch")
+            self.thread.start()
+        return self
+
+    def _client(self):
+        # a plain connect first: c10d's own retries print a C++ stack each time (the store
+        # does not exist until its host creates it)
+        socket.create_connection(self.address, timeout=2.0).close()
+        return dist.TCPStore(*self.address, is_master=False, wait_for_workers=False,
+                             timeout=datetime.timedelta(seconds=5))
+
+    def _watch(self) -> None:
+        while not self._wake.wait(self.poll_s):
+            try:
+                if self.store is None:
+                    self.store = self._client()
+                if not self.store.check([self.msg_key]):
+                    continue
+            except Exception:
+                self.store = None   # not created yet, or gone: try again
+                continue
+            with self._lock:
+                if self._stopped:
+                    return
+                self._stopped = True
+            # a store host frozen mid-write must not keep this rank from exiting
+            backstop = threading.Timer(self.wait_s + 10.0, self.exit_fn, (1,))
+            backstop.daemon = True
+            backstop.start()
+            who, msg = "?", "(its message could not be read)"
+            try:
+                who, _, msg = self.store.get(self.msg_key).decode(
+                    errors="replace").partition(" ")
+                self.store.add(self.ack_key, 1)
+            except Exception:
+                pass
+            _say(f"(rank {self.rank}) [sra-fast] stopping: rank {who} failed while "
+                 f"starting: {msg}")
+            if self.hosts_store:
+                self._wait_for_the_others(self.store)
+            try:
+                sys.stdout.flush()
+            except Exception:
+                pass
+            self.exit_fn(1)
+            backstop.cancel()   # only reached when exit_fn returns (the tests')
+            return
+
+    def _wait_for_the_others(self, store) -> None:
+        """This process hosts the store: stay until every other rank has read the failure
+        (acked, or failed itself), at most wait_s, saying so once."""
+        deadline = time.monotonic() + self.wait_s
+        said = False
+        try:
+            while store.add(self.ack_key, 0) + store.add(self.failed_key, 0) < self.world:
+                if time.monotonic() >= deadline:
+                    return
+                if not said:
+                    _say(f"(rank {self.rank}) [sra-fast] this rank hosts the rendezvous "
+                         f"store: waiting up to {self.wait_s:.0f} s for the other ranks to "
+                         "read the failure")
+                    said = True
+                time.sleep(0.1)
+        except Exception:
+            pass
+
+    def stop(self) -> None:
+        """The process group exists and PeerFailureWatch has taken over. Idempotent."""
+        with self._lock:
+            self._stopped = True
+        self._wake.set()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout=2.0)   # at most one store round trip in flight
+        self.store = None
+
+    def announce(self, msg: str) -> None:
+        """This rank failed while starting with `msg` (one line): tell the others. Call it
+        after printing the error. Never raises; a no-op for one process, after stop(), or
+        once the watcher has seen another rank's failure."""
+        with self._lock:
+            if self.thread is None or self._stopped:
+                return
+            self._stopped = True
+        self._wake.set()
+        self.thread.join(timeout=2.0)
+        line = " ".join(str(msg).split()) or "(no message)"
+        deadline = time.monotonic() + self.wait_s
+
+        def publish():
+            store, said = None, False
+            while store is None:
+                if self.hosts_store:
+                    # the store's host to be: nobody else would create it. multi_tenant: the
+                    # process group's own server, if this rank got that far, is reused
+                    try:
+                        store = dist.TCPStore(*self.address, world_size=self.world,
+                                              is_master=True, wait_for_workers=False,
+                                              multi_tenant=True,
+                                              timeout=datetime.timedelta(seconds=5))
+                        break
+                    except Exception:
+                        pass
+                try:
+                    store = self._client()
+                except Exception:
+                    if time.monotonic() >= deadline:
+                        return
+                    if not said:
+                        _say(f"(rank {self.rank}) [sra-fast] the rendezvous store "
+                             f"{self.address[0]}:{self.address[1]} does not answer yet: "
+                             f"trying for up to {self.wait_s:.0f} s to tell the other ranks")
+                        said = True
+                    time.sleep(1.0)
+            store.compare_set(self.msg_key, "", f"{self.rank} {line}")
+            store.add(self.failed_key, 1)
+            if self.hosts_store:
+                self._wait_for_the_others(store)
+        _bounded(publish, self.wait_s + 10.0)

@@ -34,7 +34,7 @@ from .config import build_model, model_kind
 from .data import error_line, out_of_memory_line
 from .distributed import barrier, cleanup, derive_seed, init_distributed, stderr_line
 from .metrics_log import progress_bar
-from .peer_watch import PeerFailureWatch
+from .peer_watch import PeerFailureWatch, StartupFailureWatch
 from .sampling import (SAMPLERS, SamplerConfig, SiTOriginalTime, decode_latents, image_grid,
                        load_vae, sample, to_uint8)
 from .step import autocast_ctx
@@ -281,11 +281,21 @@ def _claim_parts(parts: Path, settings: dict):
 
 
 def run(a) -> Path | None:
-    env = init_distributed(a.device, timeout_min=180)
     # Several processes: one that fails tells the others, which would otherwise sample on and
-    # then wait at the last barrier for the 3-hour timeout; one that dies without a word is
-    # announced by its neighbour (sra_fast.peer_watch). Finished batches are kept either way.
+    # then wait at the last barrier for the 3-hour timeout (or in the rendezvous, when it
+    # fails while starting); one that dies without a word is announced by its neighbour
+    # (sra_fast.peer_watch). Finished batches are kept either way.
+    startup = StartupFailureWatch(wait_s=60 * (a.peer_lost_min or 3)).start()
+    try:
+        env = init_distributed(a.device, timeout_min=180)
+    except BaseException as e:
+        startup.announce("interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt)
+                         else f"error: {error_line(e)}")
+        if isinstance(e, RuntimeError):   # --device cuda without CUDA, more ranks than GPUs
+            raise ValueError(error_line(e)) from None   # main's one-line error
+        raise
     watch = PeerFailureWatch(env, lost_after_s=60 * a.peer_lost_min).start()
+    startup.stop()   # after start()'s one collective, which both watch
     try:
         if env.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = a.tf32

@@ -38,7 +38,7 @@ from .grad_sync import broadcast_module_
 from .metrics_log import MetricsLogger, flops_per_image, peak_tflops
 from .objective import SRAObjective, align_weight, make_ema, released_weight_schedule
 from .ops.attention import set_attention_backend
-from .peer_watch import PeerFailureWatch
+from .peer_watch import PeerFailureWatch, StartupFailureWatch
 from .run_lock import RunFolderBusy, lock_run_folder
 from .sampling import (SamplerConfig, decode_latents, grid_labels, image_grid, load_vae,
                        sample, to_uint8)
@@ -966,24 +966,27 @@ def main(argv=None) -> int:
     def say(msg):
         # every rank says it: an error may be one rank's own (its data shard, a file only it
         # cannot read), and torchrun shows nothing but an exit code otherwise
-        who = "" if env is None or not env.distributed or env.is_main else f"(rank {env.rank}) "
-        stderr_line(f"{who}{msg}")
+        rank = env.rank if env is not None else startup.rank   # (before the process group)
+        stderr_line(f"{f'(rank {rank}) ' if rank else ''}{msg}")
 
     def failed(msg, status):
-        """Say it, and stop the other ranks now (they may wait in a collective until the
-        process-group timeout otherwise: sra_fast.peer_watch)."""
+        """Say it, and stop the other ranks now (they may wait in a collective, or in the
+        rendezvous, until the process-group timeout otherwise: sra_fast.peer_watch)."""
         say(msg)
-        if watch is not None:
-            watch.announce(msg)
+        (watch or startup).announce(msg)
         return status
 
     trainer, watch = None, None
+    # from the first moment: a rank that fails before the process group exists (no GPU for
+    # its local rank, the group's creation) would leave the others in the rendezvous
+    startup = StartupFailureWatch(wait_s=60 * (cfg.peer_lost_min or 3)).start()
     try:
         try:
             env = init_distributed(cfg.device)
         except RuntimeError as e:   # --device cuda without CUDA, more ranks than GPUs...
             raise RunError(error_line(e)) from None
         watch = PeerFailureWatch(env, lost_after_s=60 * cfg.peer_lost_min).start()
+        startup.stop()   # after start()'s one collective, which both watch
         trainer = Trainer(cfg, env, peer_watch=watch)
         result = trainer.train()
         barrier(env)    # watched: a rank failing after the last collective (its final

@@ -13,6 +13,10 @@ line runs it) in which something goes wrong at step 2. argv: MODE, then train.py
            main()'s final barrier
     slow   no hang: every step works (CPU time, which stops while the process is stopped)
            0.4 x --hang-exit-min, the first one 2 x; each says "step N" on stderr first
+    nogpuK rank K fails while starting, before the process group exists (its device pick
+           says there is no GPU for it), after a 2 s delay: the others are in the rendezvous
+           by then (rank 0, the store's host to be, is the one that must create it)
+    pgfailK  rank K's creation of the process group fails (as an NCCL setup might)
 """
 import os
 import signal
@@ -22,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sra_fast import trainer  # noqa: E402
+from sra_fast import distributed, trainer  # noqa: E402
 from sra_fast.data import DataError  # noqa: E402
 
 one_step = trainer.Trainer.one_step
@@ -63,6 +67,16 @@ if mode == "late" and rank == 1:
         train(self)
         raise DataError("a failure after the last collective")
     trainer.Trainer.train = train_then_fail
+if mode == f"nogpu{rank}":
+    def no_gpu(pref="auto", local_rank=0):
+        time.sleep(2)
+        raise RuntimeError(f"LOCAL_RANK {local_rank} but only 0 GPUs are visible on this node")
+    distributed.pick_device = no_gpu
+if mode == f"pgfail{rank}":
+    def pg_fails(**kw):
+        time.sleep(2)
+        raise RuntimeError("NCCL error: unhandled system error (a stand-in)")
+    distributed.dist.init_process_group = pg_fails
 if mode == "hangs" and world > 1 and rank == 0:
     i = args.index("--hang-exit-min") + 1
     args[i] = str(10 * float(args[i]))

@@ -4,6 +4,8 @@ task. argv: MODE, then sample's arguments.
     ok     nothing goes wrong
     fails  rank 1 fails at its first batch with a clean error (exit 2); rank 0 sleeps 120 s
            in its first batch, standing for a long sampling run
+    nogpu1 rank 1 fails while starting, 2 s in (its device pick finds no GPU for it): rank 0
+           waits in the rendezvous meanwhile
 """
 import os
 import sys
@@ -13,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import sra_fast.sample as S  # noqa: E402
+from sra_fast import distributed  # noqa: E402
 
 mode, args = sys.argv[1], sys.argv[2:]
 rank = int(os.environ.get("SLURM_PROCID", "0"))
@@ -31,4 +34,9 @@ def sample(*a, **k):
 
 
 S.sample = sample
+if mode == "nogpu1" and rank == 1:
+    def no_gpu(pref="auto", local_rank=0):
+        time.sleep(2)
+        raise RuntimeError(f"LOCAL_RANK {local_rank} but only 0 GPUs are visible on this node")
+    distributed.pick_device = no_gpu
 sys.exit(S.main(args))

@@ -158,3 +158,28 @@ def test_one_gpu_bound_per_process_is_cuda_0(monkeypatch):
         pick_device("auto", local_rank=3)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     assert pick_device("cuda", local_rank=3) == torch.device("cuda", 3)
+
+
+def test_a_distributed_start_raises_the_soft_open_file_limit_to_the_hard_one():
+    """The store's host holds sockets per rank: a soft limit of 256 (below the hard one) is
+    raised when the process group is made; a world of one leaves it alone."""
+    import resource
+    import subprocess
+    import sys
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the hard limit here is {hard}")
+    code = ("import resource, sys; from unittest import mock; import sra_fast.distributed as d\n"
+            "with mock.patch.object(d.dist, 'init_process_group'):\n"
+            "    d.init_distributed('cpu')\n"
+            "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n")
+    for world, raised in (("1", False), ("2", True)):
+        env = dict(os.environ, PYTHONPATH=str(REPO), RANK="0", WORLD_SIZE=world,
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)))
+        got = int(out.stdout.split()[-1])
+        assert (got > 256) == raised, (world, got, out.stderr)
+        if raised:
+            assert got == (hard if hard != resource.RLIM_INFINITY else 1 << 20)

@@ -459,6 +459,28 @@ def test_a_training_rank_that_fails_stops_a_rank_stuck_in_a_collective(tmp_path)
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", ["nogpu1", "nogpu0", "pgfail2"])
+def test_a_rank_failing_while_starting_stops_the_others_in_the_rendezvous(tmp_path, mode):
+    """Through main() as 3 srun tasks: one rank fails before the process group exists (no GPU
+    for it; rank 0 then never creates the store the others wait for) or while creating it;
+    the others, waiting in the rendezvous for the 30-min timeout, stop within seconds saying
+    why (exit 1), and the failing rank says its own error (exit 2)."""
+    failing = int(mode[-1])
+    rc, outs, took = _train_tasks(mode, tmp_path, world=3)
+    both = "\n".join(o[-2000:] for o in outs)
+    error = ("error: LOCAL_RANK 1 but only 0 GPUs" if mode == "nogpu1" else
+             "error: LOCAL_RANK 0 but only 0 GPUs" if mode == "nogpu0" else
+             "error: NCCL error: unhandled system error (a stand-in)")
+    assert rc == [2 if r == failing else 1 for r in range(3)], both
+    prefix = f"(rank {failing}) " if failing else ""
+    assert f"{prefix}{error}" in outs[failing], both
+    for r in set(range(3)) - {failing}:
+        assert (f"(rank {r}) [sra-fast] stopping: rank {failing} failed while starting: "
+                f"{error}") in outs[r], both
+    assert took < 60, took   # the rendezvous waits 30 min
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("killed", [1, 0])
 def test_a_training_rank_killed_without_a_word_stops_the_other(tmp_path, killed):
     """Through main() as srun tasks, --peer-lost-min 2 s: rank `killed` is SIGKILLed at step

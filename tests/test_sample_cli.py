@@ -218,3 +218,18 @@ def test_a_failing_sampling_process_stops_the_others(tmp_path, ckpt):
             "failure on rank 1") in outs[0], both
     assert "error: decoding latents: a test failure on rank 1" in outs[1], both
     assert took < 60, took   # the sleep was 120 s
+
+
+@pytest.mark.timeout(300)
+def test_a_sampling_process_failing_while_starting_stops_the_others(tmp_path, ckpt):
+    """Rank 1 finds no GPU for itself before the process group exists: rank 0, waiting in
+    the rendezvous (3-hour timeout when sampling), stops within seconds saying why; rank 1's
+    error is one line (exit 2), not a traceback."""
+    rc, outs, took = _sample_tasks("nogpu1", base_args(ckpt, tmp_path / "s.npz"), 2)
+    both = "\n---\n".join(outs)
+    assert rc == [1, 2], both
+    assert ("(rank 0) [sra-fast] stopping: rank 1 failed while starting: error: LOCAL_RANK 1 "
+            "but only 0 GPUs are visible on this node") in outs[0], both
+    assert "error: LOCAL_RANK 1 but only 0 GPUs are visible" in outs[1], both
+    assert "Traceback" not in outs[1], both
+    assert took < 60, took
