@@ -501,7 +501,7 @@ class StartupFailureWatch:
             _say(f"(rank {self.rank}) [sra-fast] stopping: rank {who} failed while "
                  f"starting: {msg}")
             if self.hosts_store:
-                self._wait_for_the_others(self.store)
+                self._wait_for_the_others(self.store, self.wait_s)
             try:
                 sys.stdout.flush()
             except Exception:
@@ -510,10 +510,10 @@ class StartupFailureWatch:
             backstop.cancel()   # only reached when exit_fn returns (the tests')
             return
 
-    def _wait_for_the_others(self, store) -> None:
+    def _wait_for_the_others(self, store, wait_s: float) -> None:
         """This process hosts the store: stay until every other rank has read the failure
         (acked, or failed itself), at most wait_s, saying so once."""
-        deadline = time.monotonic() + self.wait_s
+        deadline = time.monotonic() + wait_s
         said = False
         try:
             while store.add(self.ack_key, 0) + store.add(self.failed_key, 0) < self.world:
@@ -521,7 +521,7 @@ class StartupFailureWatch:
                     return
                 if not said:
                     _say(f"(rank {self.rank}) [sra-fast] this rank hosts the rendezvous "
-                         f"store: waiting up to {self.wait_s:.0f} s for the other ranks to "
+                         f"store: waiting up to {wait_s:.0f} s for the other ranks to "
                          "read the failure")
                     said = True
                 time.sleep(0.1)
@@ -537,10 +537,13 @@ class StartupFailureWatch:
             self.thread.join(timeout=2.0)   # at most one store round trip in flight
         self.store = None
 
-    def announce(self, msg: str) -> None:
-        """This rank failed while starting with `msg` (one line): tell the others. Call it
-        after printing the error. Never raises; a no-op for one process, after stop(), or
-        once the watcher has seen another rank's failure."""
+    def announce(self, msg: str, wait_s: float | None = None) -> None:
+        """This rank failed while starting with `msg` (one line): tell the others, trying
+        for at most wait_s (default: the watch's) to reach a store not created yet and, as
+        its host, waiting as long for them to read it; a short wait_s where every rank failed
+        alike (Ctrl-C reaches them all). Call it after printing the error. Never raises (a
+        second Ctrl-C ends the wait); a no-op for one process, after stop(), or once the
+        watcher has seen another rank's failure."""
         with self._lock:
             if self.thread is None or self._stopped:
                 return
@@ -548,7 +551,8 @@ class StartupFailureWatch:
         self._wake.set()
         self.thread.join(timeout=2.0)
         line = " ".join(str(msg).split()) or "(no message)"
-        deadline = time.monotonic() + self.wait_s
+        wait_s = self.wait_s if wait_s is None else float(wait_s)
+        deadline = time.monotonic() + wait_s
 
         def publish():
             store, said = None, False
@@ -572,11 +576,14 @@ class StartupFailureWatch:
                     if not said:
                         _say(f"(rank {self.rank}) [sra-fast] the rendezvous store "
                              f"{self.address[0]}:{self.address[1]} does not answer yet: "
-                             f"trying for up to {self.wait_s:.0f} s to tell the other ranks")
+                             f"trying for up to {wait_s:.0f} s to tell the other ranks")
                         said = True
                     time.sleep(1.0)
             store.compare_set(self.msg_key, "", f"{self.rank} {line}")
             store.add(self.failed_key, 1)
             if self.hosts_store:
-                self._wait_for_the_others(store)
-        _bounded(publish, self.wait_s + 10.0)
+                self._wait_for_the_others(store, wait_s)
+        try:
+            _bounded(publish, wait_s + 10.0)
+        except KeyboardInterrupt:
+            pass

@@ -289,8 +289,10 @@ def run(a) -> Path | None:
     try:
         env = init_distributed(a.device, timeout_min=180)
     except BaseException as e:
-        startup.announce("interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt)
-                         else f"error: {error_line(e)}")
+        if isinstance(e, KeyboardInterrupt):   # every rank got it: no long wait
+            startup.announce("interrupted (Ctrl-C)", wait_s=5.0)
+        else:
+            startup.announce(f"error: {error_line(e)}")
         if isinstance(e, RuntimeError):   # --device cuda without CUDA, more ranks than GPUs
             raise ValueError(error_line(e)) from None   # main's one-line error
         raise

@@ -969,11 +969,14 @@ def main(argv=None) -> int:
         rank = env.rank if env is not None else startup.rank   # (before the process group)
         stderr_line(f"{f'(rank {rank}) ' if rank else ''}{msg}")
 
-    def failed(msg, status):
+    def failed(msg, status, startup_wait_s=None):
         """Say it, and stop the other ranks now (they may wait in a collective, or in the
         rendezvous, until the process-group timeout otherwise: sra_fast.peer_watch)."""
         say(msg)
-        (watch or startup).announce(msg)
+        if watch is not None:
+            watch.announce(msg)
+        else:
+            startup.announce(msg, wait_s=startup_wait_s)
         return status
 
     trainer, watch = None, None
@@ -1018,5 +1021,6 @@ def main(argv=None) -> int:
         if trainer is not None:
             complete, _ = list_checkpoints(ckpt_dir(trainer.run_dir))
             newest = complete[0] if complete else None
+        # (before the process group: every rank got the Ctrl-C, so no long wait to tell them)
         return failed(f"[sra-fast] interrupted (Ctrl-C): no checkpoint written; the newest "
-                      f"complete one is {newest or '(none)'}", 130)
+                      f"complete one is {newest or '(none)'}", 130, startup_wait_s=5.0)

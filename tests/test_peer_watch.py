@@ -15,7 +15,7 @@ import pytest
 import torch.distributed as dist
 
 from sra_fast.distributed import DistEnv
-from sra_fast.peer_watch import PeerFailureWatch
+from sra_fast.peer_watch import PeerFailureWatch, StartupFailureWatch
 from trainer_fixtures import REPO, finish_procs, srun_like_procs, subprocess_env
 
 WORKER = Path(__file__).resolve().parent / "peer_watch_worker.py"
@@ -443,6 +443,44 @@ def test_no_store_to_connect_to_is_a_warning_not_an_error(monkeypatch, capsys):
     assert "cannot connect to the rendezvous store" in capsys.readouterr().err
     w.announce("x")
     w.stop()
+
+
+def _startup_watch(monkeypatch, rank, world, **kw):
+    for k in ("TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RUN_ID", "SLURM_PROCID"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))   # nobody listens yet
+    return StartupFailureWatch(poll_s=0.05, **kw).start()
+
+
+def test_the_startup_watch_of_one_process_is_a_no_op(monkeypatch):
+    exits = _Exits()
+    w = _startup_watch(monkeypatch, 0, 1, exit_fn=exits)
+    assert w.thread is None
+    t = time.monotonic()
+    w.announce("error: x")   # no store, nobody to tell: returns at once
+    assert time.monotonic() - t < 1 and not exits.codes
+    w.stop()
+
+
+@pytest.mark.parametrize("rank", [1, 0])
+def test_a_startup_announcement_waits_at_most_its_wait_for_a_store_or_readers(monkeypatch,
+                                                                             capsys, rank):
+    """Rank 1 finds no store (rank 0 not started yet) and tries for wait_s; rank 0 hosts one
+    and waits as long for a reader who never comes; a short wait (Ctrl-C, which reached
+    every rank) overrides the watch's, and both say what they wait for."""
+    w = _startup_watch(monkeypatch, rank, 2, wait_s=60.0, exit_fn=_Exits())
+    t = time.monotonic()
+    w.announce("interrupted (Ctrl-C)", wait_s=1.0)
+    took = time.monotonic() - t
+    err = capsys.readouterr().err
+    assert 0.9 < took < 5, took
+    if rank == 1:
+        assert "does not answer yet: trying for up to 1 s to tell the other ranks" in err, err
+    else:
+        assert "hosts the rendezvous store: waiting up to 1 s for the other ranks" in err, err
 
 
 @pytest.mark.timeout(300)
