@@ -1,6 +1,7 @@
 """Install sra-fast. The top-level kernels/ folder becomes the `sra_fast.kernels` package.
 
-The optional C++/CUDA extension in csrc/ (`sra_fast._C`, a fused multi-tensor EMA update) is
+The optional C++/CUDA extension in csrc/ (`sra_fast._C`: a fused multi-tensor EMA update and
+the one-pass AdamW + EMA update) is
 built only with SRA_FAST_BUILD_EXT=1; a plain `pip install -e .` compiles nothing and
 everything runs without it. With the switch on: a CUDAExtension (-DWITH_CUDA, arch list
 from TORCH_CUDA_ARCH_LIST, default "9.0") when torch has CUDA and a toolkit is found, else a

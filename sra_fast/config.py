@@ -226,7 +226,7 @@ class TrainConfig:
     peak_tflops: float | None = _f(None, "the accelerator's peak TFLOP/s for the MFU printout "
                                    "(default: known GPUs only)", runtime=True)
     # ---------------------------------------------------------------- sample grids
-    sample_sampler: str = _f("heun", "sampler for training-time grids",
+    sample_sampler: str = _f("heun", "sampler for training-time grids (a DiT's: always ddpm)",
                              choices=("euler", "heun", "sde", "ddpm"), runtime=True)
     sample_num_steps: int | None = _f(None, "steps of the grid sampler (preset: 30 digits, 50 "
                                       "latents)", runtime=True)
@@ -397,7 +397,7 @@ RENAMED = {"sample_steps": "sample_num_steps"}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The embedded run: 1200 steps of a 1.9M-parameter SiT (patch 2 on the 8x8 digits: 16
-    # tokens), about 3 minutes on 2 CPU cores. The EMA decay is short (0.995) because the
+    # tokens), about 2 minutes on 2 CPU cores. The EMA decay is short (0.995) because the
     # run is short: with 0.9999 (or even 0.999) the EMA -- the SRA teacher and the weights
     # the grids are drawn with -- would still be mostly its random initialisation.
     "digits": dict(model="SiT-T/2", batch_size=64, lr=1e-3, lr_warmup_steps=100,
@@ -440,6 +440,22 @@ def add_config_args(parser: argparse.ArgumentParser, cls=TrainConfig) -> argpars
     return parser
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, except where none would say anything: None (a preset
+    or a rule decides, as the flag's help says) and on/off switches (their help says what
+    turning them on does)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action, (argparse._StoreTrueAction,
+                                                         argparse._StoreFalseAction)):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class RawDescriptionHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """The same, with the description (a module docstring) kept as written."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train.py",
@@ -452,9 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
                "on stderr); 3 stopped after "
                "--max-nonfinite non-finite losses; 4 no step finished in --hang-exit-min "
                "minutes (142, SIGALRM, if even its stack dump blocked); 128+N stopped by "
-               "signal N (143 SIGTERM, 138 SIGUSR1) after writing a checkpoint; 130 Ctrl-C, "
-               "without one.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               "signal N (143 SIGTERM, 138 SIGUSR1), after writing a checkpoint once training "
+               "has begun (not during setup, a run of non-finite losses, or with "
+               "--no-save-on-signal); 130 Ctrl-C, without one.",
+        formatter_class=HelpFormatter)
     p.add_argument("--config", default=None, help="JSON file of config values (flags given "
                    "on the command line override it)")
     # a released spelling whose meaning differs here: refused rather than silently changed

@@ -24,22 +24,27 @@ def progress_bar(*args, **kw):
     return tqdm(*args, **kw)
 
 
-# Dense peak TFLOP/s of common accelerators (tensor cores, no sparsity) by precision.
+# Dense peak TFLOP/s of common accelerators (datasheets: tensor cores, no sparsity) by
+# precision; fp32 is TF32 on tensor cores, fp32-ieee the plain fp32 rate (--no-tf32).
 PEAK_TFLOPS = {
-    "H200": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7},
-    "H100": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7},   # SXM; TF32 for fp32
-    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0},
-    "L40S": {"bf16": 362.0, "fp16": 362.0, "fp32": 183.0},
-    "A10": {"bf16": 125.0, "fp16": 125.0, "fp32": 62.5},
+    "H200": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7, "fp32-ieee": 66.9},
+    "H100": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7, "fp32-ieee": 66.9},   # SXM
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0, "fp32-ieee": 19.5},
+    "L40S": {"bf16": 362.0, "fp16": 362.0, "fp32": 183.0, "fp32-ieee": 91.6},
+    "A10": {"bf16": 125.0, "fp16": 125.0, "fp32": 62.5, "fp32-ieee": 31.2},
 }
 
 
-def peak_tflops(device: torch.device, precision: str, override: float | None = None):
-    """Peak TFLOP/s of `device` for `precision`, or None when unknown (CPU, other GPUs)."""
+def peak_tflops(device: torch.device, precision: str, override: float | None = None,
+                tf32: bool = True):
+    """Peak TFLOP/s of `device` for `precision` (fp32: with TF32 matmuls or without), or None
+    when unknown (CPU, other GPUs)."""
     if override:
         return float(override)
     if device.type != "cuda":
         return None
+    if precision == "fp32" and not tf32:
+        precision = "fp32-ieee"
     name = torch.cuda.get_device_name(device)
     for key, table in PEAK_TFLOPS.items():
         if key in name:

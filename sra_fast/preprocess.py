@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import HelpFormatter, RawDescriptionHelpFormatter
 from .data import (DataError, PackedWriter, check_packed_dest, convert_released_to_packed,
                    error_line, out_of_memory_line)
 from .distributed import env_ranks, pick_device, stderr_line
@@ -248,6 +249,11 @@ def encode(a) -> int:
              "chunk_size": a.chunk_size, "formats": sorted(formats)}
     digest = hashlib.sha256(json.dumps(index, sort_keys=True).encode()).hexdigest()
     if rank == 0:
+        if "released" in formats and done_released:
+            # (--overwrite) vae-sd/ is rewritten in place: unfinished until the new
+            # dataset.json, so that a run stopped midway never passes for complete with the
+            # old labels over a mix of old and new latents
+            (dest / "vae-sd" / "dataset.json").unlink(missing_ok=True)
         try:
             work.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -349,9 +355,10 @@ def encode(a) -> int:
 
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m sra_fast.preprocess", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("encode", help="image folder -> SD-VAE latent moments")
+    e = sub.add_parser("encode", help="image folder -> SD-VAE latent moments",
+                       formatter_class=HelpFormatter)
     e.add_argument("--source", required=True, help="image folder: one sub-folder per class "
                    "(ImageNet style), or with a dataset.json of labels (the released convert "
                    "output)")
@@ -368,22 +375,29 @@ def build_parser():
     e.add_argument("--chunk-size", type=int, default=1024,
                    help="images per work unit (the unit of resuming)")
     e.add_argument("--num-workers", type=int, default=8, help="image-decoding workers")
-    e.add_argument("--max-images", type=int, default=None)
+    e.add_argument("--max-images", type=int, default=None,
+                   help="encode only the first N images of the listing (all when left out)")
     e.add_argument("--max-chunks", type=int, default=None,
                    help="encode at most this many chunks in this process, then stop without "
                         "finalising (time-sliced jobs; run again to continue)")
     e.add_argument("--wait-timeout", type=float, default=0,
                    help="rank 0: seconds to wait for other ranks' chunks (0: forever)")
     e.add_argument("--keep-work", action="store_true", help="keep DATA/.sra-work")
-    e.add_argument("--overwrite", action="store_true")
-    e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    c = sub.add_parser("convert", help="released vae-sd layout -> packed folder")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace a finished packed/ dataset, rewrite a finished vae-sd/ in place")
+    e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: CUDA when available")
+    c = sub.add_parser("convert", help="released vae-sd layout -> packed folder",
+                       formatter_class=HelpFormatter)
     c.add_argument("--source", required=True, help="folder holding vae-sd/ (or vae-sd itself)")
     c.add_argument("--dest", required=True, help="packed output folder")
-    c.add_argument("--dtype", default="float32", choices=("float32", "float16"))
-    c.add_argument("--threads", type=int, default=16)
-    c.add_argument("--num-classes", type=int, default=None)
-    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--dtype", default="float32", choices=("float32", "float16"),
+                   help="storage dtype of the packed array")
+    c.add_argument("--threads", type=int, default=16, help="file-reading threads")
+    c.add_argument("--num-classes", type=int, default=None,
+                   help="the label count (when left out: 1000, as the released trainers, or "
+                        "the largest label + 1 above that)")
+    c.add_argument("--overwrite", action="store_true", help="replace a finished packed dataset")
     return p
 
 

@@ -7,7 +7,7 @@
 Writes OUT.npz (arr_0: uint8 NHWC images, labels: int64 classes) and OUT.json beside it with
 every sampler setting, the checkpoint's SHA-256, the seed and the versions, so an FID can
 be reproduced. Sample i always gets the same noise and label (they derive from (seed, i)),
-whatever the number of processes. Each process writes finished batches to OUT.parts/ (a
+whatever the number of processes. Each process writes finished batches to OUT.npz.parts/ (a
 crashed run resumes there, only with the same checkpoint content and settings); rank 0
 assembles the .npz, written to a temporary name and renamed. Checkpoints: ours (model built
 from the stored config) or released ones (built from their args, or
@@ -30,7 +30,7 @@ import torch
 
 from . import __version__
 from .checkpoint import CheckpointError, load_model_state, state_dict_from
-from .config import build_model, model_kind
+from .config import RawDescriptionHelpFormatter, build_model, model_kind
 from .data import error_line, out_of_memory_line
 from .distributed import barrier, cleanup, derive_seed, init_distributed, stderr_line
 from .metrics_log import progress_bar
@@ -124,15 +124,17 @@ def _original_sit_path(args: dict) -> str:
 
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m sra_fast.sample", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint file (ours or released)")
-    p.add_argument("--weights", default="ema", choices=("ema", "model"),
-                   help="which weights to sample with")
+    p.add_argument("--weights", default="ema", choices=("ema", "model", "student"),
+                   help="which weights to sample with: the EMA, or the trained model's "
+                        "(model; also spelled student, as train.py's --sample-weights)")
     p.add_argument("--sampler", default=None, choices=SAMPLERS,
                    help="sde (SiT default, the released evaluation), euler, heun; ddpm (DiT)")
     p.add_argument("--num-steps", type=int, default=None,
-                   help="sampling steps (default: 250 sde/ddpm, 50 ODE)")
-    p.add_argument("--cfg-scale", type=float, default=1.0)
+                   help="sampling steps (250 sde/ddpm, 50 ODE)")
+    p.add_argument("--cfg-scale", type=float, default=1.0,
+                   help="classifier-free guidance scale (1: none)")
     p.add_argument("--guidance-low", type=float, default=0.0,
                    help="guidance interval start (t in [0,1], t=1 noise)")
     p.add_argument("--guidance-high", type=float, default=1.0,
@@ -142,27 +144,35 @@ def build_parser():
                         "SiT/DiT code)")
     p.add_argument("--t-min", type=float, default=0.04, help="SDE: last stochastic time")
     p.add_argument("--path-type", default=None, choices=("linear", "cosine"),
-                   help="SiT path (default: the checkpoint's)")
-    p.add_argument("--num-samples", type=int, default=50_000)
+                   help="SiT path (the checkpoint's)")
+    p.add_argument("--num-samples", type=int, default=50_000, help="how many to draw")
     p.add_argument("--batch-size", type=int, default=64, help="samples per batch per process")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="sample i's noise and label derive from (seed, i)")
     p.add_argument("--classes", default="random",
                    help="'random' (uniform, as the released generate.py), 'balanced' "
                         "(i mod classes) or a comma list of class ids to cycle through")
-    p.add_argument("--out", default=None, help="output .npz (default: next to the checkpoint)")
+    p.add_argument("--out", default=None, help="output .npz (next to the checkpoint, named by "
+                   "the settings)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out (otherwise refused: a finished sample set)")
     p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
                    help="decoder for latent models: local path or hub name; 'none' stores "
                         "the latents (float32, key 'latents') instead of images")
     p.add_argument("--grid", default=None, help="also write a PNG grid of the first 64 samples")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="the model's autocast precision")
     p.add_argument("--model", default=None, help="model name for released checkpoints "
                    "without args")
-    p.add_argument("--resolution", type=int, default=None)
-    p.add_argument("--num-classes", type=int, default=None)
-    p.add_argument("--trust-checkpoint", action="store_true")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image size, for released checkpoints without args")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classes, for released checkpoints without args")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle the checkpoint without the allow-list (only for files "
+                        "you trust)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: CUDA when available")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="TF32 matmuls and convolutions on CUDA (as the released sampler; "
                         "--no-tf32 for true fp32)")
@@ -207,6 +217,8 @@ def _check_args(a):
         raise ValueError("--num-samples and --batch-size must be >= 1")
     if not a.peer_lost_min >= 0:
         raise ValueError(f"--peer-lost-min must be >= 0 (0: never), got {a.peer_lost_min}")
+    if a.weights == "student":   # train.py's name for them
+        a.weights = "model"
     if a.grid:
         grid = Path(a.grid)
         _check_output_file(grid, "--grid", create_parents=False)
@@ -246,7 +258,7 @@ def _short(v):
 
 
 def _claim_parts(parts: Path, settings: dict):
-    """Create OUT.parts/ or resume in it: finished batches are reused only when they were
+    """Create OUT.npz.parts/ or resume in it: finished batches are reused only when they were
     drawn from the same checkpoint content (SHA-256) with the same settings; anything else
     is refused, never mixed in or silently deleted."""
     try:
@@ -320,7 +332,7 @@ def _run(a, env, watch: PeerFailureWatch) -> Path | None:
     ckpt_path = Path(a.ckpt)
     before = _file_id(ckpt_path)
     ck = read_checkpoint(ckpt_path, a.trust_checkpoint)
-    # the content identifies the run (resume in OUT.parts/, OUT.json): hashed now, so the
+    # the content identifies the run (resume in OUT.npz.parts/, OUT.json): hashed now, so the
     # record is of the file that was loaded
     ckpt_sha = sha256_file(ckpt_path) if env.is_main else None
     if _file_id(ckpt_path) != before:

@@ -12,7 +12,7 @@ The SRA teacher is the EMA of the student, called without autograd and stopped a
   the fp32 EMA under autocast. Everything else (embedding table, pos_embed, unused blocks)
   is shared with the EMA, not copied. Cost: 2 bytes per shadowed parameter.
 * `FullTeacher`: runs every block and the final layer and keeps block_out_t's hidden state,
-  as the released code does (for baselines only: ~29% more teacher FLOPs on SiT-XL 8->20).
+  as the released code does (for baselines only: ~40% more teacher FLOPs on SiT-XL 8->20).
 """
 from __future__ import annotations
 

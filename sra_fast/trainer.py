@@ -9,7 +9,8 @@ Python float computed once per epoch.
 Randomness: every process draws t, t', eps, label dropout and the latent posterior sample
 from its own device generator seeded from (seed, rank); batches come from a permutation of
 (seed, epoch) (see data.ShardedBatchSampler). Checkpoints keep every rank's generator and
-the position in the epoch, so a resumed run continues bit-for-bit.
+the position in the epoch, so a resumed run continues bit-for-bit on a CPU and closely on
+GPUs (whose kernels need not be deterministic; docs/training.md).
 """
 from __future__ import annotations
 
@@ -190,7 +191,7 @@ class Trainer:
         self._max_consec = torch.zeros((), device=self.device)
         self.logger = MetricsLogger(self.run_dir, enabled=self.main, start_step=self.step)
         self._flops = flops_per_image(self.model, cfg)
-        self._peak = peak_tflops(self.device, cfg.precision, cfg.peak_tflops)
+        self._peak = peak_tflops(self.device, cfg.precision, cfg.peak_tflops, tf32=cfg.tf32)
         self._vae = None
         self._vae_failed = False
         if self.main:   # (the run folder exists: _check_run_dir made it)

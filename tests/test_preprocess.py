@@ -130,6 +130,13 @@ def test_bad_source_and_existing_dest(tmp_path, image_folder, tiny_vae):
     _encode(image_folder, dest, tiny_vae, "--format", "released", "--max-images", "2")
     p = _encode(image_folder, dest, tiny_vae, "--format", "released", check=False)
     assert p.returncode == 2 and "already holds encoded latents" in p.stderr
+    # --overwrite rewrites vae-sd/ in place: stopped after its first chunk, the folder is
+    # unfinished (no dataset.json), never the old labels over a mix of latents
+    _encode(image_folder, dest, tiny_vae, "--format", "released", "--overwrite",
+            "--max-chunks", "1")
+    assert not (dest / "vae-sd" / "dataset.json").exists()
+    _encode(image_folder, dest, tiny_vae, "--format", "released", "--overwrite")
+    assert len(json.loads((dest / "vae-sd" / "dataset.json").read_text())["labels"]) == 6
     bad = tmp_path / "bad"
     (bad / "c0").mkdir(parents=True)
     (bad / "c0" / "broken.jpg").write_bytes(b"not a jpeg")

@@ -233,3 +233,22 @@ def test_a_sampling_process_failing_while_starting_stops_the_others(tmp_path, ck
     assert "error: LOCAL_RANK 1 but only 0 GPUs are visible" in outs[1], both
     assert "Traceback" not in outs[1], both
     assert took < 60, took
+
+
+def test_weights_student_is_trains_name_for_the_model_weights(tmp_path, ckpt, capsys):
+    """`--weights student` (train.py's --sample-weights spelling) samples the model weights,
+    not the EMA, and is recorded as `model`."""
+    sd = torch.load(ckpt, weights_only=False)
+    sd["ema"] = {k: v + 0.1 * torch.randn_like(v) if v.is_floating_point() else v
+                 for k, v in sd["model"].items()}
+    torch.save(sd, ckpt)
+    outs = {}
+    for w in ("student", "model", "ema"):
+        out = tmp_path / f"{w}.npz"
+        assert S.main(base_args(ckpt, out, "--weights", w)) == 0
+        outs[w] = np.load(out)["arr_0"]
+        recorded = json.loads(out.with_suffix(".json").read_text())["weights"]
+        assert recorded == ("model" if w == "student" else w)
+    capsys.readouterr()
+    assert np.array_equal(outs["student"], outs["model"])
+    assert not np.array_equal(outs["student"], outs["ema"])

@@ -440,6 +440,26 @@ def test_mfu_is_logged_when_flops_and_peak_are_known(tmp_path):
     assert 0 < recs[-1]["mfu"] < 1
 
 
+def test_the_mfu_peak_follows_the_card_the_precision_and_tf32(monkeypatch):
+    """Datasheet peaks by card name; fp32 is TF32's rate unless --no-tf32 turned it off (MFU
+    would otherwise be understated ~7x); a PCIe H100 scales down; unknown cards and the CPU:
+    None; --peak-tflops wins."""
+    from sra_fast.metrics_log import peak_tflops
+    cuda = torch.device("cuda", 0)
+    name = {"n": "NVIDIA H100 80GB HBM3"}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: name["n"])
+    assert peak_tflops(cuda, "bf16") == 989.4
+    assert peak_tflops(cuda, "fp32") == 494.7
+    assert peak_tflops(cuda, "fp32", tf32=False) == 66.9
+    assert peak_tflops(cuda, "bf16", tf32=False) == 989.4   # no effect on bf16
+    assert peak_tflops(cuda, "fp32", override=123.0, tf32=False) == 123.0
+    name["n"] = "NVIDIA H100 PCIe"
+    assert peak_tflops(cuda, "fp32", tf32=False) == pytest.approx(66.9 * 756 / 989.4)
+    name["n"] = "Some Other GPU"
+    assert peak_tflops(cuda, "bf16") is None
+    assert peak_tflops(torch.device("cpu"), "bf16") is None
+
+
 def test_one_pass_adamw_ema_from_the_command_line(tmp_path):
     """--ema-impl adamw reaches the step; a short digits run matches the default update to
     fp32 rounding (the extension's AdamW arithmetic is torch's CUDA kernel's)."""
