@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import random
 import socket
 import sys
 import threading
@@ -110,6 +111,8 @@ class PeerFailureWatch:
         self._wake = threading.Event()     # set by stop(): the thread leaves at once
         self._lock = threading.Lock()      # orders "a peer failed -> exit" against announce
         self._stopped = False    # by stop(), announce() or the watcher itself: never fire
+        # the thread (watcher or deadline) that is ending the process, once one is
+        self._verdict: threading.Thread | None = None
         # replaced in start() by a token per launch; this is for a world without a process
         # group (the in-process tests)
         self._set_keys("attempt" + os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
@@ -268,7 +271,7 @@ class PeerFailureWatch:
                 break
         # the last word, before any store write: announce() meanwhile must not count this
         # rank a second time (an ack, then a failure), and stop() meanwhile wins
-        if not self._claim():
+        if not self._claim(verdict=True):
             return
         # the writes below can block on a store that stops answering: exit regardless
         backstop = self._backstop(self.ack_wait_s + 10.0)
@@ -294,12 +297,14 @@ class PeerFailureWatch:
             pass   # the key was seen (or the silence was): stop anyway
         self._exit(f"rank {who} failed: {msg}", backstop)
 
-    def _claim(self) -> bool:
+    def _claim(self, verdict: bool = False) -> bool:
         """Take the last word; False if stop(), announce() or a verdict already has it."""
         with self._lock:
             if self._stopped:
                 return False
             self._stopped = True
+            if verdict:
+                self._verdict = threading.current_thread()
             return True
 
     def _backstop(self, after_s: float) -> threading.Timer:
@@ -310,7 +315,7 @@ class PeerFailureWatch:
 
     def _stop_process(self, why: str) -> None:
         # announce() got here first: this rank is failing too and reports its own error
-        if self._claim():
+        if self._claim(verdict=True):
             self._exit(why, self._backstop(10.0))
 
     def _exit(self, why: str, backstop: threading.Timer) -> None:
@@ -383,10 +388,20 @@ class PeerFailureWatch:
         (rank 0 under env://). Call it after printing the error, before exiting. Never
         raises. A no-op unless start() connected, or after stop()/announce()."""
         with self._lock:
-            if self.thread is None or self._stopped:
+            if self.thread is None or (self._stopped and self._verdict is None):
                 return
+            verdict = self._verdict
             # first, so our own watcher never kills us while we report our own error
             self._stopped = True
+        if verdict is not None:
+            # the watcher is ending this process over another rank's failure (and may be
+            # waiting for acks, as the store's host): let it, rather than leave first
+            if verdict is not threading.current_thread():
+                try:
+                    verdict.join(timeout=self.ack_wait_s + 15.0)
+                except KeyboardInterrupt:
+                    pass
+            return
         self._wake.set()
         self._join()
         line = " ".join(str(msg).split()) or "(no message)"
@@ -426,6 +441,8 @@ class StartupFailureWatch:
     """
 
     def __init__(self, wait_s: float = 180.0, poll_s: float = 1.0, exit_fn=os._exit):
+        if not 0 <= wait_s < float("inf"):
+            raise ValueError(f"wait_s must be a finite number >= 0, got {wait_s}")
         self.wait_s = float(wait_s)
         self.poll_s = float(poll_s)
         self.exit_fn = exit_fn
@@ -436,12 +453,10 @@ class StartupFailureWatch:
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._stopped = False
-        e = os.environ
-        # one namespace per launch attempt: an older torchrun's agent store outlives a restart
-        run = e.get("TORCHELASTIC_RUN_ID") or e.get("SLURM_JOB_ID", "") + "." + e.get(
-            "SLURM_STEP_ID", "")
-        prefix = (f"sra_fast/startup_failure/{run}/"
-                  f"attempt{e.get('TORCHELASTIC_RESTART_COUNT', '0')}/")
+        self._verdict = False   # the watcher saw a failure: it ends the process
+        # The store lives as long as its host (rank 0 under env:// and srun: this launch), or
+        # as torchrun's agents, whose store outlives their restarts (see start())
+        prefix = "sra_fast/startup_failure/"
         self.msg_key, self.ack_key, self.failed_key = (prefix + "msg", prefix + "acks",
                                                        prefix + "failed")
 
@@ -451,6 +466,12 @@ class StartupFailureWatch:
         return self.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
 
     def start(self) -> "StartupFailureWatch":
+        if os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0":
+            # torchrun with restarts: a rank failing while starting makes its agent restart,
+            # and every other node's agent restarts its workers with it. The agents' store
+            # outlives the restarts, and no attempt number is common to all nodes (an agent
+            # counts only its own failures), so an old announcement could not be told apart
+            return self
         try:
             self.rank, self.world = env_ranks()[:2]
             if launched_by_srun():
@@ -474,10 +495,17 @@ class StartupFailureWatch:
                              timeout=datetime.timedelta(seconds=5))
 
     def _watch(self) -> None:
-        while not self._wake.wait(self.poll_s):
+        # the first poll spread over a poll interval: at thousands of ranks, the moment the
+        # store's host creates it, every rank's process-group client connects too
+        first = self.poll_s * (0.5 + random.random())
+        while not self._wake.wait(first if first else self.poll_s):
+            first = 0.0
             try:
                 if self.store is None:
-                    self.store = self._client()
+                    client = self._client()
+                    if self._wake.is_set():
+                        return   # stop() meanwhile: not kept for the whole run
+                    self.store = client
                 if not self.store.check([self.msg_key]):
                     continue
             except Exception:
@@ -486,7 +514,7 @@ class StartupFailureWatch:
             with self._lock:
                 if self._stopped:
                     return
-                self._stopped = True
+                self._stopped = self._verdict = True
             # a store host frozen mid-write must not keep this rank from exiting
             backstop = threading.Timer(self.wait_s + 10.0, self.exit_fn, (1,))
             backstop.daemon = True
@@ -495,6 +523,9 @@ class StartupFailureWatch:
             try:
                 who, _, msg = self.store.get(self.msg_key).decode(
                     errors="replace").partition(" ")
+            except Exception:
+                pass
+            try:   # read or not, counted: the store's host waits for every rank's ack
                 self.store.add(self.ack_key, 1)
             except Exception:
                 pass
@@ -545,13 +576,22 @@ class StartupFailureWatch:
         second Ctrl-C ends the wait); a no-op for one process, after stop(), or once the
         watcher has seen another rank's failure."""
         with self._lock:
-            if self.thread is None or self._stopped:
+            if self.thread is None or (self._stopped and not self._verdict):
                 return
+            verdict = self._verdict
             self._stopped = True
+        wait_s = self.wait_s if wait_s is None else float(wait_s)
+        if verdict:
+            # another rank failed first and the watcher is ending this process; as the
+            # store's host it waits for the others to read that: so must this thread
+            try:
+                self.thread.join(timeout=self.wait_s + 10.0)
+            except KeyboardInterrupt:
+                pass
+            return
         self._wake.set()
         self.thread.join(timeout=2.0)
         line = " ".join(str(msg).split()) or "(no message)"
-        wait_s = self.wait_s if wait_s is None else float(wait_s)
         deadline = time.monotonic() + wait_s
 
         def publish():
@@ -572,6 +612,8 @@ class StartupFailureWatch:
                     store = self._client()
                 except Exception:
                     if time.monotonic() >= deadline:
+                        _say(f"(rank {self.rank}) [sra-fast] gave up: the rendezvous store "
+                             "never answered, the other ranks were not told")
                         return
                     if not said:
                         _say(f"(rank {self.rank}) [sra-fast] the rendezvous store "

@@ -32,7 +32,8 @@ from . import __version__
 from .checkpoint import CheckpointError, load_model_state, state_dict_from
 from .config import RawDescriptionHelpFormatter, build_model, model_kind
 from .data import error_line, out_of_memory_line
-from .distributed import barrier, cleanup, derive_seed, init_distributed, stderr_line
+from .distributed import (barrier, cleanup, derive_seed, env_ranks, init_distributed,
+                          stderr_line)
 from .metrics_log import progress_bar
 from .peer_watch import PeerFailureWatch, StartupFailureWatch
 from .sampling import (SAMPLERS, SamplerConfig, SiTOriginalTime, decode_latents, image_grid,
@@ -215,8 +216,6 @@ def _check_args(a):
             raise ValueError(f"{flag} must be a finite number, got {v}")
     if a.num_samples < 1 or a.batch_size < 1:
         raise ValueError("--num-samples and --batch-size must be >= 1")
-    if not a.peer_lost_min >= 0:
-        raise ValueError(f"--peer-lost-min must be >= 0 (0: never), got {a.peer_lost_min}")
     if a.weights == "student":   # train.py's name for them
         a.weights = "model"
     if a.grid:
@@ -292,22 +291,42 @@ def _claim_parts(parts: Path, settings: dict):
         os.replace(tmp, meta)
 
 
+class _Reported(Exception):
+    """An error already printed (and told to the other processes): exit status 2."""
+
+
+def _who() -> str:
+    """'(rank R) ' in front of a line, except for rank 0 and a single process."""
+    try:
+        rank = env_ranks()[0]
+    except (KeyError, ValueError):
+        return ""
+    return f"(rank {rank}) " if rank else ""
+
+
 def run(a) -> Path | None:
     # Several processes: one that fails tells the others, which would otherwise sample on and
     # then wait at the last barrier for the 3-hour timeout (or in the rendezvous, when it
     # fails while starting); one that dies without a word is announced by its neighbour
     # (sra_fast.peer_watch). Finished batches are kept either way.
+    if not 0 <= a.peer_lost_min < math.inf:
+        raise ValueError(f"--peer-lost-min must be >= 0 (0: never), got {a.peer_lost_min}")
     startup = StartupFailureWatch(wait_s=60 * (a.peer_lost_min or 3)).start()
     try:
         env = init_distributed(a.device, timeout_min=180)
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt):   # every rank got it: no long wait
             startup.announce("interrupted (Ctrl-C)", wait_s=5.0)
-        else:
+            raise
+        if not isinstance(e, (RuntimeError, ValueError)):   # a bug: its traceback follows
             startup.announce(f"error: {error_line(e)}")
-        if isinstance(e, RuntimeError):   # --device cuda without CUDA, more ranks than GPUs
-            raise ValueError(error_line(e)) from None   # main's one-line error
-        raise
+            raise
+        # --device cuda without CUDA, more ranks than GPUs: said first, since telling the
+        # others may take minutes (their store may not exist yet)
+        line = f"error: {error_line(e)}"
+        stderr_line(_who() + line)
+        startup.announce(line)
+        raise _Reported() from None
     watch = PeerFailureWatch(env, lost_after_s=60 * a.peer_lost_min).start()
     startup.stop()   # after start()'s one collective, which both watch
     try:
@@ -449,8 +468,10 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     try:
         run(a)
+    except _Reported:
+        return 2
     except torch.OutOfMemoryError as e:
-        stderr_line("error: " + out_of_memory_line(
+        stderr_line(_who() + "error: " + out_of_memory_line(
             e, "while sampling", f"--batch-size {a.batch_size} per process; pass a smaller "
             "one"))
         return 2
@@ -458,7 +479,7 @@ def main(argv=None) -> int:
         if isinstance(e, RuntimeError) and not str(e).startswith(("could not load the VAE",
                                                                   "decoding latents")):
             raise
-        stderr_line(f"error: {' '.join(str(e).split())}")
+        stderr_line(f"{_who()}error: {' '.join(str(e).split())}")
         return 2
     return 0
 

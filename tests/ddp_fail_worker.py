@@ -16,7 +16,8 @@ line runs it) in which something goes wrong at step 2. argv: MODE, then train.py
     nogpuK rank K fails while starting, before the process group exists (its device pick
            says there is no GPU for it), after a 2 s delay: the others are in the rendezvous
            by then (rank 0, the store's host to be, is the one that must create it)
-    pgfailK  rank K's creation of the process group fails (as an NCCL setup might)
+    pgfailK  rank K's creation of the process group fails (as an NCCL setup might), after
+           its store exists (rank 0 hosts it: the others are connected to it by then)
 """
 import os
 import signal
@@ -73,7 +74,16 @@ if mode == f"nogpu{rank}":
         raise RuntimeError(f"LOCAL_RANK {local_rank} but only 0 GPUs are visible on this node")
     distributed.pick_device = no_gpu
 if mode == f"pgfail{rank}":
+    kept = []
+
     def pg_fails(**kw):
+        import datetime
+        e = os.environ
+        # as torch's env:// rendezvous makes it (the others' clients connect to it), and
+        # still alive when the failure is announced, as it may be
+        kept.append(distributed.dist.TCPStore(
+            e["MASTER_ADDR"], int(e["MASTER_PORT"]), world, rank == 0, multi_tenant=True,
+            wait_for_workers=False, timeout=datetime.timedelta(seconds=60)))
         time.sleep(2)
         raise RuntimeError("NCCL error: unhandled system error (a stand-in)")
     distributed.dist.init_process_group = pg_fails

@@ -4,8 +4,8 @@ task. argv: MODE, then sample's arguments.
     ok     nothing goes wrong
     fails  rank 1 fails at its first batch with a clean error (exit 2); rank 0 sleeps 120 s
            in its first batch, standing for a long sampling run
-    nogpu1 rank 1 fails while starting, 2 s in (its device pick finds no GPU for it): rank 0
-           waits in the rendezvous meanwhile
+    nogpuK rank K fails while starting, 2 s in (its device pick finds no GPU for it): the
+           other waits in the rendezvous meanwhile
 """
 import os
 import sys
@@ -34,7 +34,7 @@ def sample(*a, **k):
 
 
 S.sample = sample
-if mode == "nogpu1" and rank == 1:
+if mode == f"nogpu{rank}":
     def no_gpu(pref="auto", local_rank=0):
         time.sleep(2)
         raise RuntimeError(f"LOCAL_RANK {local_rank} but only 0 GPUs are visible on this node")

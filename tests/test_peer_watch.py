@@ -483,6 +483,71 @@ def test_a_startup_announcement_waits_at_most_its_wait_for_a_store_or_readers(mo
         assert "hosts the rendezvous store: waiting up to 1 s for the other ranks" in err, err
 
 
+def test_the_startup_watch_stops_with_its_client_and_sits_out_torchrun_restarts(store,
+                                                                                monkeypatch):
+    """stop() ends the thread and drops its store client (not kept for the whole run); under
+    torchrun with restarts (whose agents' store outlives them, with no attempt number common
+    to all nodes) there is no startup watch: the agents restart every node's workers."""
+    for k in ("TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_MAX_RESTARTS", "SLURM_PROCID"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    w = StartupFailureWatch(poll_s=0.05, exit_fn=_Exits()).start()
+    t_end = time.monotonic() + 5
+    while w.store is None and time.monotonic() < t_end:
+        time.sleep(0.02)
+    assert w.store is not None and w.thread.is_alive()
+    w.stop()
+    assert not w.thread.is_alive() and w.store is None
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    assert StartupFailureWatch(poll_s=0.05).start().thread is None
+
+
+def test_a_store_host_that_saw_a_failure_and_then_fails_itself_still_waits(store,
+                                                                         monkeypatch):
+    """Rank 0 of 3 hosts the store; its watcher reads rank 1's startup failure and waits for
+    rank 2 to read it too; meanwhile rank 0's own start fails: its announce() must not return
+    (and the process leave with the store) before the watcher is done."""
+    for k in ("TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_MAX_RESTARTS", "SLURM_PROCID"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    exits = _Exits()
+    w = StartupFailureWatch(poll_s=0.05, wait_s=1.5, exit_fn=exits).start()
+    host = store["host"]
+    host.set(w.msg_key, "1 error: no GPU for rank 1")
+    host.add(w.failed_key, 1)
+    t_end = time.monotonic() + 5
+    while host.add(w.ack_key, 0) < 1 and time.monotonic() < t_end:   # rank 0's watcher read it
+        time.sleep(0.02)
+    assert host.add(w.ack_key, 0) == 1 and not exits.called.is_set()
+    t0 = time.monotonic()
+    w.announce("error: no GPU for rank 0 either")
+    assert exits.called.is_set() and exits.codes == [1]   # the watcher finished first
+    assert time.monotonic() - t0 > 1.0
+    assert host.get(w.msg_key) == b"1 error: no GPU for rank 1"
+
+
+def test_a_watcher_waiting_for_acks_of_its_verdict_is_not_cut_short_by_announce(store):
+    """Rank 1 of 3 announced silent rank 2 and waits (ack_wait_s) for rank 0 to read it;
+    its own main thread fails meanwhile: announce() waits for the watcher instead of leaving
+    (this rank may host the store) and counts nothing twice."""
+    exits = _Exits()
+    w = PeerFailureWatch(DistEnv(rank=1, world_size=3), poll_s=0.05, exit_fn=exits,
+                         lost_after_s=0.3, ack_wait_s=1.5).start()
+    host = store["host"]
+    host.add(w.alive_key(2), 1)   # rank 2 started watching, then fell silent
+    t_end = time.monotonic() + 5
+    while not host.check([w.msg_key]) and time.monotonic() < t_end:
+        time.sleep(0.02)
+    assert host.check([w.msg_key]) and not exits.called.is_set()
+    w.announce("error: mine")
+    assert exits.called.is_set() and exits.codes == [1]
+    assert host.get(w.msg_key).decode().startswith("2 no sign of life")
+    assert host.add(w.failed_key, 0) == 2
+    w.stop()
+
+
 @pytest.mark.timeout(300)
 def test_a_training_rank_that_fails_stops_a_rank_stuck_in_a_collective(tmp_path):
     """Through the trainer's main(), as tasks of an srun step (nobody else would end them):
@@ -497,7 +562,7 @@ def test_a_training_rank_that_fails_stops_a_rank_stuck_in_a_collective(tmp_path)
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("mode", ["nogpu1", "nogpu0", "pgfail2"])
+@pytest.mark.parametrize("mode", ["nogpu1", "nogpu0", "pgfail2", "pgfail0"])
 def test_a_rank_failing_while_starting_stops_the_others_in_the_rendezvous(tmp_path, mode):
     """Through main() as 3 srun tasks: one rank fails before the process group exists (no GPU
     for it; rank 0 then never creates the store the others wait for) or while creating it;
@@ -506,8 +571,7 @@ def test_a_rank_failing_while_starting_stops_the_others_in_the_rendezvous(tmp_pa
     failing = int(mode[-1])
     rc, outs, took = _train_tasks(mode, tmp_path, world=3)
     both = "\n".join(o[-2000:] for o in outs)
-    error = ("error: LOCAL_RANK 1 but only 0 GPUs" if mode == "nogpu1" else
-             "error: LOCAL_RANK 0 but only 0 GPUs" if mode == "nogpu0" else
+    error = (f"error: LOCAL_RANK {failing} but only 0 GPUs" if mode.startswith("nogpu") else
              "error: NCCL error: unhandled system error (a stand-in)")
     assert rc == [2 if r == failing else 1 for r in range(3)], both
     prefix = f"(rank {failing}) " if failing else ""

@@ -221,17 +221,22 @@ def test_a_failing_sampling_process_stops_the_others(tmp_path, ckpt):
 
 
 @pytest.mark.timeout(300)
-def test_a_sampling_process_failing_while_starting_stops_the_others(tmp_path, ckpt):
-    """Rank 1 finds no GPU for itself before the process group exists: rank 0, waiting in
-    the rendezvous (3-hour timeout when sampling), stops within seconds saying why; rank 1's
-    error is one line (exit 2), not a traceback."""
-    rc, outs, took = _sample_tasks("nogpu1", base_args(ckpt, tmp_path / "s.npz"), 2)
+@pytest.mark.parametrize("failing", [1, 0])
+def test_a_sampling_process_failing_while_starting_stops_the_others(tmp_path, ckpt, failing):
+    """A rank finds no GPU for itself before the process group exists: the other, waiting in
+    the rendezvous (3-hour timeout when sampling), stops within seconds saying why; the
+    failing rank's error is one line (exit 2), not a traceback, printed before it waits to
+    tell the other (rank 0 hosts the store for that)."""
+    rc, outs, took = _sample_tasks(f"nogpu{failing}", base_args(ckpt, tmp_path / "s.npz"), 2)
     both = "\n---\n".join(outs)
-    assert rc == [1, 2], both
-    assert ("(rank 0) [sra-fast] stopping: rank 1 failed while starting: error: LOCAL_RANK 1 "
-            "but only 0 GPUs are visible on this node") in outs[0], both
-    assert "error: LOCAL_RANK 1 but only 0 GPUs are visible" in outs[1], both
-    assert "Traceback" not in outs[1], both
+    other = 1 - failing
+    assert rc[failing] == 2 and rc[other] == 1, both
+    error = f"error: LOCAL_RANK {failing} but only 0 GPUs are visible on this node"
+    assert (f"(rank {other}) [sra-fast] stopping: rank {failing} failed while starting: "
+            f"{error}") in outs[other], both
+    lines = outs[failing].strip().splitlines()
+    assert lines[0] == (f"(rank {failing}) " if failing else "") + error, both
+    assert "Traceback" not in outs[failing], both
     assert took < 60, took
 
 
