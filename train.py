@@ -8,7 +8,10 @@
 """
 import sys
 
+from sra_fast.peer_watch import exit_if_store_requests_linger
 from sra_fast.trainer import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    exit_if_store_requests_linger(status)
+    sys.exit(status)

@@ -70,6 +70,26 @@ def _bounded(fn, timeout_s: float) -> bool:
     return not t.is_alive()
 
 
+# the threads that may sit inside a c10d store request (no deadline against a frozen host)
+_STORE_THREADS = ("sra-fast-peer-watch", "sra-fast-peer-watch-store", "sra-fast-startup-watch")
+
+
+def exit_if_store_requests_linger(status: int) -> None:
+    """At a command's very end: when one of our threads is still inside a store request (a
+    store host that stopped answering; stop() and announce() gave up on it), end the process
+    now with `status`. Left to the interpreter's finalisation, a request answered meanwhile
+    wakes its thread inside C++ just as the interpreter ends such threads, which aborts the
+    process (status 134, "terminate called without an active exception") and hides ours.
+    Skips atexit handlers, so only then."""
+    if any(t.name in _STORE_THREADS and t.is_alive() for t in threading.enumerate()):
+        for f in (sys.stdout, sys.stderr):
+            try:
+                f.flush()
+            except Exception:
+                pass
+        os._exit(status)
+
+
 def _say(line: str) -> None:
     # never let a failed write (EPIPE, a full disk) end the watcher thread: its rank's count
     # would stop, and its neighbour would take it for dead

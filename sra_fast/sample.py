@@ -35,7 +35,7 @@ from .data import error_line, out_of_memory_line
 from .distributed import (barrier, cleanup, derive_seed, env_ranks, init_distributed,
                           stderr_line)
 from .metrics_log import progress_bar
-from .peer_watch import PeerFailureWatch, StartupFailureWatch
+from .peer_watch import PeerFailureWatch, StartupFailureWatch, exit_if_store_requests_linger
 from .sampling import (SAMPLERS, SamplerConfig, SiTOriginalTime, decode_latents, image_grid,
                        load_vae, sample, to_uint8)
 from .step import autocast_ctx
@@ -485,4 +485,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    exit_if_store_requests_linger(status)
+    sys.exit(status)

@@ -813,3 +813,58 @@ def test_the_hang_exit_ends_even_when_its_stack_dump_blocks_holding_the_gil():
         p.kill()
         p.wait()
     assert rc == -signal.SIGALRM and time.monotonic() - t0 < 30, rc
+
+
+_LINGERING = """
+import atexit, datetime, os, signal, sys, threading, time
+import torch.distributed as dist
+from sra_fast.peer_watch import exit_if_store_requests_linger
+port, host_pid, marker, linger = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+c = dist.TCPStore("127.0.0.1", port, is_master=False, wait_for_workers=False,
+                  timeout=datetime.timedelta(seconds=30))
+c.set("k", "v")
+if linger == "1":
+    os.kill(host_pid, signal.SIGSTOP)   # frozen: the watcher's request gets no answer
+    while open(f"/proc/{host_pid}/stat").read().rsplit(")", 1)[1].split()[0] != "T":
+        time.sleep(0.01)   # (the signal takes effect when the host is next scheduled)
+    threading.Thread(target=lambda: c.get("k"), name="sra-fast-peer-watch",
+                     daemon=True).start()
+    time.sleep(0.3)
+
+def at_exit():
+    open(marker, "w").close()
+    os.kill(host_pid, signal.SIGCONT)   # the answer comes while the interpreter ends
+atexit.register(at_exit)
+print("ending", flush=True)
+exit_if_store_requests_linger(7)
+sys.exit(5)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_store_request_still_waiting_at_the_end_cannot_turn_the_status_into_an_abort(
+        tmp_path):
+    """A watcher thread still inside a request to a frozen store when the command ends: the
+    process ends at once with its own status (7 here) and flushed output. Left to the
+    interpreter's end, the answer arriving meanwhile aborted it (134) in most runs. Without
+    such a thread the end is the normal one (atexit handlers run, status 5)."""
+    import signal
+    for linger in ("1", "1", "1", "0"):
+        port = _free_port()
+        host = subprocess.Popen([sys.executable, "-c", _FROZEN_HOST, str(port)], cwd=REPO,
+                                env=subprocess_env(), stdout=subprocess.PIPE, text=True)
+        try:
+            assert host.stdout.readline().strip() == "up"
+            marker = tmp_path / f"atexit-{linger}"
+            p = subprocess.run([sys.executable, "-c", _LINGERING, str(port), str(host.pid),
+                                str(marker), linger], cwd=REPO, env=subprocess_env(),
+                               capture_output=True, text=True, timeout=60)
+        finally:
+            host.send_signal(signal.SIGCONT)
+            host.kill()
+            host.wait()
+        assert p.stdout == "ending\n", (p.returncode, p.stdout, p.stderr)
+        if linger == "1":
+            assert p.returncode == 7 and not marker.exists(), (p.returncode, p.stderr)
+        else:
+            assert p.returncode == 5 and marker.exists(), (p.returncode, p.stderr)
