@@ -2,7 +2,8 @@
 benchmarks/gpu_check.sh): the CUDA-graph step against the eager step for the same seeds,
 with gradient accumulation, non-finite skip, re-capture, lr changes and the bf16 teacher
 shadow; no host sync in either step; every attention backend that runs agrees with fp32 math
-(head_dim 64 and DiT-XL's 72)."""
+(head_dim 64 and DiT-XL's 72); Python threads (the peer watches) run while a rank waits in
+NCCL's setup."""
 import contextlib
 import copy
 import datetime
@@ -359,3 +360,57 @@ def test_graph_step_with_its_own_all_reduce_matches_eager(nccl_world_of_one, acc
     for k in ("loss", "denoise_loss", "align_loss", "grad_norm"):
         assert sg[k] == pytest.approx(se[k], rel=2e-2), k
     assert rel_update_diff(p0, pe, pg) < 5e-2
+
+
+_STUCK_IN_SETUP = """
+import datetime, os, sys, threading, time
+import torch, torch.distributed as dist
+ticks = [0]
+
+def tick():
+    while True:
+        ticks[0] += 1
+        time.sleep(0.05)
+
+def report():
+    time.sleep(4)
+    print(f"ticks {ticks[0]}", flush=True)
+    os._exit(0)
+
+threading.Thread(target=tick, daemon=True).start()
+threading.Thread(target=report, daemon=True).start()
+backend = sys.argv[1]
+kw = dict(device_id=torch.device("cuda", 0)) if backend == "nccl" else {}
+dist.init_process_group(backend, init_method="env://", rank=0, world_size=2,
+                        timeout=datetime.timedelta(seconds=60), **kw)
+print("init returned", flush=True)
+"""
+
+
+def test_python_threads_run_while_a_rank_waits_in_nccl_setup(tmp_path):
+    """The startup and peer watches (sra_fast.peer_watch) end a stuck rank from a Python
+    thread: that needs the GIL free while the main thread waits in NCCL's eager setup
+    (init_process_group with device_id, as init_distributed calls it) for a rank that never
+    comes. Rank 1 here only joins the store, so rank 0 waits in ncclCommInitRank."""
+    import socket
+    import subprocess
+    import sys
+    import torch.distributed as dist
+    if not dist.is_nccl_available():
+        pytest.skip("this torch has no NCCL")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(__import__("os").environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    p = subprocess.Popen([sys.executable, "-c", _STUCK_IN_SETUP, "nccl"], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # rank 1's part in the rendezvous, and no more (retries until rank 0 hosts the store)
+        peer = dist.TCPStore("127.0.0.1", port, 2, False, timeout=datetime.timedelta(seconds=30))
+        out = p.communicate(timeout=60)[0]
+    finally:
+        p.kill()
+    assert "init returned" not in out, out
+    ticks = int(out.split("ticks ")[1].split()[0])
+    assert ticks >= 40, out   # ~80 when the thread runs freely for 4 s
+    del peer
