@@ -1022,6 +1022,9 @@ def main(argv=None) -> int:
         if trainer is not None:
             complete, _ = list_checkpoints(ckpt_dir(trainer.run_dir))
             newest = complete[0] if complete else None
-        # (before the process group: every rank got the Ctrl-C, so no long wait to tell them)
+        if trainer is None:   # (its run folder, if any, not opened yet: nothing to name)
+            # before the process group: every rank got the Ctrl-C, so no long wait to tell
+            return failed("[sra-fast] interrupted (Ctrl-C) while setting up: nothing written",
+                          130, startup_wait_s=5.0)
         return failed(f"[sra-fast] interrupted (Ctrl-C): no checkpoint written; the newest "
-                      f"complete one is {newest or '(none)'}", 130, startup_wait_s=5.0)
+                      f"complete one is {newest or '(none)'}", 130)

@@ -213,6 +213,13 @@ def test_ctrl_c_is_one_line_naming_the_newest_checkpoint(tmp_path, monkeypatch, 
     assert err[-1] == ("[sra-fast] interrupted (Ctrl-C): no checkpoint written; the newest "
                        f"complete one is {tmp_path / 'digits' / 'checkpoints' / '0000002.pt'}")
 
+    def ctrl_c_while_setting_up(self, *a, **k):   # no run folder opened yet: none named
+        raise KeyboardInterrupt
+    monkeypatch.setattr(T.Trainer, "__init__", ctrl_c_while_setting_up)
+    assert T.main(argv + ["--exp-name", "other"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "[sra-fast] interrupted (Ctrl-C) while setting up: nothing written"
+
 
 def test_a_grid_that_cannot_be_written_costs_the_grid_not_the_run(tmp_path, monkeypatch,
                                                                     capsys):
