@@ -32,8 +32,8 @@ from sra_fast.data import DataError  # noqa: E402
 
 one_step = trainer.Trainer.one_step
 mode, args = sys.argv[1], sys.argv[2:]
-world = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
-rank = int(os.environ.get("SLURM_PROCID", "0"))
+world = int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("WORLD_SIZE", "1")))
+rank = int(os.environ.get("SLURM_PROCID", os.environ.get("RANK", "0")))   # srun; torchrun
 
 
 def busy(seconds):

@@ -172,6 +172,30 @@ def test_under_torchrun_the_watch_stops_the_peer_before_torchrun_would():
     assert p.returncode != 0, out
 
 
+@pytest.mark.timeout(200)
+def test_under_multi_node_torchrun_a_rank_failing_while_starting_stops_the_other_node(
+        tmp_path):
+    """Two torchrun agents (two "nodes", c10d rendezvous, no restarts): rank 1 finds no GPU
+    for itself before the process group exists. Its agent ends only its own node; the other
+    node's rank, waiting in the rendezvous for the 30-min timeout (measured: still there
+    after 50 s without the startup watch), stops within seconds, told through the agents'
+    store."""
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
+         "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id",
+         "startup-test", str(FAIL_WORKER), "nogpu1", "--out-dir", str(tmp), *TRAIN_ARGS],
+        cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True) for tmp in (tmp_path / "a", tmp_path / "b")]
+    rc, outs, took = finish_procs(procs, 150)
+    both = "\n".join(outs)
+    assert ("(rank 0) [sra-fast] stopping: rank 1 failed while starting: error: LOCAL_RANK 0 "
+            "but only 0 GPUs are visible on this node") in both, both[-3000:]
+    assert "(rank 1) error: LOCAL_RANK 0 but only 0 GPUs" in both, both[-3000:]
+    assert rc == [1, 1], both[-3000:]   # torchrun's own status for a failed node
+    assert took < 60, took
+
+
 # ------------------------------------------------------------------ in-process checks
 
 
