@@ -406,7 +406,9 @@ class PeerFailureWatch:
         """This rank is failing with `msg` (one line): tell the other ranks, then wait (at
         most ack_wait_s) until they have read it, since this process may host the store
         (rank 0 under env://). Call it after printing the error, before exiting. Never
-        raises. A no-op unless start() connected, or after stop()/announce()."""
+        raises. A no-op unless start() connected, or after stop()/announce(); after a verdict
+        of the watcher's (another rank failed or fell silent), it lets the watcher end the
+        process instead."""
         with self._lock:
             if self.thread is None or (self._stopped and self._verdict is None):
                 return
@@ -593,8 +595,8 @@ class StartupFailureWatch:
         for at most wait_s (default: the watch's) to reach a store not created yet and, as
         its host, waiting as long for them to read it; a short wait_s where every rank failed
         alike (Ctrl-C reaches them all). Call it after printing the error. Never raises (a
-        second Ctrl-C ends the wait); a no-op for one process, after stop(), or once the
-        watcher has seen another rank's failure."""
+        second Ctrl-C ends the wait); a no-op for one process or after stop(); once the
+        watcher has seen another rank's failure, it lets the watcher end the process."""
         with self._lock:
             if self.thread is None or (self._stopped and not self._verdict):
                 return
