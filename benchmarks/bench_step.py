@@ -8,6 +8,11 @@ fused AdamW, EMA; bf16 autocast; synthetic random latents, never zeros):
   compile         torch.compile (default mode) of the reference student and of the stopped
                   teacher; eager optimizer/EMA (fused AdamW, foreach EMA)
   compile-ro      the same with mode="reduce-overhead" (CUDA graphs): the best off-the-shelf
+  compile-graph   the reference ops compiled (default mode) inside ours-graph's one CUDA
+                  graph, auto attention (what --kernels ref --compile default --cuda-graph
+                  trains with)
+  ours-compile-graph  ours-graph with the student and teacher compiled (default mode): our
+                  fused ops stay custom ops, inductor fuses around them
   ours            sra_fast kernels (auto) + auto attention, stopped teacher, eager step
   ours-t16        ours + bf16 shadow of the teacher's weights
   ours-graph      ours, the whole step captured in one CUDA graph
@@ -68,6 +73,8 @@ PROVIDERS = {
     "eager-ref-stop": dict(ops="ref", attn="sdpa"),
     "compile": dict(ops="ref", attn="sdpa", compile="default"),
     "compile-ro": dict(ops="ref", attn="sdpa", compile="reduce-overhead"),
+    "compile-graph": dict(ops="ref", attn="auto", compile="default", graph=True),
+    "ours-compile-graph": dict(ops="auto", attn="auto", compile="default", graph=True),
     "ours": dict(ops="auto", attn="auto"),
     "ours-t16": dict(ops="auto", attn="auto", teacher_bf16=True),
     "ours-graph": dict(ops="auto", attn="auto", graph=True),
@@ -132,20 +139,6 @@ def blocks_for(name: str, depth: int) -> tuple[int, int]:
     return DEFAULT_BLOCKS.get(name, (max(1, depth // 4), max(2, (3 * depth) // 4)))
 
 
-class CompiledTeacher:
-    """The stopped teacher with its forward compiled (what `compile` providers measure)."""
-
-    def __init__(self, ema, block: int, mode: str):
-        self.ema = ema
-        self.fn = torch.compile(lambda x, t, y: ema.forward_hidden(x, t, y, block), mode=mode)
-
-    def drop_labels(self, y, generator=None):
-        return self.ema.drop_labels(y, generator)
-
-    def forward_hidden(self, x, t, y, block):
-        return self.fn(x, t, y)
-
-
 def build(model_name: str, res: int, device, quick: bool):
     if quick:
         cls = DiT if model_name.startswith("tiny-DiT") else SiT
@@ -194,19 +187,15 @@ def _run_one(row, model_name, batch, provider, args, device, peak_tflops, res):
                                                           loss_type=args.loss))
             opt = make_optimizer(model, lr=1e-4)
             gen = torch.Generator(device).manual_seed(0)
-            student = model
             mode = spec.get("compile")
-            if mode:
-                student = torch.compile(model, mode=mode)
-            step = TrainStep(model, ema, obj, opt, student=student, precision="bf16",
+            step = TrainStep(model, ema, obj, opt, precision="bf16",
                              grad_clip=1.0, ema_decay=0.9999, generator=gen,
                              cuda_graph=bool(spec.get("graph")),
                              teacher_bf16=bool(spec.get("teacher_bf16")),
                              teacher_full=bool(spec.get("teacher_full")),
                              ema_impl=spec.get("ema_impl", "foreach"),
-                             grad_sync=world_of_one(device) if spec.get("grad_sync") else None)
-            if mode:
-                step._teacher = CompiledTeacher(ema, bt, mode)
+                             grad_sync=world_of_one(device) if spec.get("grad_sync") else None,
+                             compile=mode)
             g = torch.Generator(device).manual_seed(1)
             n_cls = model.num_classes
             x0 = torch.randn(batch, model.in_channels, model.input_size, model.input_size,
@@ -214,8 +203,6 @@ def _run_one(row, model_name, batch, provider, args, device, peak_tflops, res):
             y = torch.randint(0, n_cls, (batch,), device=device, generator=g)
 
             def fn():
-                if mode == "reduce-overhead":
-                    torch.compiler.cudagraph_mark_step_begin()
                 step(x0, y, 0.5)
 
             if is_cuda:

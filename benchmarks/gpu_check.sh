@@ -267,11 +267,12 @@ STEP_ARGS=()
 # run), then the rest.
 PLAN="SiT-XL/2@64=ours-graph;SiT-B/2@256=ours-graph;SiT-XL/2@64=eager-ref;SiT-B/2@256=eager-ref"
 PLAN+=";SiT-B/2@256=compile-ro;SiT-XL/2@64=compile-ro"
+PLAN+=";SiT-XL/2@64=ours-compile-graph"   # inductor inside our graph: the candidate default
 PLAN+=";SiT-XL/2@64=ours-graph-t16,ours-graph-fema,ours-graph-1p,ours;SiT-B/2@256=ours"
 PLAN+=";DiT-XL/2@64=ours-graph,ours"
 PLAN+=";SiT-XL/2@32@512=ours-graph,eager-ref"
 PLAN+=";SiT-XL/2@64=ours-graph-sync"
-PLAN+=";SiT-XL/2@64=compile"
+PLAN+=";SiT-XL/2@64=compile-graph,compile"
 [ "${GPU_CHECK_DRY:-0}" = "1" ] && PLAN="tiny-SiT@8=eager-ref,ours,ours-graph,ours-graph-sync;tiny-DiT@8=ours-graph"
 L=$(limit_for STEP)
 part bench_step "$L" "$PY" benchmarks/bench_step.py "${STEP_ARGS[@]}" --plan "$PLAN" \

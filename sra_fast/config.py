@@ -22,6 +22,7 @@ from .models import ALL_MODELS, DiT, SiT
 from .objective import SRAConfig
 from .ops import BACKENDS
 from .ops.attention import ATTENTION_BACKENDS
+from .step import COMPILE_MODES
 
 # Tiny sizes for CPU runs and tests: depth, width, heads. Not a released size.
 TINY_SIZES = {"T": (6, 128, 4)}
@@ -216,6 +217,14 @@ class TrainConfig:
     max_nonfinite: int = _f(20, "stop after this many consecutive non-finite losses (each "
                             "one skips its update)", runtime=True)
     kernels: str = _f("auto", "fused-op backend", choices=BACKENDS,
+                      runtime=True)
+    compile: str = _f("off", "torch.compile the student and the teacher's forward "
+                      "(inductor; the first steps compile): off, "
+                      "default, max-autotune-no-cudagraphs (also tunes inductor's GEMMs), "
+                      "reduce-overhead (inductor's CUDA graphs; not with --cuda-graph or "
+                      "--grad-accum > 1). With --cuda-graph the compiled code is captured in "
+                      "the step's one graph; the --kernels fused ops stay custom ops that "
+                      "inductor fuses around", choices=("off",) + COMPILE_MODES,
                       runtime=True)
     attn: str = _f("auto", "attention backend", choices=ATTENTION_BACKENDS,
                    runtime=True)

@@ -41,6 +41,18 @@ from .profiling import nvtx_enabled, nvtx_range
 from .teacher import BF16Shadow, StudentView, TeacherView
 
 PRECISIONS = ("bf16", "fp16", "fp32")
+# torch.compile modes the step takes (torch's own names). "max-autotune-no-cudagraphs" and
+# "default" leave CUDA graphs to the step's own capture; "reduce-overhead" is inductor's
+# CUDA graphs around the student's and the teacher's forward and backward (eager step only).
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
+
+
+def compile_fn(fn, mode: str, backend: str = "inductor"):
+    """torch.compile(fn) in `mode`, shapes static (a step's batch is fixed; a new shape
+    recompiles). A backend other than inductor takes no mode (tests use "aot_eager")."""
+    if backend == "inductor":
+        return torch.compile(fn, mode=mode, dynamic=False)
+    return torch.compile(fn, backend=backend, dynamic=False)
 
 
 def autocast_ctx(precision: str, device: torch.device):
@@ -158,6 +170,18 @@ class TrainStep:
                    then be the model itself, not a DDP wrapper.
       grad_bucket_mb with grad_sync: megabytes per bucket whose all-reduce starts during
                    the backward (0: one all-reduce after it).
+      compile      None or a torch.compile mode (COMPILE_MODES): the student (its DDP
+                   wrapper, if given one: dynamo then splits the graph at DDP's buckets so the
+                   all-reduce still overlaps the backward) and the teacher's forward run
+                   compiled; sampling of t, noise and labels, the loss's reduction, the
+                   optimizer and the EMA stay as they are. The sra_fast fused ops (kernels
+                   "triton"/"auto") are custom ops that inductor keeps opaque and fuses
+                   around; with kernels "ref" inductor fuses the reference chains itself.
+                   With cuda_graph the compiled code is captured in the step's one graph
+                   (compiled during the warm-up). With grad_sync the gradients' all-reduce
+                   starts when the compiled backward has made them all (no overlap).
+                   "reduce-overhead" (inductor's own CUDA graphs) needs cuda_graph=False and
+                   grad_accum=1. compile_backend: the dynamo backend (tests: "aot_eager").
     """
 
     STATS = ("loss", "denoise", "align", "grad_norm", "nonfinite", "steps")
@@ -168,7 +192,8 @@ class TrainStep:
                  cuda_graph: bool | str = False, teacher_bf16: bool = False,
                  teacher_full: bool = False, teacher_fp32: bool = False,
                  graph_warmup: int = 2, ema_impl: str = "foreach",
-                 grad_sync=None, grad_bucket_mb: float = 25.0):
+                 grad_sync=None, grad_bucket_mb: float = 25.0, compile: str | None = None,
+                 compile_backend: str = "inductor"):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
         if grad_accum < 1:
@@ -182,6 +207,15 @@ class TrainStep:
         if cuda_graph not in (False, True, "strict", "emulate"):
             raise ValueError("cuda_graph must be False, True, 'strict' or 'emulate', got "
                              f"{cuda_graph!r}")
+        if compile is not None and compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be None or one of {COMPILE_MODES}, got {compile!r}")
+        if compile == "reduce-overhead" and cuda_graph:
+            raise ValueError("compile mode reduce-overhead records CUDA graphs of its own, "
+                             "which cannot run inside the captured step: use compile mode "
+                             "default with the CUDA-graph step (the whole step in one graph)")
+        if compile == "reduce-overhead" and grad_accum > 1:
+            raise ValueError("compile mode reduce-overhead replays one forward and backward per "
+                             "step; with gradient accumulation use compile mode default")
         self.model, self.ema, self.objective, self.opt = model, ema, objective, optimizer
         self.student = student if student is not None else model
         self.precision, self.grad_clip, self.ema_decay = precision, grad_clip, ema_decay
@@ -219,9 +253,17 @@ class TrainStep:
         self.shadow = (BF16Shadow(ema, objective.cfg.block_out_t) if teacher_bf16 else None)
         self.teacher_full, self.teacher_fp32 = teacher_full, teacher_fp32
         tmod = self.shadow.module if self.shadow is not None else ema
-        self._teacher = (TeacherView(tmod, full=teacher_full, fp32=teacher_fp32)
-                         if teacher_full or teacher_fp32 else tmod)
-        self._teacher_nvtx = TeacherView(tmod, full=teacher_full, fp32=teacher_fp32)
+        self.compile = compile
+        compiler = ((lambda fn: compile_fn(fn, compile, compile_backend)) if compile
+                    else None)
+        self._teacher_nvtx = TeacherView(tmod, full=teacher_full, fp32=teacher_fp32,
+                                         compiler=compiler)
+        # uncompiled and without a variant, the module itself: one Python layer less per call
+        self._teacher = (self._teacher_nvtx if teacher_full or teacher_fp32 or compile
+                         else tmod)
+        # what _micro calls as the student (self.student stays the module or DDP wrapper
+        # given, for no_sync and the graph checks)
+        self._student_fn = compiler(self.student) if compiler else self.student
         if ema_impl not in ("foreach", "fused", "adamw"):
             raise ValueError(f"ema_impl must be 'foreach', 'fused' or 'adamw', got "
                              f"{ema_impl!r}")
@@ -268,7 +310,7 @@ class TrainStep:
         return bool(self.cuda_graph) and self.graph_refusal is None
 
     def _micro(self, x0, y, weight):
-        student, teacher = self.student, self._teacher
+        student, teacher = self._student_fn, self._teacher
         if nvtx_enabled():
             student, teacher = StudentView(student), self._teacher_nvtx
         with autocast_ctx(self.precision, self.device):
@@ -373,6 +415,9 @@ class TrainStep:
         if self.graph_mode:
             return self._graph_call(x0, y, weight)
         self.model.train()
+        if self.compile == "reduce-overhead":
+            # the previous step's graph outputs are consumed: its buffers may be reused
+            torch.compiler.cudagraph_mark_step_begin()
         xs, ys = x0.chunk(self.grad_accum), y.chunk(self.grad_accum)
         if len(xs) != self.grad_accum:
             raise ValueError(f"batch of {x0.shape[0]} cannot be split into "

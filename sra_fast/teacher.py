@@ -83,22 +83,33 @@ class TeacherView:
     """What the objective calls as `teacher`: drop_labels + forward_hidden of `module`,
     optionally running the full network (`full=True`, as released), outside the student's
     autocast (`fp32=True`: the released teacher, which accelerate's autocast did not wrap,
-    ran in fp32/TF32), and inside an NVTX range."""
+    ran in fp32/TF32), compiled (`compiler`: a function that compiles a function, e.g.
+    step.compile_fn with a mode), and inside an NVTX range (outside the compiled code)."""
 
-    def __init__(self, module: nn.Module, full: bool = False, fp32: bool = False):
+    def __init__(self, module: nn.Module, full: bool = False, fp32: bool = False,
+                 compiler=None):
         self.module, self.full, self.fp32 = module, full, fp32
+        self._hidden = compiler(self._hidden_eager) if compiler else self._hidden_eager
 
     def drop_labels(self, y, generator=None):
         return self.module.drop_labels(y, generator)
 
-    def forward_hidden(self, x, t, y, block: int):
-        with nvtx_range("teacher forward"), (
-                torch.autocast(x.device.type, enabled=False) if self.fp32
-                else contextlib.nullcontext()):
+    def __getattr__(self, name):   # anything else (num_classes, ...): the module's
+        if name == "module":
+            raise AttributeError(name)
+        return getattr(self.module, name)
+
+    def _hidden_eager(self, x, t, y, block: int):
+        with (torch.autocast(x.device.type, enabled=False) if self.fp32
+              else contextlib.nullcontext()):
             if self.full:
                 self.module.check_block(block)
                 return self.module._trunk(x, t, y, block)[1]
             return self.module.forward_hidden(x, t, y, block)
+
+    def forward_hidden(self, x, t, y, block: int):
+        with nvtx_range("teacher forward"):
+            return self._hidden(x, t, y, block)
 
 
 class StudentView:

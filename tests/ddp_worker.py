@@ -37,23 +37,32 @@ class SmallDigits(DigitsDataset):
         self.x, self.y, self.labels = self.x[:n], self.y[:n], self.labels[:n]
 
 
-def main(out, batch_size, steps, sync="ddp"):
+def main(out, batch_size, steps, sync="ddp", compile="off", grad_accum="1"):
     """sync "own": the trainer's --cuda-graph choice across processes (the step's own
     gradient all-reduce instead of DDP), taken on CPU by pretending the graph is possible;
-    the step itself then finds the CPU, says so and runs the same sync eagerly."""
+    the step itself then finds the CPU, says so and runs the same sync eagerly.
+    compile: the trainer's --compile (with dynamo's aot_eager backend: seconds, not minutes
+    of inductor on the CPU)."""
     torch.set_num_threads(1)
     if sync == "own":
         import sra_fast.trainer
         sra_fast.trainer.graph_refusal = lambda *a, **k: None
+    if compile != "off":
+        import sra_fast.step
+        orig = sra_fast.step.compile_fn
+        sra_fast.step.compile_fn = lambda fn, mode, backend="inductor": orig(fn, mode,
+                                                                             "aot_eager")
     cfg = TrainConfig(out_dir=out, exp_name="run", batch_size=int(batch_size),
                       max_steps=int(steps), log_every=1, ckpt_every=int(steps), sample_every=0,
                       kernels="ref", attn="math", threads=1, lr=1e-3, lr_warmup_steps=0,
-                      device="cpu", cuda_graph=sync == "own", grad_bucket_mb=0.05)
+                      device="cpu", cuda_graph=sync == "own", grad_bucket_mb=0.05,
+                      compile=compile, grad_accum=int(grad_accum))
     tr = Trainer(cfg, dataset=SmallDigits(), quiet=True,
                  objective_factory=lambda model, sra: SampleKeyedDraws.for_model(model, sra))
     tr.train()
     sync = "own" if tr.train_step._grad_sync is not None else type(tr.student).__name__
-    sys.stdout.write(f"rank {tr.env.rank} gradient sync: {sync}\n")   # one write: whole lines
+    sys.stdout.write(f"rank {tr.env.rank} gradient sync: {sync}, compile: "
+                     f"{tr.train_step.compile}\n")   # one write: whole lines
     sys.stdout.flush()
 
 
