@@ -94,3 +94,48 @@ def test_context_restores_backend():
                 pass
         assert A.get_attention_backend() == "math"
     assert A.get_attention_backend() == "auto"
+
+
+@pytest.mark.skipif(not A.HAS_SDP_PRIORITY, reason="this torch has no SDPA priority order")
+def test_prioritised_sdpa_compiles_in_one_graph_and_restores_the_order():
+    """auto's SDPA priority (cuDNN first on Hopper) while torch.compile traces: a context
+    dynamo understands (no graph break at each attention), the same result as SDPA, and
+    PyTorch's global priority order as it was afterwards."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = qkv(g, d=64)
+    order = ["cudnn", "flash", "efficient", "math"]
+    before = list(torch._C._get_sdp_priority_order())
+    f = torch.compile(lambda *a: A._sdpa_prioritised_compiled(*a, order), backend="aot_eager",
+                      fullgraph=True)
+    out = f(q, k, v)
+    assert list(torch._C._get_sdp_priority_order()) == before
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, want)
+    go = torch.randn(out.shape, generator=g)
+    got = torch.autograd.grad(out, (q, k, v), go)
+    torch.testing.assert_close(got, torch.autograd.grad(want, (q, k, v), go))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_auto_attention_compiled_prefers_cudnn_on_hopper():
+    """Under torch.compile, auto on sm90+ bakes cuDNN's SDPA into the graph, as the eager
+    path runs it (test_step_cuda.py), rather than PyTorch's default flash kernel."""
+    if torch.cuda.get_device_capability() < (9, 0) or not A.HAS_SDP_PRIORITY:
+        pytest.skip("cuDNN first only on sm90+ with an SDPA priority order")
+    from torch._dynamo.backends.common import aot_autograd
+    seen = []
+
+    def keep_graph(gm, _inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    q, k, v = (torch.randn(2, 16, 256, 72, device="cuda", dtype=torch.bfloat16,
+                           requires_grad=True) for _ in range(3))
+    torch._dynamo.reset()
+    with A.use_attention_backend("auto"):
+        f = torch.compile(A.attention, backend=aot_autograd(fw_compiler=keep_graph),
+                          fullgraph=True)
+        f(q, k, v)
+    torch._dynamo.reset()
+    assert any("cudnn_attention" in t for t in seen), seen

@@ -101,11 +101,24 @@ def _sdpa_only(q, k, v, name: str):
             getattr(_C, s)(old[n])
 
 
+def _sdp_backend(name: str):
+    from torch.nn.attention import SDPBackend
+    return {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
+
+
+# While torch.compile traces, the raw setters above would be opaque calls (a graph break at
+# every attention); sdpa_kernel is a context dynamo understands: it applies the setting while
+# the graph is traced, which is when SDPA's kernel is chosen and baked into the graph.
 def _sdpa_only_compiled(q, k, v, name: str):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    b = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-         "efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
-    with sdpa_kernel(b):
+    from torch.nn.attention import sdpa_kernel
+    with sdpa_kernel(_sdp_backend(name)):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def _sdpa_prioritised_compiled(q, k, v, order: list[str]):
+    from torch.nn.attention import sdpa_kernel
+    with sdpa_kernel([_sdp_backend(n) for n in order], set_priority=True):
         return F.scaled_dot_product_attention(q, k, v)
 
 
@@ -239,7 +252,7 @@ def attention(q, k, v):
             return attention(q, k, v)
     if name.startswith("sdpa["):
         if _compiling():
-            return F.scaled_dot_product_attention(q, k, v)
+            return _sdpa_prioritised_compiled(q, k, v, name[5:-1].split(">"))
         return _sdpa_prioritised(q, k, v, name[5:-1].split(">"))
     if name == "sdpa":
         return F.scaled_dot_product_attention(q, k, v)
