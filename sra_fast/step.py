@@ -37,6 +37,7 @@ import torch
 import torch.distributed
 
 from .objective import SRAObjective, ema_update
+from .ops import attention
 from .profiling import nvtx_enabled, nvtx_range
 from .teacher import BF16Shadow, StudentView, TeacherView
 
@@ -148,7 +149,8 @@ class TrainStep:
       teacher_full run the whole teacher network as the released code does (baselines).
       teacher_fp32 run the teacher outside the student's autocast, in fp32 (TF32 where
                    allowed), as the released teacher ran; not with teacher_bf16.
-      graph_warmup eager warm-up iterations before capture (updates forced to skip).
+      graph_warmup eager warm-up iterations before capture (updates forced to skip; with
+                   compile, more while one still compiles something: at least 2).
       ema_impl     "foreach" (default: objective.ema_update, a lerp of every parameter,
                    12 bytes of traffic each, then the bf16 shadow's copy when teacher_bf16)
                    or "fused": sra_fast.ext.FusedEMA, one pass that lerps the EMA and writes
@@ -264,6 +266,8 @@ class TrainStep:
         # what _micro calls as the student (self.student stays the module or DDP wrapper
         # given, for no_sync and the graph checks)
         self._student_fn = compiler(self.student) if compiler else self.student
+        if compile:
+            attention.prepare(self.device)   # its one-time setup, outside the traced code
         if ema_impl not in ("foreach", "fused", "adamw"):
             raise ValueError(f"ema_impl must be 'foreach', 'fused' or 'adamw', got "
                              f"{ema_impl!r}")
@@ -568,6 +572,21 @@ class TrainStep:
         else:
             torch.set_rng_state(state)
 
+    # with compile: warm-ups beyond graph_warmup while one still compiles something new
+    COMPILE_SETTLE_MAX = 4
+
+    def _warm_up(self):
+        """graph_warmup eager runs of the captured body; with compile, more while a run still
+        compiled a graph (a recompile inside the capture would fail it: compiling syncs)."""
+        from torch._dynamo.utils import counters
+        for i in range(self.graph_warmup + (self.COMPILE_SETTLE_MAX if self.compile else 0)):
+            graphs = counters["stats"]["unique_graphs"]
+            self.opt.zero_grad(set_to_none=True)
+            self._graph_body()
+            settled = not self.compile or counters["stats"]["unique_graphs"] == graphs
+            if i + 1 >= self.graph_warmup and settled:
+                return
+
     def _capture(self, x0, y):
         n = x0.shape[0]
         if n % self.grad_accum:
@@ -598,9 +617,7 @@ class TrainStep:
             if cuda:
                 side.wait_stream(torch.cuda.current_stream(self.device))
             with (torch.cuda.stream(side) if cuda else contextlib.nullcontext()):
-                for _ in range(self.graph_warmup):
-                    self.opt.zero_grad(set_to_none=True)
-                    self._graph_body()
+                self._warm_up()
             if cuda:
                 torch.cuda.current_stream(self.device).wait_stream(side)
             self.opt.zero_grad(set_to_none=True)   # backward allocates grads in the graph pool

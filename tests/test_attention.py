@@ -133,6 +133,7 @@ def test_auto_attention_compiled_prefers_cudnn_on_hopper():
     q, k, v = (torch.randn(2, 16, 256, 72, device="cuda", dtype=torch.bfloat16,
                            requires_grad=True) for _ in range(3))
     torch._dynamo.reset()
+    A.prepare("cuda")   # what the step does before compiling (an import cannot be traced)
     with A.use_attention_backend("auto"):
         f = torch.compile(A.attention, backend=aot_autograd(fw_compiler=keep_graph),
                           fullgraph=True)

@@ -11,6 +11,7 @@ from torch._dynamo.utils import counters
 
 from sra_fast import ops
 from sra_fast.models.dit import DiT, SiT
+from sra_fast.ops import attention as A
 
 from test_step import batches, build, same, snapshot
 from trainer_fixtures import restore_backends  # noqa: F401
@@ -66,6 +67,39 @@ def test_compiled_step_with_the_triton_kernels_is_bitwise_and_unbroken():
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert got_stats == want_stats
     assert same(got, want)
+
+
+def test_gpu_route_of_auto_attention_leaves_two_whole_graphs(monkeypatch):
+    """On a GPU, `auto` attention's first call imports the flash_attn candidates and reads
+    the card's capability into a cache: traced, that is a graph break that stays for the whole
+    run (the guards do not cover the caches). The step does that setup before compiling. The
+    GPU route taken on the CPU (capability 9.0, empty caches, as in a fresh process)."""
+    monkeypatch.setattr(A, "_is_gpu", lambda t: True)
+    monkeypatch.setattr(A, "_capability", lambda idx: (9, 0))
+    monkeypatch.setattr(A, "_FA", {"loaded": False, "impls": [], "errors": {}})
+    monkeypatch.setattr(A, "_SM", {})
+    monkeypatch.setitem(A._state, "quiet", True)
+    with ops.use_backend("ref"), A.use_attention_backend("auto"):
+        _, stats, _ = run_steps(3, compile="default", compile_backend="aot_eager")
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    assert A._SM == {0: (9, 0)} and stats["steps"] == 3
+
+
+@pytest.mark.parametrize("compile", [None, "default"])
+def test_graph_warmup_goes_on_while_a_warmup_still_compiles(compile, monkeypatch):
+    """A compile inside the capture would fail it (compiling syncs): with compile, warm-up
+    runs go on until one compiles nothing new (here 2 where graph_warmup=1 asks for 1)."""
+    from sra_fast.step import TrainStep
+    bodies = []
+    orig = TrainStep._graph_body
+    monkeypatch.setattr(TrainStep, "_graph_body", lambda self: (bodies.append(1),
+                                                                orig(self))[1])
+    with ops.use_backend("ref"):
+        m, ema, opt, step = build(mode="emulate", graph_warmup=1, compile=compile,
+                                  compile_backend="aot_eager")
+        step(*batches(1)[0], 0.5)
+    assert len(bodies) == (2 if compile else 1) + 1   # warm-ups, then the emulated replay
 
 
 @pytest.mark.timeout(600)
@@ -145,9 +179,13 @@ def test_inductor_compiled_step_inside_a_captured_cuda_graph_matches_eager():
     from test_step_cuda import params, rel_update_diff, run
     data = cuda_batches(3)
     out = []
-    with ops.use_backend("auto"):
+    with ops.use_backend("auto"), A.use_attention_backend("auto"):
         for mode, comp in ((False, None), ("strict", "default")):
             torch._dynamo.reset()
+            counters.clear()
+            if comp:   # attention's caches as in a fresh process: the step must fill them
+                A._FA.update(loaded=False, impls=[], errors={})
+                A._SM.clear()
             m, ema, opt, step = cuda_build(SiT, grad_accum=2, mode=mode, compile=comp)
             p0 = params(m, ema)
             run(step, data)
@@ -155,6 +193,7 @@ def test_inductor_compiled_step_inside_a_captured_cuda_graph_matches_eager():
     (pe, se, _), (pg, sg, g) = out
     assert g.graph_mode and g.captures == 1
     assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
     assert se["steps"] == sg["steps"] == 3 and se["nonfinite"] == sg["nonfinite"] == 0
     for k in ("loss", "denoise_loss", "align_loss", "grad_norm"):
         assert sg[k] == pytest.approx(se[k], rel=2e-2), k

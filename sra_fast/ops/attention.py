@@ -58,11 +58,32 @@ def _compiling() -> bool:
 _SM: dict = {}
 
 
+def _is_gpu(t: torch.Tensor) -> bool:
+    """Whether `auto` takes the GPU route for t (a function, so CPU tests can take it)."""
+    return t.is_cuda
+
+
+def _capability(idx: int) -> tuple:
+    return torch.cuda.get_device_capability(idx)
+
+
 def _sm(device) -> tuple:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
+    idx = device.index if device.index is not None else (
+        torch.cuda.current_device() if device.type == "cuda" else 0)
     if idx not in _SM:
-        _SM[idx] = torch.cuda.get_device_capability(idx)
+        _SM[idx] = _capability(idx)
     return _SM[idx]
+
+
+def prepare(device) -> None:
+    """Run attention's one-time setup now: the flash_attn imports and the card's capability,
+    otherwise done by the first call on the GPU route. Call it before torch.compile traces a
+    model: dynamo cannot trace an import (a graph break), and the code it compiles around one
+    keeps that break for the whole run, since its guards do not cover these caches."""
+    device = torch.device(device)
+    _fa_candidates()
+    if _is_gpu(torch.empty(0, device=device)):
+        _sm(device)
 
 
 def sdpa_priority(device) -> list[str]:
@@ -117,6 +138,8 @@ def _sdpa_only_compiled(q, k, v, name: str):
 
 
 def _sdpa_prioritised_compiled(q, k, v, order: list[str]):
+    # unlike _sdpa_prioritised, sdpa_kernel also enables every backend it lists (one turned
+    # off with torch.backends.cuda.enable_*_sdp(False) is back on in the traced graph)
     from torch.nn.attention import sdpa_kernel
     with sdpa_kernel([_sdp_backend(n) for n in order], set_priority=True):
         return F.scaled_dot_product_attention(q, k, v)
@@ -150,7 +173,7 @@ def flash_attn_available() -> bool:
 
 def _fa_pick(q):
     """The first flash_attn build that supports q's card, head_dim and dtype, or None."""
-    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+    if not _is_gpu(q) or q.dtype not in (torch.float16, torch.bfloat16):
         return None
     sm = _sm(q.device)
     d = q.shape[-1]
@@ -214,7 +237,7 @@ def resolve_backend(q: torch.Tensor) -> str:
         return f"flash_attn:{pick[0]}"
     if name != "auto":
         return name
-    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+    if not _is_gpu(q) or q.dtype not in (torch.float16, torch.bfloat16):
         return "sdpa"
     pick = _fa_pick(q)
     if pick is not None:
@@ -282,4 +305,4 @@ def backend_runs(name: str, q: torch.Tensor) -> bool:
 
 __all__ = ["ATTENTION_BACKENDS", "SDPA_RESTRICTED", "HAS_SDP_PRIORITY", "set_attention_backend",
            "get_attention_backend", "use_attention_backend", "attention", "attention_math",
-           "resolve_backend", "backend_runs", "flash_attn_available", "sdpa_priority"]
+           "resolve_backend", "backend_runs", "flash_attn_available", "sdpa_priority", "prepare"]
