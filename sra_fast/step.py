@@ -150,7 +150,7 @@ class TrainStep:
       teacher_fp32 run the teacher outside the student's autocast, in fp32 (TF32 where
                    allowed), as the released teacher ran; not with teacher_bf16.
       graph_warmup eager warm-up iterations before capture (updates forced to skip; with
-                   compile, more while one still compiles something: at least 2).
+                   compile, more while a run still compiles something new).
       ema_impl     "foreach" (default: objective.ema_update, a lerp of every parameter,
                    12 bytes of traffic each, then the bf16 shadow's copy when teacher_bf16)
                    or "fused": sra_fast.ext.FusedEMA, one pass that lerps the EMA and writes
