@@ -198,3 +198,25 @@ def test_inductor_compiled_step_inside_a_captured_cuda_graph_matches_eager():
     for k in ("loss", "denoise_loss", "align_loss", "grad_norm"):
         assert sg[k] == pytest.approx(se[k], rel=2e-2), k
     assert rel_update_diff(p0, pe, pg) < 5e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_inductor_compiled_eager_step_has_no_host_sync():
+    """The compiled student and teacher add no host sync to the eager step (guards and
+    inductor's wrappers are host-side only), so a compiled step still never waits for the
+    GPU (the captured one replays without any host work at all)."""
+    from test_step_cuda import batches as cuda_batches
+    from test_step_cuda import build as cuda_build
+    with ops.use_backend("auto"), A.use_attention_backend("auto"):
+        m, ema, opt, step = cuda_build(compile="default")
+        data = cuda_batches(3)
+        step(*data[0], 0.5)                 # compiles (and autotunes: syncs) here
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step(*data[1], 0.5)
+            step(*data[2], 0.5)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert step.read_stats()["steps"] == 3
