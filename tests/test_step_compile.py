@@ -4,7 +4,8 @@ compiled student and teacher give the uncompiled step's updates, in eager and ca
 reference ops and with the Triton kernels (custom ops, opaque to inductor); no graph breaks;
 the combinations that cannot work are refused. Most checks use dynamo's aot_eager backend
 (the same ATen ops as eager: bitwise comparable, seconds to compile); one runs inductor on the
-CPU; the CUDA test (marked) runs inductor inside a real CUDA-graph capture."""
+CPU; the CUDA tests (marked) run inductor inside a real CUDA-graph capture and check that
+the compiled eager step makes no host sync."""
 import pytest
 import torch
 from torch._dynamo.utils import counters
