@@ -72,3 +72,23 @@ def test_a_deadline_sets_the_budget_from_the_clock(tmp_path):
     assert 295 <= budget <= 300
     budget, _ = plan(tmp_path, GPU_CHECK_DEADLINE=int(time.time()) - 50)   # already past
     assert budget == 60
+
+
+def test_every_provider_in_the_step_plan_exists():
+    """A misspelt provider in the benchmark plan would cost its place on a scarce GPU run;
+    both plans (the GPU one and the DRY one) name only providers bench_step.py has."""
+    import re
+    import sys
+    sys.path.insert(0, str(SCRIPT.parent))
+    import bench_step
+    text = SCRIPT.read_text()
+    gpu = "".join(re.findall(r'^PLAN\+?="([^"]*)"', text, flags=re.M))
+    dry = re.search(r'GPU_CHECK_DRY:-0}" = "1" \] && PLAN="([^"]*)"', text).group(1)
+    for plan in (gpu, dry):
+        entries = [e for e in plan.split(";") if e]
+        assert len(entries) > 3 if plan is gpu else entries
+        for entry in entries:
+            _, provs = entry.split("=")
+            for p in provs.split(","):
+                assert p in bench_step.PROVIDERS, (p, entry)
+    assert "ours-compile-graph" in gpu and "ours-graph" in gpu
