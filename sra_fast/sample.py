@@ -38,7 +38,8 @@ from .metrics_log import progress_bar
 from .peer_watch import PeerFailureWatch, StartupFailureWatch, exit_if_store_requests_linger
 from .sampling import (SAMPLERS, SamplerConfig, SiTOriginalTime, decode_latents, image_grid,
                        load_vae, sample, to_uint8)
-from .step import autocast_ctx
+from .ops import attention
+from .step import COMPILE_MODES, autocast_ctx, compile_fn
 from .train_state import is_released, read_checkpoint, released_args
 
 
@@ -163,6 +164,12 @@ def build_parser():
     p.add_argument("--grid", default=None, help="also write a PNG grid of the first 64 samples")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="the model's autocast precision")
+    p.add_argument("--compile", default="off", choices=("off",) + COMPILE_MODES,
+                   help="torch.compile the network (each batch size compiles once, with and "
+                        "without guidance; reduce-overhead adds inductor's CUDA graphs). "
+                        "Compiled samples may differ from uncompiled ones in the last bits: "
+                        "OUT.json records it, and finished batches are resumed only with the "
+                        "same setting")
     p.add_argument("--model", default=None, help="model name for released checkpoints "
                    "without args")
     p.add_argument("--resolution", type=int, default=None,
@@ -359,6 +366,9 @@ def _run(a, env, watch: PeerFailureWatch) -> Path | None:
                          "once it is complete")
     model, info = model_from_checkpoint(ck, a.weights, a.model, a.resolution, a.num_classes)
     model.to(dev)
+    if a.compile != "off":
+        attention.prepare(dev)   # its one-time setup, outside the traced code
+        model = compile_fn(model, a.compile)   # the module's attributes pass through
     kind = info["kind"]
     sampler = a.sampler or ("ddpm" if kind == "dit" else "sde")
     steps = a.num_steps if a.num_steps is not None else (250 if sampler in ("sde", "ddpm")
@@ -400,6 +410,8 @@ def _run(a, env, watch: PeerFailureWatch) -> Path | None:
     }
     if "time_convention" in info:
         settings["time_convention"] = info["time_convention"]
+    if a.compile != "off":   # (absent when off: parts from before the flag still resume)
+        settings["compile"] = a.compile
     if env.is_main:
         _claim_parts(parts, settings)
     barrier(env)

@@ -257,3 +257,36 @@ def test_weights_student_is_trains_name_for_the_model_weights(tmp_path, ckpt, ca
     capsys.readouterr()
     assert np.array_equal(outs["student"], outs["model"])
     assert not np.array_equal(outs["student"], outs["ema"])
+
+
+def test_compiled_sampling_draws_the_same_samples_and_records_it(tmp_path, ckpt, monkeypatch,
+                                                                 capsys):
+    """--compile: the network runs compiled (dynamo's aot_eager here: the same ATen ops, so
+    the same bits; inductor may differ in the last ones), guided and unguided steps (two batch
+    shapes) each in one graph; OUT.json records the mode; finished batches drawn without it
+    are not mixed in."""
+    from torch._dynamo.utils import counters
+    import sra_fast.step as St
+    seen, orig = [], St.compile_fn
+    monkeypatch.setattr(S, "compile_fn", lambda fn, mode, backend="inductor": (
+        seen.append(mode), orig(fn, mode, "aot_eager"))[1])
+    torch._dynamo.reset()
+    counters.clear()
+    guided = ["--cfg-scale", "2.0", "--guidance-high", "0.5", "--num-steps", "4"]
+    plain, comp = tmp_path / "plain.npz", tmp_path / "comp.npz"
+    try:
+        assert S.main(base_args(ckpt, plain, *guided)) == 0
+        assert S.main(base_args(ckpt, comp, *guided, "--compile", "default")) == 0
+        assert seen == ["default"]
+        assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+        assert not counters["graph_break"], dict(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
+    assert np.array_equal(np.load(plain)["arr_0"], np.load(comp)["arr_0"])
+    assert json.loads(comp.with_suffix(".json").read_text())["compile"] == "default"
+    assert "compile" not in json.loads(plain.with_suffix(".json").read_text())
+    # parts drawn uncompiled are not resumed by a compiled run
+    out = tmp_path / "mixed.npz"
+    crash_after_first_batch_run(monkeypatch, capsys, base_args(ckpt, out))
+    assert S.main(base_args(ckpt, out, "--compile", "default")) == 2
+    assert "drawn with other settings: compile (" in one_error_line(capsys)
