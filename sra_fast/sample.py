@@ -39,7 +39,7 @@ from .peer_watch import PeerFailureWatch, StartupFailureWatch, exit_if_store_req
 from .sampling import (SAMPLERS, SamplerConfig, SiTOriginalTime, decode_latents, image_grid,
                        load_vae, sample, to_uint8)
 from .ops import attention
-from .step import COMPILE_MODES, autocast_ctx, compile_fn
+from .step import COMPILE_MODES, autocast_ctx, compile_fn, precision_dtype
 from .train_state import is_released, read_checkpoint, released_args
 
 
@@ -367,7 +367,9 @@ def _run(a, env, watch: PeerFailureWatch) -> Path | None:
     model, info = model_from_checkpoint(ck, a.weights, a.model, a.resolution, a.num_classes)
     model.to(dev)
     if a.compile != "off":
-        attention.prepare(dev)   # its one-time setup, outside the traced code
+        net = model.model if isinstance(model, SiTOriginalTime) else model
+        # attention's one-time setup outside the traced code, and its choice announced
+        attention.prepare(dev, precision_dtype(a.precision), net.head_dim)
         model = compile_fn(model, a.compile)   # the module's attributes pass through
     kind = info["kind"]
     sampler = a.sampler or ("ddpm" if kind == "dit" else "sde")

@@ -56,11 +56,15 @@ def compile_fn(fn, mode: str, backend: str = "inductor"):
     return torch.compile(fn, backend=backend, dynamic=False)
 
 
+def precision_dtype(precision: str) -> torch.dtype:
+    """The dtype activations run in under a precision ("bf16", "fp16" or "fp32")."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
 def autocast_ctx(precision: str, device: torch.device):
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=precision_dtype(precision))
 
 
 def make_optimizer(model, lr: float = 1e-4, betas=(0.9, 0.999), weight_decay: float = 0.0,
@@ -266,8 +270,9 @@ class TrainStep:
         # what _micro calls as the student (self.student stays the module or DDP wrapper
         # given, for no_sync and the graph checks)
         self._student_fn = compiler(self.student) if compiler else self.student
-        if compile:
-            attention.prepare(self.device)   # its one-time setup, outside the traced code
+        if compile:   # attention's one-time setup, outside the traced code
+            attention.prepare(self.device, precision_dtype(precision),
+                              getattr(model, "head_dim", None))
         if ema_impl not in ("foreach", "fused", "adamw"):
             raise ValueError(f"ema_impl must be 'foreach', 'fused' or 'adamw', got "
                              f"{ema_impl!r}")

@@ -87,6 +87,17 @@ def test_gpu_route_of_auto_attention_leaves_two_whole_graphs(monkeypatch):
     assert A._SM == {0: (9, 0)} and stats["steps"] == 3
 
 
+def test_the_attention_choice_is_announced_before_compiled_steps(monkeypatch, capsys):
+    """Compiled calls print nothing, so the step announces the choice when it is made, with
+    the dtype and head size the model runs with."""
+    monkeypatch.setattr(A, "_announced", set())
+    monkeypatch.setitem(A._state, "quiet", False)
+    with ops.use_backend("ref"), A.use_attention_backend("auto"):
+        build(compile="default", compile_backend="aot_eager")
+    assert capsys.readouterr().out.splitlines() == [
+        "sra_fast attention: auto -> sdpa (cpu, torch.bfloat16, head_dim 16)"]
+
+
 @pytest.mark.parametrize("compile", [None, "default"])
 def test_graph_warmup_goes_on_while_a_warmup_still_compiles(compile, monkeypatch):
     """A compile inside the capture would fail it (compiling syncs): with compile, warm-up

@@ -80,6 +80,11 @@ class DiffusionTransformer(nn.Module):
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
+    @property
+    def head_dim(self) -> int:
+        """Attention head size (hidden_size / num_heads; 72 for XL)."""
+        return self.hidden_size // self.num_heads
+
     def initialize_weights(self):
         def _basic_init(module):
             if isinstance(module, nn.Linear):

@@ -75,15 +75,20 @@ def _sm(device) -> tuple:
     return _SM[idx]
 
 
-def prepare(device) -> None:
+def prepare(device, dtype=None, head_dim=None) -> None:
     """Run attention's one-time setup now: the flash_attn imports and the card's capability,
     otherwise done by the first call on the GPU route. Call it before torch.compile traces a
     model: dynamo cannot trace an import (a graph break), and the code it compiles around one
-    keeps that break for the whole run, since its guards do not cover these caches."""
+    keeps that break for the whole run, since its guards do not cover these caches. Given the
+    dtype and head_dim the model will run with, it also announces the choice (compiled calls
+    do not print)."""
     device = torch.device(device)
     _fa_candidates()
     if _is_gpu(torch.empty(0, device=device)):
         _sm(device)
+    if dtype is not None and head_dim is not None:
+        q = torch.empty(1, 1, 1, head_dim, dtype=dtype, device=device)
+        _announce(resolve_backend(q), q)
 
 
 def sdpa_priority(device) -> list[str]:
