@@ -367,9 +367,8 @@ def _run(a, env, watch: PeerFailureWatch) -> Path | None:
     model, info = model_from_checkpoint(ck, a.weights, a.model, a.resolution, a.num_classes)
     model.to(dev)
     if a.compile != "off":
-        net = model.model if isinstance(model, SiTOriginalTime) else model
         # attention's one-time setup outside the traced code, and its choice announced
-        attention.prepare(dev, precision_dtype(a.precision), net.head_dim)
+        attention.prepare(dev, precision_dtype(a.precision), model.head_dim)
         model = compile_fn(model, a.compile)   # the module's attributes pass through
     kind = info["kind"]
     sampler = a.sampler or ("ddpm" if kind == "dit" else "sde")

@@ -119,6 +119,10 @@ class SiTOriginalTime(torch.nn.Module):
     def y_embedder(self):
         return self.model.y_embedder
 
+    @property
+    def head_dim(self) -> int:
+        return self.model.head_dim
+
     def forward(self, x, t, y):
         return -self.model(x, 1 - t, y)
 

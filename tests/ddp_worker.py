@@ -49,9 +49,8 @@ def main(out, batch_size, steps, sync="ddp", compile="off", grad_accum="1"):
         sra_fast.trainer.graph_refusal = lambda *a, **k: None
     if compile != "off":
         import sra_fast.step
-        orig = sra_fast.step.compile_fn
-        sra_fast.step.compile_fn = lambda fn, mode, backend="inductor": orig(fn, mode,
-                                                                             "aot_eager")
+        from trainer_fixtures import aot_eager_compile_fn
+        sra_fast.step.compile_fn = aot_eager_compile_fn()
     cfg = TrainConfig(out_dir=out, exp_name="run", batch_size=int(batch_size),
                       max_steps=int(steps), log_every=1, ckpt_every=int(steps), sample_every=0,
                       kernels="ref", attn="math", threads=1, lr=1e-3, lr_warmup_steps=0,

@@ -10,7 +10,7 @@ import torch
 
 import sra_fast.sample as S
 from sra_fast.config import build_model
-from trainer_fixtures import finish_procs, srun_like_procs
+from trainer_fixtures import aot_eager_compile_fn, finish_procs, srun_like_procs
 
 WORKER = Path(__file__).resolve().parent / "sample_worker.py"
 
@@ -266,10 +266,8 @@ def test_compiled_sampling_draws_the_same_samples_and_records_it(tmp_path, ckpt,
     shapes) each in one graph; OUT.json records the mode; finished batches drawn without it
     are not mixed in."""
     from torch._dynamo.utils import counters
-    import sra_fast.step as St
-    seen, orig = [], St.compile_fn
-    monkeypatch.setattr(S, "compile_fn", lambda fn, mode, backend="inductor": (
-        seen.append(mode), orig(fn, mode, "aot_eager"))[1])
+    seen = []
+    monkeypatch.setattr(S, "compile_fn", aot_eager_compile_fn(seen))
     torch._dynamo.reset()
     counters.clear()
     guided = ["--cfg-scale", "2.0", "--guidance-high", "0.5", "--num-steps", "4"]

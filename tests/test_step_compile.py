@@ -15,7 +15,7 @@ from sra_fast.models.dit import DiT, SiT
 from sra_fast.ops import attention as A
 
 from test_step import batches, build, same, snapshot
-from trainer_fixtures import restore_backends  # noqa: F401
+from trainer_fixtures import aot_eager_compile_fn, restore_backends  # noqa: F401
 
 
 @pytest.fixture(autouse=True)
@@ -170,9 +170,8 @@ def test_trainer_compile_setting_reaches_the_step(tmp_path, monkeypatch, restore
     with pytest.raises(RunError, match="with gradient accumulation use compile mode default"):
         Trainer(cfg("refused", compile="reduce-overhead", grad_accum=2),
                 dataset=DigitsDataset(), quiet=True)
-    seen, orig = [], S.compile_fn
-    monkeypatch.setattr(S, "compile_fn", lambda fn, mode, backend="inductor": (
-        seen.append(mode), orig(fn, mode, "aot_eager"))[1])
+    seen = []
+    monkeypatch.setattr(S, "compile_fn", aot_eager_compile_fn(seen))
     tr = Trainer(cfg("ok", compile="default"), dataset=DigitsDataset(), quiet=True)
     tr.train()
     assert seen == ["default", "default"]   # the student and the teacher

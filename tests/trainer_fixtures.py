@@ -112,6 +112,19 @@ def tiny_latent_config(out_dir, data_dir, **kw):
     return TrainConfig(**base)
 
 
+def aot_eager_compile_fn(seen=None):
+    """A stand-in for sra_fast.step.compile_fn that compiles with dynamo's aot_eager backend
+    (the same ATen ops as eager, seconds instead of inductor's minutes on a CPU); records
+    each mode asked for in `seen`."""
+    from sra_fast.step import compile_fn
+
+    def fn(f, mode, backend="inductor"):
+        if seen is not None:
+            seen.append(mode)
+        return compile_fn(f, mode, "aot_eager")
+    return fn
+
+
 @pytest.fixture
 def restore_backends():
     """A Trainer selects global op/attention backends; put the previous ones back."""
