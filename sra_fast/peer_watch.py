@@ -454,7 +454,12 @@ class StartupFailureWatch:
     created it. A failing rank sets that key; when it is itself the store's host to be (rank
     0 under env:// and srun, which fails before or while creating the store) it hosts one for
     the announcement and stays, at most wait_s, until every other rank has read it (they may
-    start minutes later). A watcher that hosts the store does the same before it exits.
+    start minutes later). A watcher that hosts the store does the same before it exits. Any
+    other failing rank stays at most ack_wait_s for the reads: under torchrun its exit ends
+    its node's agent, which may host the agents' rendezvous store (the c10d backend puts it
+    on whichever node binds the endpoint first); the other agents then fail at their next
+    sync and kill their workers, which without the wait had not yet polled and stopped
+    without a word of why.
 
         startup = StartupFailureWatch().start()    # before init_distributed
         env = init_distributed(...)                # on failure: startup.announce(msg)
@@ -462,10 +467,13 @@ class StartupFailureWatch:
         startup.stop()                             # both watch the start's one collective
     """
 
-    def __init__(self, wait_s: float = 180.0, poll_s: float = 1.0, exit_fn=os._exit):
-        if not 0 <= wait_s < float("inf"):
-            raise ValueError(f"wait_s must be a finite number >= 0, got {wait_s}")
+    def __init__(self, wait_s: float = 180.0, poll_s: float = 1.0, ack_wait_s: float = 5.0,
+                 exit_fn=os._exit):
+        for name, v in (("wait_s", wait_s), ("ack_wait_s", ack_wait_s)):
+            if not 0 <= v < float("inf"):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
         self.wait_s = float(wait_s)
+        self.ack_wait_s = float(ack_wait_s)
         self.poll_s = float(poll_s)
         self.exit_fn = exit_fn
         self.rank, self.world = 0, 1
@@ -563,11 +571,11 @@ class StartupFailureWatch:
             backstop.cancel()   # only reached when exit_fn returns (the tests')
             return
 
-    def _wait_for_the_others(self, store, wait_s: float) -> None:
-        """This process hosts the store: stay until every other rank has read the failure
-        (acked, or failed itself), at most wait_s, saying so once."""
+    def _wait_for_the_others(self, store, wait_s: float, quiet: bool = False) -> None:
+        """Stay until every other rank has read the failure (acked, or failed itself), at
+        most wait_s; as the store's host (not quiet), saying so once."""
         deadline = time.monotonic() + wait_s
-        said = False
+        said = quiet
         try:
             while store.add(self.ack_key, 0) + store.add(self.failed_key, 0) < self.world:
                 if time.monotonic() >= deadline:
@@ -647,6 +655,10 @@ class StartupFailureWatch:
             store.add(self.failed_key, 1)
             if self.hosts_store:
                 self._wait_for_the_others(store, wait_s)
+            else:   # see the class's comment: torchrun's agents
+                self._wait_for_the_others(store, min(self.ack_wait_s,
+                                                     max(0.0, deadline - time.monotonic())),
+                                          quiet=True)
         try:
             _bounded(publish, wait_s + 10.0)
         except KeyboardInterrupt:

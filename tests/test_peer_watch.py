@@ -173,20 +173,30 @@ def test_under_torchrun_the_watch_stops_the_peer_before_torchrun_would():
 
 
 @pytest.mark.timeout(200)
+@pytest.mark.parametrize("rdzv_host", ["surviving node", "failing node"])
 def test_under_multi_node_torchrun_a_rank_failing_while_starting_stops_the_other_node(
-        tmp_path):
+        tmp_path, rdzv_host):
     """Two torchrun agents (two "nodes", c10d rendezvous, no restarts): rank 1 finds no GPU
     for itself before the process group exists. Its agent ends only its own node; the other
     node's rank, waiting in the rendezvous for the 30-min timeout (measured: still there
-    after 50 s without the startup watch), stops within seconds, told through the agents'
-    store."""
+    after 50 s without the startup watch), stops within seconds, told through the workers'
+    store (rank 0's agent hosts it). The agents' rendezvous store is on whichever node binds
+    the endpoint first (on one machine: a race, which once failed CI): when it is the failing
+    node's, its end makes the other agent fail and kill rank 0; rank 1 must stay until rank
+    0 has read the failure. Ranks follow the agents' pids (sorted node descriptors): the
+    first agent started runs rank 0."""
     port = _free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
-         "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id",
-         "startup-test", str(FAIL_WORKER), "nogpu1", "--out-dir", str(tmp), *TRAIN_ARGS],
-        cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True) for tmp in (tmp_path / "a", tmp_path / "b")]
+    hosts = (1, 0) if rdzv_host == "surviving node" else (0, 1)
+    procs = []
+    for tmp, is_host in zip((tmp_path / "a", tmp_path / "b"), hosts):
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+             "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+             f"127.0.0.1:{port}", "--rdzv-id", "startup-test", "--rdzv-conf",
+             f"is_host={is_host}", str(FAIL_WORKER), "nogpu1", "--out-dir", str(tmp),
+             *TRAIN_ARGS],
+            cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True))
     rc, outs, took = finish_procs(procs, 150)
     both = "\n".join(outs)
     assert ("(rank 0) [sra-fast] stopping: rank 1 failed while starting: error: LOCAL_RANK 0 "
@@ -525,6 +535,37 @@ def test_the_startup_watch_stops_with_its_client_and_sits_out_torchrun_restarts(
     assert not w.thread.is_alive() and w.store is None
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
     assert StartupFailureWatch(poll_s=0.05).start().thread is None
+
+
+def test_a_failing_rank_not_hosting_the_store_stays_until_read_at_most_ack_wait_s(
+        store, monkeypatch, capsys):
+    """Rank 1 of 2 fails while starting; the store is not its own (rank 0's, or torchrun's
+    agents'). It stays until rank 0 has read the failure (its exit may end the agent that
+    hosts the rendezvous store: rank 0 would be killed before it could say why), and no
+    longer than ack_wait_s when nobody reads it; quietly, the store is not its to keep."""
+    for k in ("TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_MAX_RESTARTS", "SLURM_PROCID"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    host = store["host"]
+    w = StartupFailureWatch(poll_s=0.05, ack_wait_s=1.0, exit_fn=_Exits()).start()
+    t0 = time.monotonic()
+    w.announce("error: no GPU for rank 1")   # nobody reads it
+    took = time.monotonic() - t0
+    assert 0.9 < took < 5, took
+    assert host.get(w.msg_key) == b"1 error: no GPU for rank 1"
+    assert host.add(w.failed_key, 0) == 1 and "waiting" not in capsys.readouterr().err
+
+    for key in (w.msg_key, w.ack_key, w.failed_key):
+        host.delete_key(key)
+    w = StartupFailureWatch(poll_s=0.05, ack_wait_s=30.0, exit_fn=_Exits()).start()
+    reader = threading.Timer(0.5, lambda: host.add(w.ack_key, 1))   # rank 0's watcher
+    reader.start()
+    t0 = time.monotonic()
+    w.announce("error: no GPU for rank 1")
+    took = time.monotonic() - t0
+    reader.join()
+    assert 0.4 < took < 5, took   # left once read, not after 30 s
 
 
 def test_a_store_host_that_saw_a_failure_and_then_fails_itself_still_waits(store,
