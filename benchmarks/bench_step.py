@@ -5,14 +5,14 @@ fused AdamW, EMA; bf16 autocast; synthetic random latents, never zeros):
   eager-ref       reference ops + PyTorch SDPA, eager, FULL teacher (as the released code runs
                   it): the in-repo baseline
   eager-ref-stop  the same with the teacher stopped at block_out_t (isolates that saving)
-  compile         torch.compile (default mode) of the reference student and of the stopped
-                  teacher; eager optimizer/EMA (fused AdamW, foreach EMA)
+  compile         torch.compile (default mode) of the whole reference student and of the
+                  stopped teacher; eager optimizer/EMA (fused AdamW, foreach EMA)
   compile-ro      the same with mode="reduce-overhead" (CUDA graphs): the best off-the-shelf
-  compile-graph   the reference ops compiled (default mode) inside ours-graph's one CUDA
-                  graph, auto attention (what --kernels ref --compile default --cuda-graph
-                  trains with)
-  ours-compile-graph  ours-graph with the student and teacher compiled (default mode): our
-                  fused ops stay custom ops, inductor fuses around them
+  compile-graph   the reference ops compiled (default mode, the student's blocks: the
+                  trainer's --compile-scope) inside ours-graph's one CUDA graph, auto
+                  attention (what --kernels ref --compile default --cuda-graph trains with)
+  ours-compile-graph  ours-graph with the student's blocks and the teacher compiled
+                  (default mode): our fused ops stay custom ops, inductor fuses around them
   ours            sra_fast kernels (auto) + auto attention, stopped teacher, eager step
   ours-t16        ours + bf16 shadow of the teacher's weights
   ours-graph      ours, the whole step captured in one CUDA graph
@@ -71,8 +71,8 @@ from sra_fast.step import TrainStep, make_optimizer  # noqa: E402
 PROVIDERS = {
     "eager-ref": dict(ops="ref", attn="sdpa", teacher_full=True),
     "eager-ref-stop": dict(ops="ref", attn="sdpa"),
-    "compile": dict(ops="ref", attn="sdpa", compile="default"),
-    "compile-ro": dict(ops="ref", attn="sdpa", compile="reduce-overhead"),
+    "compile": dict(ops="ref", attn="sdpa", compile="default", scope="model"),
+    "compile-ro": dict(ops="ref", attn="sdpa", compile="reduce-overhead", scope="model"),
     "compile-graph": dict(ops="ref", attn="auto", compile="default", graph=True),
     "ours-compile-graph": dict(ops="auto", attn="auto", compile="default", graph=True),
     "ours": dict(ops="auto", attn="auto"),
@@ -195,7 +195,7 @@ def _run_one(row, model_name, batch, provider, args, device, peak_tflops, res):
                              teacher_full=bool(spec.get("teacher_full")),
                              ema_impl=spec.get("ema_impl", "foreach"),
                              grad_sync=world_of_one(device) if spec.get("grad_sync") else None,
-                             compile=mode)
+                             compile=mode, compile_scope=spec.get("scope", "blocks"))
             g = torch.Generator(device).manual_seed(1)
             n_cls = model.num_classes
             x0 = torch.randn(batch, model.in_channels, model.input_size, model.input_size,

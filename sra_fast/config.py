@@ -22,7 +22,7 @@ from .models import ALL_MODELS, DiT, SiT
 from .objective import SRAConfig
 from .ops import BACKENDS
 from .ops.attention import ATTENTION_BACKENDS
-from .step import COMPILE_MODES
+from .step import COMPILE_MODES, COMPILE_SCOPES
 
 # Tiny sizes for CPU runs and tests: depth, width, heads. Not a released size.
 TINY_SIZES = {"T": (6, 128, 4)}
@@ -226,6 +226,14 @@ class TrainConfig:
                       "the step's one graph; the --kernels fused ops stay custom ops that "
                       "inductor fuses around", choices=("off",) + COMPILE_MODES,
                       runtime=True)
+    compile_scope: str = _f("blocks", "with --compile, what of the student is compiled: "
+                            "blocks (one compiled function runs every block: compile time "
+                            "independent of depth, and the gradient all-reduce overlaps the "
+                            "backward block by block, also with --cuda-graph across "
+                            "processes) or model (the whole student, as torch.compile(model): "
+                            "fusion across blocks, a longer compile, and with --cuda-graph "
+                            "across processes no overlap of the all-reduce)",
+                            choices=COMPILE_SCOPES, runtime=True)
     attn: str = _f("auto", "attention backend", choices=ATTENTION_BACKENDS,
                    runtime=True)
     device: str = _f("auto", "auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu or "

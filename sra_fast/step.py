@@ -46,6 +46,9 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 # "default" leave CUDA graphs to the step's own capture; "reduce-overhead" is inductor's
 # CUDA graphs around the student's and the teacher's forward and backward (eager step only).
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
+# what of the student is compiled: "blocks" (regional: one compiled function for every block,
+# DiffusionTransformer.compile_blocks) or "model" (the whole student, as torch.compile(model))
+COMPILE_SCOPES = ("blocks", "model")
 
 
 def compile_fn(fn, mode: str, backend: str = "inductor"):
@@ -184,10 +187,20 @@ class TrainStep:
                    "triton"/"auto") are custom ops that inductor keeps opaque and fuses
                    around; with kernels "ref" inductor fuses the reference chains itself.
                    With cuda_graph the compiled code is captured in the step's one graph
-                   (compiled during the warm-up). With grad_sync the gradients' all-reduce
-                   starts when the compiled backward has made them all (no overlap).
-                   "reduce-overhead" (inductor's own CUDA graphs) needs cuda_graph=False and
-                   grad_accum=1. compile_backend: the dynamo backend (tests: "aot_eager").
+                   (compiled during the warm-up). "reduce-overhead" (inductor's own CUDA
+                   graphs) needs cuda_graph=False and grad_accum=1. compile_backend: the
+                   dynamo backend (tests: "aot_eager").
+      compile_scope "blocks" (regional): one compiled function runs every student block
+                   (compiled once, whatever the depth), the embeddings and final layer stay
+                   eager; each block's backward is its own autograd node, so the gradient
+                   all-reduce (DDP's or grad_sync's) overlaps the backward block by block.
+                   "model": the whole student compiled (the off-the-shelf torch.compile(model),
+                   the benchmark's baseline): cross-block fusion of the reference ops, a
+                   compile time that grows with depth, and with grad_sync no overlap (every
+                   gradient comes at the end of the one compiled backward; DDP's graph is
+                   split at its buckets by dynamo). The teacher alike: its blocks through
+                   compiled functions of its own (the EMA module, which sampling runs, stays
+                   eager), or its whole forward.
     """
 
     STATS = ("loss", "denoise", "align", "grad_norm", "nonfinite", "steps")
@@ -199,7 +212,7 @@ class TrainStep:
                  teacher_full: bool = False, teacher_fp32: bool = False,
                  graph_warmup: int = 2, ema_impl: str = "foreach",
                  grad_sync=None, grad_bucket_mb: float = 25.0, compile: str | None = None,
-                 compile_backend: str = "inductor"):
+                 compile_backend: str = "inductor", compile_scope: str = "blocks"):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
         if grad_accum < 1:
@@ -215,6 +228,12 @@ class TrainStep:
                              f"{cuda_graph!r}")
         if compile is not None and compile not in COMPILE_MODES:
             raise ValueError(f"compile must be None or one of {COMPILE_MODES}, got {compile!r}")
+        if compile_scope not in COMPILE_SCOPES:
+            raise ValueError(f"compile_scope must be one of {COMPILE_SCOPES}, got "
+                             f"{compile_scope!r}")
+        if compile and compile_scope == "blocks" and not hasattr(model, "compile_blocks"):
+            raise ValueError(f"compile_scope 'blocks' compiles the blocks of a sra_fast SiT/DiT; "
+                             f"a {type(model).__name__} has none: use compile_scope 'model'")
         if compile == "reduce-overhead" and cuda_graph:
             raise ValueError("compile mode reduce-overhead records CUDA graphs of its own, "
                              "which cannot run inside the captured step: use compile mode "
@@ -260,16 +279,20 @@ class TrainStep:
         self.teacher_full, self.teacher_fp32 = teacher_full, teacher_fp32
         tmod = self.shadow.module if self.shadow is not None else ema
         self.compile = compile
+        self.compile_scope = compile_scope if compile else None
         compiler = ((lambda fn: compile_fn(fn, compile, compile_backend)) if compile
                     else None)
         self._teacher_nvtx = TeacherView(tmod, full=teacher_full, fp32=teacher_fp32,
-                                         compiler=compiler)
+                                         compiler=compiler, blocks=compile_scope == "blocks")
         # uncompiled and without a variant, the module itself: one Python layer less per call
         self._teacher = (self._teacher_nvtx if teacher_full or teacher_fp32 or compile
                          else tmod)
         # what _micro calls as the student (self.student stays the module or DDP wrapper
         # given, for no_sync and the graph checks)
-        self._student_fn = compiler(self.student) if compiler else self.student
+        blocks = compiler if compile_scope == "blocks" else None
+        if hasattr(model, "compile_blocks"):   # also undoes an earlier step's
+            model.compile_blocks(blocks)
+        self._student_fn = compiler(self.student) if compiler and not blocks else self.student
         if compile:   # attention's one-time setup, outside the traced code
             attention.prepare(self.device, precision_dtype(precision),
                               getattr(model, "head_dim", None))

@@ -84,12 +84,20 @@ class TeacherView:
     optionally running the full network (`full=True`, as released), outside the student's
     autocast (`fp32=True`: the released teacher, which accelerate's autocast did not wrap,
     ran in fp32/TF32), compiled (`compiler`: a function that compiles a function, e.g.
-    step.compile_fn with a mode), and inside an NVTX range (outside the compiled code)."""
+    step.compile_fn with a mode; whole, or `blocks=True`: its blocks only, through
+    functions of its own, so the module, the EMA that sampling also runs, stays eager), and
+    inside an NVTX range (outside the compiled code)."""
 
     def __init__(self, module: nn.Module, full: bool = False, fp32: bool = False,
-                 compiler=None):
+                 compiler=None, blocks: bool = False):
         self.module, self.full, self.fp32 = module, full, fp32
-        self._hidden = compiler(self._hidden_eager) if compiler else self._hidden_eager
+        self.block_run = None
+        self._hidden = self._hidden_eager
+        if compiler and blocks:
+            from .models.layers import DiTBlock
+            self.block_run = compiler(DiTBlock.run)
+        elif compiler:
+            self._hidden = compiler(self._hidden_eager)
 
     def drop_labels(self, y, generator=None):
         return self.module.drop_labels(y, generator)
@@ -104,8 +112,10 @@ class TeacherView:
               else contextlib.nullcontext()):
             if self.full:
                 self.module.check_block(block)
-                return self.module._trunk(x, t, y, block)[1]
-            return self.module.forward_hidden(x, t, y, block)
+                return self.module._trunk(x, t, y, block, block_run=self.block_run)[1]
+            if self.block_run is None:   # (any module with forward_hidden)
+                return self.module.forward_hidden(x, t, y, block)
+            return self.module.forward_hidden(x, t, y, block, block_run=self.block_run)
 
     def forward_hidden(self, x, t, y, block: int):
         with nvtx_range("teacher forward"):

@@ -182,7 +182,8 @@ class Trainer:
                                         teacher_fp32=cfg.teacher_fp32, ema_impl=cfg.ema_impl,
                                         grad_sync=grad_sync,
                                         grad_bucket_mb=cfg.grad_bucket_mb,
-                                        compile=None if cfg.compile == "off" else cfg.compile)
+                                        compile=None if cfg.compile == "off" else cfg.compile,
+                                        compile_scope=cfg.compile_scope)
         except ValueError as e:   # a combination of settings the step cannot run
             raise RunError(str(e)) from e
         if self._scaler_state is not None and self.train_step.scaler is not None:
@@ -259,7 +260,8 @@ class Trainer:
                    f"loss {cfg.loss_type} x {cfg.align_weight} ({cfg.weight_schedule}), "
                    f"{cfg.precision}, {self.device}, kernels {ops.get_backend()}"
                    + ("" if cfg.compile == "off" else
-                      f", torch.compile {cfg.compile} (the first steps compile)"))
+                      f", torch.compile {cfg.compile} of the {cfg.compile_scope} scope (the "
+                      "first steps compile)"))
         self.print(f"[sra-fast] global batch {self.global_batch} = {cfg.batch_size} per "
                    f"process x {env.world_size} process(es){accum}; {self.steps_per_epoch} "
                    f"steps/epoch; training to step {self.max_steps} (lr {cfg.lr}, EMA "

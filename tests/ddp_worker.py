@@ -42,7 +42,8 @@ def main(out, batch_size, steps, sync="ddp", compile="off", grad_accum="1"):
     gradient all-reduce instead of DDP), taken on CPU by pretending the graph is possible;
     the step itself then finds the CPU, says so and runs the same sync eagerly.
     compile: the trainer's --compile (with dynamo's aot_eager backend: seconds, not minutes
-    of inductor on the CPU)."""
+    of inductor on the CPU), MODE or MODE:SCOPE (--compile-scope; default blocks)."""
+    compile, _, scope = compile.partition(":")
     torch.set_num_threads(1)
     if sync == "own":
         import sra_fast.trainer
@@ -55,13 +56,14 @@ def main(out, batch_size, steps, sync="ddp", compile="off", grad_accum="1"):
                       max_steps=int(steps), log_every=1, ckpt_every=int(steps), sample_every=0,
                       kernels="ref", attn="math", threads=1, lr=1e-3, lr_warmup_steps=0,
                       device="cpu", cuda_graph=sync == "own", grad_bucket_mb=0.05,
-                      compile=compile, grad_accum=int(grad_accum))
+                      compile=compile, compile_scope=scope or "blocks",
+                      grad_accum=int(grad_accum))
     tr = Trainer(cfg, dataset=SmallDigits(), quiet=True,
                  objective_factory=lambda model, sra: SampleKeyedDraws.for_model(model, sra))
     tr.train()
     sync = "own" if tr.train_step._grad_sync is not None else type(tr.student).__name__
     sys.stdout.write(f"rank {tr.env.rank} gradient sync: {sync}, compile: "
-                     f"{tr.train_step.compile}\n")   # one write: whole lines
+                     f"{tr.train_step.compile} {tr.train_step.compile_scope}\n")   # one write
     sys.stdout.flush()
 
 

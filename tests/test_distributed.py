@@ -23,26 +23,29 @@ def _srun_like(args, n: int):
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("launcher", ["torchrun", "srun", "torchrun-own-sync",
-                                      "torchrun-compile-accum", "torchrun-own-sync-compile"])
+                                      "torchrun-compile-accum", "torchrun-compile-model",
+                                      "torchrun-own-sync-compile"])
 def test_two_gloo_processes_equal_one_process_on_the_concatenated_batch(tmp_path, launcher):
     """torchrun-own-sync: the gradient sync that --cuda-graph uses across processes (the
     step's own all-reduce, sra_fast.grad_sync) in place of DDP, run eagerly on CPU.
-    ...-compile: the two processes run --compile default (a compiled DDP wrapper: dynamo
-    splits it at DDP's buckets; with accum, DDP's no_sync on the first micro-batch), the one
-    process does not."""
+    ...-compile: the two processes run --compile default (its blocks scope under DDP, with
+    accum DDP's no_sync on the first micro-batch; -model: the whole DDP wrapper compiled,
+    which dynamo splits at DDP's buckets), the one process does not."""
     steps = 3
     accum = "2" if launcher.endswith("-accum") else "1"
     run_cli([WORKER, tmp_path / "one", 16, steps, "ddp", "off", accum], cwd=REPO)
     if launcher.startswith("torchrun"):
         sync = "own" if "own-sync" in launcher else "ddp"
+        scope = "model" if launcher.endswith("-model") else "blocks"
         out = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                        WORKER, tmp_path / "two", 8, steps, sync,
-                       "default" if "compile" in launcher else "off", accum], cwd=REPO)
+                       f"default:{scope}" if "compile" in launcher else "off", accum],
+                      cwd=REPO)
         want = "own" if sync == "own" else "DistributedDataParallel"
         for r in (0, 1):
             assert (f"rank {r} gradient sync: {want}, compile: "
-                    f"{'default' if 'compile' in launcher else None}") in out.stdout, \
-                out.stdout[-2000:]
+                    + (f"default {scope}" if "compile" in launcher else "None None")) \
+                in out.stdout, out.stdout[-2000:]
     else:
         _srun_like([WORKER, tmp_path / "two", 8, steps], 2)
     a = torch.load(tmp_path / "one" / "run" / "checkpoints" / f"{steps:07d}.pt",

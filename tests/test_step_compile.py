@@ -26,6 +26,13 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+# compiled graphs of a step: the whole student and the teacher's forward ("model"), or two
+# forms of a block for each ("blocks": all blocks but the last, and the last, whose next
+# LayerNorm-modulate is the final layer's, or none where the teacher stops); never one per
+# block
+GRAPHS = {"model": 2, "blocks": 4}
+
+
 def run_steps(n=3, **kw):
     m, ema, opt, step = build(**kw)
     for x, y in batches(n):
@@ -33,6 +40,7 @@ def run_steps(n=3, **kw):
     return snapshot(m, ema, opt), step.read_stats(), step
 
 
+@pytest.mark.parametrize("scope", ["blocks", "model"])
 @pytest.mark.parametrize("kw", [
     dict(),
     dict(mode="emulate"),
@@ -43,34 +51,36 @@ def run_steps(n=3, **kw):
     dict(mode="emulate", teacher_bf16=True),
 ], ids=["eager", "graph", "graph-accum", "dit-accum", "full-teacher", "fp32-teacher",
         "bf16-teacher"])
-def test_compiled_step_is_bitwise_the_uncompiled_step(kw):
+def test_compiled_step_is_bitwise_the_uncompiled_step(kw, scope):
     with ops.use_backend("ref"):
         want, want_stats, _ = run_steps(**kw)
         counters.clear()
-        got, got_stats, step = run_steps(**kw, compile="default", compile_backend="aot_eager")
-    # the student and the teacher ran compiled (two graphs), in one piece each
-    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+        got, got_stats, step = run_steps(**kw, compile="default", compile_backend="aot_eager",
+                                         compile_scope=scope)
+    # the student and the teacher ran compiled, each graph in one piece
+    assert counters["stats"]["unique_graphs"] == GRAPHS[scope], dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert step.graph_mode == (kw.get("mode") == "emulate")
     assert got_stats == want_stats
     assert same(got, want)
 
 
-def test_compiled_step_with_the_triton_kernels_is_bitwise_and_unbroken():
+@pytest.mark.parametrize("scope", ["blocks", "model"])
+def test_compiled_step_with_the_triton_kernels_is_bitwise_and_unbroken(scope):
     """The fused ops are custom ops inside the compiled graphs (no graph break: inductor
     fuses around them) and compute what their eager autograd.Functions do."""
     with ops.use_backend("triton"):
         want, want_stats, _ = run_steps(2, mode="emulate", grad_accum=2)
         counters.clear()
         got, got_stats, _ = run_steps(2, mode="emulate", grad_accum=2, compile="default",
-                                      compile_backend="aot_eager")
-    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+                                      compile_backend="aot_eager", compile_scope=scope)
+    assert counters["stats"]["unique_graphs"] == GRAPHS[scope], dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert got_stats == want_stats
     assert same(got, want)
 
 
-def test_gpu_route_of_auto_attention_leaves_two_whole_graphs(monkeypatch):
+def test_gpu_route_of_auto_attention_leaves_whole_graphs(monkeypatch):
     """On a GPU, `auto` attention's first call imports the flash_attn candidates and reads
     the card's capability into a cache: traced, that is a graph break that stays for the whole
     run (the guards do not cover the caches). The step does that setup before compiling. The
@@ -83,7 +93,7 @@ def test_gpu_route_of_auto_attention_leaves_two_whole_graphs(monkeypatch):
     with ops.use_backend("ref"), A.use_attention_backend("auto"):
         _, stats, _ = run_steps(3, compile="default", compile_backend="aot_eager")
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    assert counters["stats"]["unique_graphs"] == GRAPHS["blocks"], dict(counters["stats"])
     assert A._SM == {0: (9, 0)} and stats["steps"] == 3
 
 
@@ -96,6 +106,81 @@ def test_the_attention_choice_is_announced_before_compiled_steps(monkeypatch, ca
         build(compile="default", compile_backend="aot_eager")
     assert capsys.readouterr().out.splitlines() == [
         "sra_fast attention: auto -> sdpa (cpu, torch.bfloat16, head_dim 16)"]
+
+
+def test_compiled_blocks_run_every_block_but_hooked_ones_and_are_not_copied_to_the_ema():
+    """compile_blocks: every block of the fused trunk runs through the one compiled `run`,
+    bitwise the eager model (aot_eager). A hooked block sends the model down the blockwise
+    trunk, which stays eager: dynamo does not guard on hooks, so a block compiled without
+    one would stand for the hooked one (measured: it dropped the hook). The EMA copy and
+    compile_blocks(None) run eagerly."""
+    from sra_fast.objective import make_ema
+    torch.manual_seed(0)
+    m = SiT(input_size=8, patch_size=2, hidden_size=64, depth=4, num_heads=4, num_classes=10)
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, generator=g)
+    y = torch.tensor([1, 7])
+    with ops.use_backend("ref"):
+        want = m(x, t, y, hidden_block=2)
+        calls = []
+
+        def compiler(fn):
+            c = torch.compile(fn, backend="aot_eager", dynamic=False)
+            return lambda *a: (calls.append(fn.__name__), c(*a))[1]
+
+        m.compile_blocks(compiler)
+        got = m(x, t, y, hidden_block=2)
+        assert calls == ["run"] * 4 and all(torch.equal(a, b) for a, b in zip(got, want))
+        assert make_ema(m).block_run is None
+        h = m.blocks[1].register_forward_hook(lambda mod, inp, out: out * 0.5)
+        calls.clear()
+        got = m(x, t, y, hidden_block=4)[1]   # (the output: zeros until the last layer trains)
+        m.compile_blocks(None)
+        want = m(x, t, y, hidden_block=4)[1]
+        h.remove()
+        assert calls == [] and torch.equal(got, want)
+        assert not torch.equal(want, m(x, t, y, hidden_block=4)[1])   # the hook did count
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+@pytest.mark.parametrize("mode", [False, "emulate"])
+def test_compiled_blocks_let_the_gradient_all_reduce_start_before_the_backward_ends(
+        mode, tmp_path, monkeypatch):
+    """The step's own gradient sync (what --cuda-graph uses across processes) starts a
+    bucket's all-reduce from gradient hooks as soon as its gradients are in. Compiled by
+    blocks, each block's backward is an autograd node of its own: buckets of the last blocks
+    start before the backward has reached the first block (compiled whole, every gradient
+    came at the end of one compiled backward: nothing could start earlier)."""
+    import torch.distributed as dist
+    from sra_fast.grad_sync import FlatGradSync
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        events = []
+        orig = FlatGradSync._launch_ready
+
+        def launch_ready(self):
+            n = self._next
+            orig(self)
+            events.extend(["all-reduce"] * (self._next - n))
+
+        monkeypatch.setattr(FlatGradSync, "_launch_ready", launch_ready)
+        with ops.use_backend("ref"):
+            m, ema, opt, step = build(mode=mode, compile="default", compile_backend="aot_eager",
+                                      grad_sync=dist.group.WORLD, grad_bucket_mb=0.02)
+            for p in m.blocks[0].parameters():
+                p.register_post_accumulate_grad_hook(lambda p: events.append("block 1"))
+            data = batches(2)
+            step(*data[0], 0.5)   # (the first step learns the order gradients come in)
+            events.clear()
+            step(*data[1], 0.5)
+        assert counters["stats"]["unique_graphs"] == GRAPHS["blocks"], dict(counters["stats"])
+        # (measured: 15 of 22 buckets before the first block's gradients; compiled whole: 1,
+        # in the order the gradient hooks happened to run after the one backward)
+        n = len(step._grad_sync.buckets)
+        assert events[:events.index("block 1")].count("all-reduce") >= n // 2 >= 5, events
+        assert step._grad_sync.launched_in_backward == n
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("compile", [None, "default"])
@@ -115,15 +200,16 @@ def test_graph_warmup_goes_on_while_a_warmup_still_compiles(compile, monkeypatch
 
 
 @pytest.mark.timeout(600)
-def test_inductor_compiled_step_matches_the_uncompiled_step_on_cpu():
+@pytest.mark.parametrize("scope", ["blocks", "model"])
+def test_inductor_compiled_step_matches_the_uncompiled_step_on_cpu(scope):
     """Inductor's own kernels (C++ on the CPU): the same step to fp32 rounding. SGD, whose
     update is linear in the gradient, so rounding differences stay rounding-sized (Adam's
     first update, ~lr * sign(g), would magnify them where g ~ 0)."""
     with ops.use_backend("ref"):
         want, want_stats, _ = run_steps(2, precision="fp32", opt="sgd", lr=1e-2)
         got, got_stats, _ = run_steps(2, precision="fp32", opt="sgd", lr=1e-2,
-                                      compile="default")
-    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+                                      compile="default", compile_scope=scope)
+    assert counters["stats"]["unique_graphs"] == GRAPHS[scope], dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
     for k in ("loss", "denoise_loss", "align_loss", "grad_norm"):
         assert got_stats[k] == pytest.approx(want_stats[k], rel=1e-5), k
@@ -141,6 +227,8 @@ def test_compile_modes_that_cannot_work_are_refused():
         build(mode="emulate", compile="reduce-overhead")
     with pytest.raises(ValueError, match="with gradient accumulation"):
         build(grad_accum=2, compile="reduce-overhead")
+    with pytest.raises(ValueError, match="compile_scope must be one of"):
+        build(compile="default", compile_scope="layers")
 
 
 def test_reduce_overhead_marks_each_step_begin(monkeypatch):
@@ -174,8 +262,8 @@ def test_trainer_compile_setting_reaches_the_step(tmp_path, monkeypatch, restore
     monkeypatch.setattr(S, "compile_fn", aot_eager_compile_fn(seen))
     tr = Trainer(cfg("ok", compile="default"), dataset=DigitsDataset(), quiet=True)
     tr.train()
-    assert seen == ["default", "default"]   # the student and the teacher
-    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    assert seen == ["default"] * 2   # the student's and the teacher's block function
+    assert counters["stats"]["unique_graphs"] == GRAPHS["blocks"], dict(counters["stats"])
     assert tr.step == 2 and (tmp_path / "ok" / "checkpoints" / "0000002.pt").exists()
 
 
@@ -204,7 +292,7 @@ def test_inductor_compiled_step_inside_a_captured_cuda_graph_matches_eager():
     (pe, se, _), (pg, sg, g) = out
     assert g.graph_mode and g.captures == 1
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    assert counters["stats"]["unique_graphs"] == GRAPHS["blocks"], dict(counters["stats"])
     assert se["steps"] == sg["steps"] == 3 and se["nonfinite"] == sg["nonfinite"] == 0
     for k in ("loss", "denoise_loss", "align_loss", "grad_norm"):
         assert sg[k] == pytest.approx(se[k], rel=2e-2), k

@@ -24,6 +24,8 @@ kernels, which normalize the residual before rounding it).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 from torch.nn.modules import module as _nn_module
@@ -78,12 +80,29 @@ class DiffusionTransformer(nn.Module):
                                      for _ in range(depth)])
         self.ap_head = ProjectorHead(hidden_size)
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        # regional compilation (compile_blocks): the compiled DiTBlock.run the blocks run through
+        self.block_run: Callable | None = None
         self.initialize_weights()
 
     @property
     def head_dim(self) -> int:
         """Attention head size (hidden_size / num_heads; 72 for XL)."""
         return self.hidden_size // self.num_heads
+
+    def compile_blocks(self, compiler) -> None:
+        """Regional compilation: every block runs through one compiled function,
+        compiler(fn) (say lambda fn: torch.compile(fn, dynamic=False)), that takes the block
+        as an argument, so dynamo compiles it once for all blocks (their weights are its
+        inputs; a second graph for the last block, whose next LayerNorm-modulate is the final
+        layer's): compile time does not grow with depth. Each block's backward is then an
+        autograd node of its own, so gradient hooks (DDP's, the step's own all-reduce) fire
+        block by block, overlapping the rest of the backward, as without compile. The
+        embeddings, the modulations and the final layer stay eager. None: back to eager.
+        Blocks that carry hooks or are wrapped run eagerly (the blockwise trunk): dynamo does
+        not guard on hooks, so one compiled block would stand for all. A copy of the model
+        shares the compiled function (it holds no module); a teacher passes its own to
+        forward_hidden instead (TeacherView), leaving the EMA eager for sampling."""
+        self.block_run = None if compiler is None else compiler(DiTBlock.run)
 
     def initialize_weights(self):
         def _basic_init(module):
@@ -127,7 +146,7 @@ class DiffusionTransformer(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def _trunk(self, x, t, y, hidden_block=None, stop=False):
+    def _trunk(self, x, t, y, hidden_block=None, stop=False, block_run=None):
         # pos_embed first: the sum then takes its contiguous (N, T, D) layout rather than the
         # patch embedding's transposed one, which every LayerNorm and fused kernel of the first
         # block would copy again (fp32 addition commutes: the same bits)
@@ -142,6 +161,7 @@ class DiffusionTransformer(nn.Module):
         mods = self.blocks[0].modulation(c)
         x_in = ops.adaln_norm(x, mods[0], mods[1])
         hidden = None
+        run = block_run or self.block_run or DiTBlock.run
         for i in range(1, last + 1):
             nxt = None
             if i < last:
@@ -149,7 +169,7 @@ class DiffusionTransformer(nn.Module):
                 next_norm = nxt[:2]
             else:
                 next_norm = None if stop else self.final_layer.modulation(c)
-            x, x_in = self.blocks[i - 1].run(x, x_in, mods, next_norm)
+            x, x_in = run(self.blocks[i - 1], x, x_in, mods, next_norm)
             if i == hidden_block:
                 hidden = x
             mods = nxt
@@ -203,10 +223,11 @@ class DiffusionTransformer(nn.Module):
         out, h = self._trunk(x, t, y, hidden_block)
         return out, self.ap_head(h)
 
-    def forward_hidden(self, x, t, y, block: int):
-        """Teacher: raw hidden state after `block`; later blocks are not run."""
+    def forward_hidden(self, x, t, y, block: int, block_run: Callable | None = None):
+        """Teacher: raw hidden state after `block`; later blocks are not run. block_run:
+        what the blocks run through in this call (default: the model's; compile_blocks)."""
         self.check_block(block)
-        return self._trunk(x, t, y, block, stop=True)[1]
+        return self._trunk(x, t, y, block, stop=True, block_run=block_run)[1]
 
 
 class SiT(DiffusionTransformer):

@@ -10,6 +10,10 @@ def make_ema(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of the student, equal to it, eval mode, no autograd (the SRA teacher)."""
     ema = copy.deepcopy(model).eval()
     ema.requires_grad_(False)
+    if hasattr(ema, "compile_blocks"):
+        # a copy shares a compiled student's block function: the teacher runs as its step
+        # compiles it (TrainStep), the sampler as it is told
+        ema.compile_blocks(None)
     return ema
 
 
