@@ -289,10 +289,15 @@ class TrainStep:
                          else tmod)
         # what _micro calls as the student (self.student stays the module or DDP wrapper
         # given, for no_sync and the graph checks)
-        blocks = compiler if compile_scope == "blocks" else None
+        block_compiler = compiler if compile_scope == "blocks" else None
         if hasattr(model, "compile_blocks"):   # also undoes an earlier step's
-            model.compile_blocks(blocks)
-        self._student_fn = compiler(self.student) if compiler and not blocks else self.student
+            model.compile_blocks(block_compiler)
+            if block_compiler and not model._fusable(model.depth, False):
+                warnings.warn("compile_scope 'blocks': the model's blocks carry hooks or are "
+                              "wrapped, so they run eagerly (dynamo does not guard on hooks); "
+                              "compile_scope 'model' compiles them", stacklevel=2)
+        self._student_fn = (compiler(self.student) if compiler and not block_compiler
+                            else self.student)
         if compile:   # attention's one-time setup, outside the traced code
             attention.prepare(self.device, precision_dtype(precision),
                               getattr(model, "head_dim", None))

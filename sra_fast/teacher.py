@@ -84,9 +84,9 @@ class TeacherView:
     optionally running the full network (`full=True`, as released), outside the student's
     autocast (`fp32=True`: the released teacher, which accelerate's autocast did not wrap,
     ran in fp32/TF32), compiled (`compiler`: a function that compiles a function, e.g.
-    step.compile_fn with a mode; whole, or `blocks=True`: its blocks only, through
-    functions of its own, so the module, the EMA that sampling also runs, stays eager), and
-    inside an NVTX range (outside the compiled code)."""
+    step.compile_fn with a mode; whole, or `blocks=True`: its blocks only, through a
+    compiled DiTBlock.run of its own, so the module, the EMA that sampling also runs, stays
+    eager), and inside an NVTX range (outside the compiled code)."""
 
     def __init__(self, module: nn.Module, full: bool = False, fp32: bool = False,
                  compiler=None, blocks: bool = False):

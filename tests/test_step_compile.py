@@ -143,6 +143,16 @@ def test_compiled_blocks_run_every_block_but_hooked_ones_and_are_not_copied_to_t
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+def test_a_step_compiling_hooked_blocks_says_they_run_eagerly():
+    from sra_fast.step import TrainStep
+    m, ema, opt, step = build()
+    m.blocks[2].register_forward_pre_hook(lambda mod, args: None)
+    with pytest.warns(UserWarning, match="blocks carry hooks or are wrapped, so they run "
+                                         "eagerly"):
+        TrainStep(m, ema, step.objective, opt, compile="default", compile_backend="aot_eager")
+    assert m.block_run is not None   # (used again once the hooks are gone)
+
+
 @pytest.mark.parametrize("mode", [False, "emulate"])
 def test_compiled_blocks_let_the_gradient_all_reduce_start_before_the_backward_ends(
         mode, tmp_path, monkeypatch):
