@@ -2,8 +2,8 @@
 
 Each scope runs in a fresh process with empty inductor caches (no FX-graph or autograd
 cache): `first_step_s` is the first step, which compiles the student and the teacher's
-forward; `step_ms` the median of the next steps (on a GPU, CUDA-event timing; on the CPU,
-wall time; eager step, no CUDA graph, so that the two scopes' host-side differences show).
+forward; `step_ms` the median of the next steps (wall time, synchronized on a GPU; eager
+step, no CUDA graph, so that the two scopes' host-side differences show).
 
   blocks  one compiled function runs every student block (the trainer's default): compiled
           once whatever the depth

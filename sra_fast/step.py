@@ -44,7 +44,8 @@ from .teacher import BF16Shadow, StudentView, TeacherView
 PRECISIONS = ("bf16", "fp16", "fp32")
 # torch.compile modes the step takes (torch's own names). "max-autotune-no-cudagraphs" and
 # "default" leave CUDA graphs to the step's own capture; "reduce-overhead" is inductor's
-# CUDA graphs around the student's and the teacher's forward and backward (eager step only).
+# CUDA graphs around what is compiled (eager step only): with compile_scope "blocks" one per
+# block call, the modulations, embeddings and final layer eager between them (unmeasured).
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
 # what of the student is compiled: "blocks" (regional: one compiled function for every block,
 # DiffusionTransformer.compile_blocks) or "model" (the whole student, as torch.compile(model))
@@ -179,10 +180,8 @@ class TrainStep:
                    then be the model itself, not a DDP wrapper.
       grad_bucket_mb with grad_sync: megabytes per bucket whose all-reduce starts during
                    the backward (0: one all-reduce after it).
-      compile      None or a torch.compile mode (COMPILE_MODES): the student (its DDP
-                   wrapper, if given one: dynamo then splits the graph at DDP's buckets so the
-                   all-reduce still overlaps the backward) and the teacher's forward run
-                   compiled; sampling of t, noise and labels, the loss's reduction, the
+      compile      None or a torch.compile mode (COMPILE_MODES): the student (see
+                   compile_scope) and the teacher's forward run compiled; sampling of t, noise and labels, the loss's reduction, the
                    optimizer and the EMA stay as they are. The sra_fast fused ops (kernels
                    "triton"/"auto") are custom ops that inductor keeps opaque and fuses
                    around; with kernels "ref" inductor fuses the reference chains itself.
@@ -283,21 +282,27 @@ class TrainStep:
         compiler = ((lambda fn: compile_fn(fn, compile, compile_backend)) if compile
                     else None)
         self._teacher_nvtx = TeacherView(tmod, full=teacher_full, fp32=teacher_fp32,
-                                         compiler=compiler, blocks=compile_scope == "blocks")
+                                         compiler=compiler,
+                                         blocks=(compile_scope == "blocks"
+                                                 and hasattr(tmod, "compile_blocks")))
         # uncompiled and without a variant, the module itself: one Python layer less per call
         self._teacher = (self._teacher_nvtx if teacher_full or teacher_fp32 or compile
                          else tmod)
         # what _micro calls as the student (self.student stays the module or DDP wrapper
         # given, for no_sync and the graph checks)
         block_compiler = compiler if compile_scope == "blocks" else None
-        if hasattr(model, "compile_blocks"):   # also undoes an earlier step's
-            model.compile_blocks(block_compiler)
-            if block_compiler and not model._fusable(model.depth, False):
-                warnings.warn("compile_scope 'blocks': the model's blocks carry hooks or are "
-                              "wrapped, so they run eagerly (dynamo does not guard on hooks); "
-                              "compile_scope 'model' compiles them", stacklevel=2)
         self._student_fn = (compiler(self.student) if compiler and not block_compiler
                             else self.student)
+        if block_compiler and self.student is not model:
+            # DDP: dynamo would hand every block's graph to its DDPOptimizer, which splits a
+            # graph at DDP's buckets (1 MiB, then 25) so that the all-reduce overlaps it: 2-3
+            # pieces per XL block for nothing, the blocks already are the pieces
+            student = self.student
+
+            def _student_fn(*args, **kwargs):
+                with torch._dynamo.config.patch(optimize_ddp=False):
+                    return student(*args, **kwargs)
+            self._student_fn = _student_fn
         if compile:   # attention's one-time setup, outside the traced code
             attention.prepare(self.device, precision_dtype(precision),
                               getattr(model, "head_dim", None))
@@ -336,6 +341,14 @@ class TrainStep:
                 raise RuntimeError(msg)
             warnings.warn(msg, stacklevel=2)
             print(f"sra_fast step: {msg}", flush=True)
+        # the model changed last, once nothing can refuse the step any more
+        if hasattr(model, "compile_blocks"):   # also undoes an earlier step's
+            model.compile_blocks(block_compiler)
+            if block_compiler and not model._fusable(model.depth, False, compiled=True):
+                warnings.warn("compile_scope 'blocks': the model's blocks (or modules in "
+                              "them) carry hooks or are wrapped, so they run eagerly (dynamo "
+                              "does not guard on hooks); compile_scope 'model' compiles them",
+                              stacklevel=2)
         self._graph = None
         self._graph_key = None
         self.captures = 0

@@ -94,8 +94,8 @@ class TeacherView:
         self.block_run = None
         self._hidden = self._hidden_eager
         if compiler and blocks:
-            from .models.layers import DiTBlock
-            self.block_run = compiler(DiTBlock.run)
+            from .models.dit import fresh_block_run
+            self.block_run = compiler(fresh_block_run())
         elif compiler:
             self._hidden = compiler(self._hidden_eager)
 

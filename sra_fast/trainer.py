@@ -931,7 +931,8 @@ class Trainer:
         scfg = SamplerConfig(sampler=cfg.sample_sampler, steps=cfg.sample_num_steps,
                              cfg_scale=cfg.sample_cfg_scale, path_type=cfg.path_type)
         from .step import autocast_ctx
-        with autocast_ctx(cfg.precision, self.device):
+        eager = net.blocks_eager() if hasattr(net, "blocks_eager") else contextlib.nullcontext()
+        with eager, autocast_ctx(cfg.precision, self.device):
             x = sample(net, z, y, scfg, self.kind, generator=g)
         if self.ds.kind == "moments":
             x = self._decode(x)

@@ -117,6 +117,9 @@ def test_compiled_blocks_run_every_block_but_hooked_ones_and_are_not_copied_to_t
     from sra_fast.objective import make_ema
     torch.manual_seed(0)
     m = SiT(input_size=8, patch_size=2, hidden_size=64, depth=4, num_heads=4, num_classes=10)
+    with torch.no_grad():   # as trained: gates and output layer not zero (a hook can count)
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
     g = torch.Generator().manual_seed(3)
     x, t = torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, generator=g)
     y = torch.tensor([1, 7])
@@ -134,23 +137,92 @@ def test_compiled_blocks_run_every_block_but_hooked_ones_and_are_not_copied_to_t
         assert make_ema(m).block_run is None
         h = m.blocks[1].register_forward_hook(lambda mod, inp, out: out * 0.5)
         calls.clear()
-        got = m(x, t, y, hidden_block=4)[1]   # (the output: zeros until the last layer trains)
+        got = m(x, t, y, hidden_block=4)[1]
         m.compile_blocks(None)
         want = m(x, t, y, hidden_block=4)[1]
         h.remove()
         assert calls == [] and torch.equal(got, want)
         assert not torch.equal(want, m(x, t, y, hidden_block=4)[1])   # the hook did count
+        # a hook inside a block (its attention) likewise: the compiled trunk would drop it
+        h = m.blocks[2].attn.register_forward_hook(lambda mod, inp, out: out * 0.5)
+        m.compile_blocks(compiler)
+        calls.clear()
+        got = m(x, t, y, hidden_block=4)[1]
+        m.compile_blocks(None)
+        want = m(x, t, y, hidden_block=4)[1]
+        assert calls == [] and torch.equal(got, want)
+        h.remove()
+        assert not torch.equal(want, m(x, t, y, hidden_block=4)[1])
+        # blocks_eager(): eager for a while (the trainer's grids), compiled after
+        m.compile_blocks(compiler)
+        calls.clear()
+        with m.blocks_eager():
+            m(x, t, y)
+        assert calls == [] and m.block_run is not None
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
 def test_a_step_compiling_hooked_blocks_says_they_run_eagerly():
     from sra_fast.step import TrainStep
     m, ema, opt, step = build()
-    m.blocks[2].register_forward_pre_hook(lambda mod, args: None)
-    with pytest.warns(UserWarning, match="blocks carry hooks or are wrapped, so they run "
-                                         "eagerly"):
+    m.blocks[2].mlp.register_forward_pre_hook(lambda mod, args: None)
+    with pytest.warns(UserWarning, match=r"blocks \(or modules in them\) carry hooks"):
         TrainStep(m, ema, step.objective, opt, compile="default", compile_backend="aot_eager")
     assert m.block_run is not None   # (used again once the hooks are gone)
+
+
+def test_a_refused_step_leaves_the_model_uncompiled():
+    from sra_fast.step import TrainStep
+    m, ema, opt, step = build()
+    with pytest.raises(ValueError, match="ema_impl must be"):
+        TrainStep(m, ema, step.objective, opt, compile="default", compile_backend="aot_eager",
+                  ema_impl="lerp")
+    assert m.block_run is None
+
+
+def test_each_compiled_step_has_its_own_recompile_limit():
+    """Every compile of the block function gets a code object of its own: dynamo's entries
+    (and its limit of 8 per code object) are not shared, so the third compiled step in one
+    process (a sweep, a notebook) still compiles its 4 graphs instead of running eagerly."""
+    with ops.use_backend("ref"):
+        for i in range(3):
+            counters.clear()
+            run_steps(1, compile="default", compile_backend="aot_eager")
+            assert counters["stats"]["unique_graphs"] == GRAPHS["blocks"], (i, counters["stats"])
+
+
+@pytest.mark.timeout(300)
+def test_blocks_under_ddp_are_not_split_at_its_buckets(tmp_path):
+    """DDP's forward makes dynamo hand every graph compiled inside it to its DDPOptimizer,
+    which splits a graph at DDP's buckets (1 MiB first) so the all-reduce overlaps it. The
+    blocks are already the pieces: the step turns that off for them (blocks of ~3 MB here,
+    one DDP process over gloo)."""
+    import torch.distributed as dist
+    from sra_fast.objective import SRAConfig, SRAObjective, make_ema
+    from sra_fast.step import TrainStep, make_optimizer
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        m = SiT(input_size=8, patch_size=2, hidden_size=256, depth=3, num_heads=4,
+                num_classes=10)
+        assert sum(p.numel() for p in m.blocks[0].parameters()) * 4 > 2 ** 21
+        ema = make_ema(m)
+        obj = SRAObjective.for_model(m, SRAConfig(block_out_s=1, block_out_t=2))
+        opt = make_optimizer(m, lr=1e-3)
+        with ops.use_backend("ref"):
+            step = TrainStep(m, ema, obj, opt, student=torch.nn.parallel
+                             .DistributedDataParallel(m), compile="default",
+                             compile_backend="aot_eager",
+                             generator=torch.Generator().manual_seed(1))
+            for x, y in batches(2):
+                step(x, y, 0.5)
+        assert counters["stats"]["unique_graphs"] == GRAPHS["blocks"], dict(counters["stats"])
+        # one AOT compile per graph: none split into pieces (split: 6 here)
+        aot = counters["aot_autograd"]
+        assert aot["total"] == GRAPHS["blocks"], dict(aot)
+        assert step.read_stats()["steps"] == 2
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("mode", [False, "emulate"])
@@ -261,19 +333,23 @@ def test_trainer_compile_setting_reaches_the_step(tmp_path, monkeypatch, restore
     from sra_fast.trainer import RunError, Trainer
 
     def cfg(name, **kw):
-        return TrainConfig(out_dir=str(tmp_path), exp_name=name, batch_size=8, max_steps=2,
-                           log_every=1, ckpt_every=2, sample_every=0, kernels="ref",
-                           attn="math", device="cpu", threads=1, **kw)
+        return TrainConfig(**{**dict(out_dir=str(tmp_path), exp_name=name, batch_size=8,
+                                     max_steps=2, log_every=1, ckpt_every=2, sample_every=0,
+                                     kernels="ref", attn="math", device="cpu", threads=1),
+                              **kw})
 
     with pytest.raises(RunError, match="with gradient accumulation use compile mode default"):
         Trainer(cfg("refused", compile="reduce-overhead", grad_accum=2),
                 dataset=DigitsDataset(), quiet=True)
     seen = []
     monkeypatch.setattr(S, "compile_fn", aot_eager_compile_fn(seen))
-    tr = Trainer(cfg("ok", compile="default"), dataset=DigitsDataset(), quiet=True)
+    tr = Trainer(cfg("ok", compile="default", sample_every=2, sample_weights="student",
+                     sample_num_steps=2), dataset=DigitsDataset(), quiet=True)
     tr.train()
     assert seen == ["default"] * 2   # the student's and the teacher's block function
+    # (the grid from the student ran its blocks eagerly: no graph of its own)
     assert counters["stats"]["unique_graphs"] == GRAPHS["blocks"], dict(counters["stats"])
+    assert (tmp_path / "ok" / "samples" / "step-0000002.png").exists()
     assert tr.step == 2 and (tmp_path / "ok" / "checkpoints" / "0000002.pt").exists()
 
 

@@ -24,6 +24,8 @@ kernels, which normalize the residual before rounding it).
 """
 from __future__ import annotations
 
+import contextlib
+import types
 from typing import Callable
 
 import torch
@@ -102,7 +104,18 @@ class DiffusionTransformer(nn.Module):
         not guard on hooks, so one compiled block would stand for all. A copy of the model
         shares the compiled function (it holds no module); a teacher passes its own to
         forward_hidden instead (TeacherView), leaving the EMA eager for sampling."""
-        self.block_run = None if compiler is None else compiler(DiTBlock.run)
+        self.block_run = None if compiler is None else compiler(fresh_block_run())
+
+    @contextlib.contextmanager
+    def blocks_eager(self):
+        """The blocks eager for a while, compiled again after: the trainer's grids from a
+        compiled student (no_grad, another batch: new graphs to compile, on one rank, for
+        nothing)."""
+        saved, self.block_run = self.block_run, None
+        try:
+            yield self
+        finally:
+            self.block_run = saved
 
     def initialize_weights(self):
         def _basic_init(module):
@@ -153,15 +166,16 @@ class DiffusionTransformer(nn.Module):
         x = self.pos_embed + self.x_embedder(x)
         c = self.t_embedder(t) + self.y_embedder(y)
         last = hidden_block if stop else self.depth
-        if not self._fusable(last, stop):
+        run = block_run or self.block_run
+        if not self._fusable(last, stop, compiled=run is not None):
             return self._trunk_blockwise(x, c, hidden_block, stop)
+        run = run or DiTBlock.run
         # Block boundaries fused: block i's final gated residual and block i+1's (or the final
         # layer's) LayerNorm-modulate are one op. Block i+1's modulation is computed before
         # block i ends; the teacher's stop block ends with the plain residual.
         mods = self.blocks[0].modulation(c)
         x_in = ops.adaln_norm(x, mods[0], mods[1])
         hidden = None
-        run = block_run or self.block_run or DiTBlock.run
         for i in range(1, last + 1):
             nxt = None
             if i < last:
@@ -189,15 +203,19 @@ class DiffusionTransformer(nn.Module):
                     return None, hidden
         return self.finish(x, c), hidden
 
-    def _fusable(self, last: int, stop: bool) -> bool:
+    def _fusable(self, last: int, stop: bool, compiled: bool = False) -> bool:
         """Whether the fused-boundary trunk computes what the blockwise one would, hooks
         included: every module it bypasses (blocks 1..last, and the final layer unless the
         pass stops) is a plain DiTBlock/FinalLayer with no hook of its own and no global
-        module hook is set. FSDP-sharded, checkpoint-wrapped or hooked blocks run blockwise."""
+        module hook is set. FSDP-sharded, checkpoint-wrapped or hooked blocks run blockwise.
+        compiled: the blocks would run through one compiled function, which dynamo does not
+        guard on hooks: then no submodule of theirs (attn, mlp, ...) may carry one either."""
         if _global_module_hooks():
             return False
         mods = list(self.blocks[:last])
         if not all(type(b) is DiTBlock for b in mods):
+            return False
+        if compiled and any(_has_hooks(s) for b in mods for s in b.modules()):
             return False
         if not stop:
             if type(self.final_layer) is not FinalLayer:
@@ -228,6 +246,18 @@ class DiffusionTransformer(nn.Module):
         what the blocks run through in this call (default: the model's; compile_blocks)."""
         self.check_block(block)
         return self._trunk(x, t, y, block, stop=True, block_run=block_run)[1]
+
+
+def fresh_block_run() -> Callable:
+    """DiTBlock.run with a code object of its own, for one torch.compile: dynamo keeps its
+    compiled entries per code object, so every compile of the one DiTBlock.run would share
+    one list and one recompile limit (8): the third compiled step in a process would find it
+    full of the earlier steps' entries and run every block eagerly."""
+    f = DiTBlock.run
+    g = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__,
+                           f.__closure__)
+    g.__kwdefaults__, g.__qualname__ = f.__kwdefaults__, f.__qualname__
+    return g
 
 
 class SiT(DiffusionTransformer):
