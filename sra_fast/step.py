@@ -181,8 +181,9 @@ class TrainStep:
       grad_bucket_mb with grad_sync: megabytes per bucket whose all-reduce starts during
                    the backward (0: one all-reduce after it).
       compile      None or a torch.compile mode (COMPILE_MODES): the student (see
-                   compile_scope) and the teacher's forward run compiled; sampling of t, noise and labels, the loss's reduction, the
-                   optimizer and the EMA stay as they are. The sra_fast fused ops (kernels
+                   compile_scope) and the teacher's forward run compiled; sampling of t,
+                   noise and labels, the loss's reduction, the optimizer and the EMA stay as
+                   they are. The sra_fast fused ops (kernels
                    "triton"/"auto") are custom ops that inductor keeps opaque and fuses
                    around; with kernels "ref" inductor fuses the reference chains itself.
                    With cuda_graph the compiled code is captured in the step's one graph
@@ -197,9 +198,11 @@ class TrainStep:
                    the benchmark's baseline): cross-block fusion of the reference ops, a
                    compile time that grows with depth, and with grad_sync no overlap (every
                    gradient comes at the end of the one compiled backward; DDP's graph is
-                   split at its buckets by dynamo). The teacher alike: its blocks through
-                   compiled functions of its own (the EMA module, which sampling runs, stays
-                   eager), or its whole forward.
+                   split at its buckets by dynamo; under "blocks" the step keeps dynamo from
+                   splitting each block again). The teacher alike: its blocks through a
+                   compiled function of its own (the EMA module, which sampling runs, stays
+                   eager), or its whole forward. Blocks with hooks (theirs or their modules')
+                   run eagerly, said once: dynamo does not guard on hooks.
     """
 
     STATS = ("loss", "denoise", "align", "grad_norm", "nonfinite", "steps")
