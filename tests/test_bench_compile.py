@@ -3,20 +3,15 @@ run in fresh processes, compile the graphs the step should (blocks: two forms of
 the student and two for the teacher; model: the student and the teacher), unbroken, and rows
 are stamped."""
 import csv
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from trainer_fixtures import load_benchmark
 
 
 @pytest.mark.timeout(300)
 def test_quick_runs_both_scopes_and_records(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_compile",
-                                                  ROOT / "benchmarks" / "bench_compile.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_compile")
     out = tmp_path / "c.csv"
     rows = bench.main(["--quick", "--csv", str(out)])
     assert [r["scope"] for r in rows] == ["blocks", "model"]

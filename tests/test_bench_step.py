@@ -1,20 +1,15 @@
 """Smoke test of benchmarks/bench_step.py --quick (CPU, tiny model): it runs, writes CSV rows
 stamped with the environment, and --summarize prints the table of the last run."""
 import csv
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from trainer_fixtures import load_benchmark
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_step", ROOT / "benchmarks" / "bench_step.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_step")
 
 
 def test_quick_runs_and_records(tmp_path, capsys):

@@ -1,22 +1,17 @@
 """Smoke test of benchmarks/bench_update.py --quick (CPU, tiny SiT): every provider runs
 through the extension, rows are stamped and the byte counts order as designed."""
 import csv
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from trainer_fixtures import load_benchmark
 
 
 def test_quick_runs_and_records(tmp_path, capsys):
     from sra_fast import ext
     if ext.load(jit=True) is None:
         pytest.skip(f"extension unavailable: {ext.unavailable_reason()}")
-    spec = importlib.util.spec_from_file_location("bench_update",
-                                                  ROOT / "benchmarks" / "bench_update.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_update")
     out = tmp_path / "u.csv"
     rows = bench.main(["--quick", "--csv", str(out)])
     assert [r["provider"] for r in rows] == list(bench.PROVIDERS)

@@ -112,6 +112,15 @@ def tiny_latent_config(out_dir, data_dir, **kw):
     return TrainConfig(**base)
 
 
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (the folder is not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def aot_eager_compile_fn(seen=None):
     """A stand-in for sra_fast.step.compile_fn that compiles with dynamo's aot_eager backend
     (the same ATen ops as eager, seconds instead of inductor's minutes on a CPU); records
