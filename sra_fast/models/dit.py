@@ -100,8 +100,8 @@ class DiffusionTransformer(nn.Module):
         autograd node of its own, so gradient hooks (DDP's, the step's own all-reduce) fire
         block by block, overlapping the rest of the backward, as without compile. The
         embeddings, the modulations and the final layer stay eager. None: back to eager.
-        Blocks that carry hooks or are wrapped run eagerly (the blockwise trunk): dynamo does
-        not guard on hooks, so one compiled block would stand for all. A copy of the model
+        Blocks that carry hooks (or modules in them do) or are wrapped run eagerly: dynamo
+        does not guard on hooks, so one compiled block would stand for all. A copy of the model
         shares the compiled function (it holds no module); a teacher passes its own to
         forward_hidden instead (TeacherView), leaving the EMA eager for sampling."""
         self.block_run = None if compiler is None else compiler(fresh_block_run())
